@@ -1,0 +1,83 @@
+"""API keys: how they are made, stored (as SHA-256 only) and checked on every /v1 request.
+
+A key is `sk-` and 32 random bytes, url-safe base64 (43 characters). A fast hash is enough for a secret
+with 256 bits of entropy: there is nothing to brute-force, so no bcrypt on the hot path.
+"""
+
+import hashlib
+import re
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db import ApiKey, SessionDep, now_ms
+from errors import ApiError
+
+KEY_PREFIX = "sk-"
+KEY_BYTES = 32
+KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_-]{43}")
+DISPLAY_CHARS = 8  # random characters kept in the clear, so people can tell their keys apart
+
+bearer = HTTPBearer(auto_error=False, bearerFormat="sk-...", description="An API key from `python cli.py create-key`.")
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    return key[: len(KEY_PREFIX) + DISPLAY_CHARS]
+
+
+async def create_key(session: AsyncSession, email: str, rate_limit: int, window_s: int) -> tuple[str, ApiKey]:
+    """A new key and its row; the plaintext key exists only in the return value."""
+    key = generate_key()
+    api_key = ApiKey(key_hash=hash_key(key), prefix=display_prefix(key), email=email,
+                     rate_limit=rate_limit, window_s=window_s, created_at_ms=now_ms())
+    session.add(api_key)
+    await session.flush()
+    return key, api_key
+
+
+async def find_keys(session: AsyncSession, key_or_prefix: str) -> list[ApiKey]:
+    """The key itself matches exactly one row (by hash); a shorter prefix may match several."""
+    if KEY_PATTERN.fullmatch(key_or_prefix):
+        query = select(ApiKey).where(ApiKey.key_hash == hash_key(key_or_prefix))
+    else:
+        query = select(ApiKey).where(ApiKey.prefix.startswith(key_or_prefix, autoescape=True))
+    return list((await session.scalars(query.order_by(ApiKey.id))).all())
+
+
+async def get_current_key(request: Request, session: SessionDep,
+                          credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
+    """The calling key, from `Authorization: Bearer sk-...`; 401 for anything else."""
+    challenge = {"WWW-Authenticate": 'Bearer realm="api"'}
+    if credentials is None:
+        if "authorization" in request.headers:
+            raise ApiError(401, "malformed_authorization",
+                           "The Authorization header must be `Bearer <your API key>`.", challenge)
+        raise ApiError(401, "missing_api_key", "Send your API key as `Authorization: Bearer sk-...`.", challenge)
+    token = credentials.credentials
+    api_key = None
+    if KEY_PATTERN.fullmatch(token):  # anything else (a 5000-character string, SQL) cannot be a key: no lookup
+        async with session.begin():
+            api_key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
+    invalid = {"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'}
+    if api_key is None:
+        raise ApiError(401, "invalid_api_key",
+                       "The API key is not valid; check it, or create one with `python cli.py create-key`.", invalid)
+    if api_key.revoked_at_ms is not None:
+        raise ApiError(401, "revoked_api_key", f"The API key {api_key.prefix}... was revoked; use another key.", invalid)
+    request.state.key_id = api_key.id  # the request log records it
+    return api_key
+
+
+CurrentKey = Annotated[ApiKey, Depends(get_current_key)]

@@ -1,0 +1,123 @@
+"""Key administration, against the same DATABASE_URL as the server (safe while it runs).
+
+    $ python cli.py init                                   # create the tables; the first key, if there is none
+    $ python cli.py create-key --email ada@example.com --rate-limit 100 --window 60
+    $ python cli.py list-keys [--json]
+    $ python cli.py revoke-key sk-Qm3xTz8b                 # the whole key, or a prefix of it
+
+A new key is printed once, alone on the last line of stdout. Exit codes: 0 done, 1 no such key or an
+ambiguous prefix, 2 bad arguments.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from auth import create_key, find_keys
+from db import ApiKey, create_tables, make_engine, make_sessionmaker, now_ms
+from settings import Settings
+
+
+def iso_time(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")
+
+
+async def cmd_init(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
+    if await session.scalar(select(func.count()).select_from(ApiKey)):
+        print("Database ready; it already has API keys (python cli.py list-keys).")
+        return 0
+    key, api_key = await create_key(session, "admin@localhost", settings.default_rate_limit, settings.default_window_s)
+    await session.commit()
+    print(f"Database ready. Created the first API key ({api_key.rate_limit} requests per {api_key.window_s} s).")
+    print("It is shown only this once; keep it:")
+    print(key)
+    return 0
+
+
+async def cmd_create_key(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
+    rate_limit = args.rate_limit or settings.default_rate_limit
+    window_s = args.window or settings.default_window_s
+    key, api_key = await create_key(session, args.email, rate_limit, window_s)
+    await session.commit()
+    print(f"Created key {api_key.prefix}... for {api_key.email}: {rate_limit} requests per {window_s} s.")
+    print("It is shown only this once; keep it:")
+    print(key)
+    return 0
+
+
+async def cmd_list_keys(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
+    keys = (await session.scalars(select(ApiKey).order_by(ApiKey.id))).all()
+    rows = [{"prefix": k.prefix, "email": k.email, "rate_limit": k.rate_limit, "window_s": k.window_s,
+             "created": iso_time(k.created_at_ms), "revoked": iso_time(k.revoked_at_ms)} for k in keys]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'PREFIX':<13} {'EMAIL':<30} {'LIMIT':>12}  {'CREATED':<25} REVOKED")
+    for row in rows:
+        limit = f"{row['rate_limit']}/{row['window_s']}s"
+        print(f"{row['prefix']:<13} {row['email']:<30} {limit:>12}  {row['created']:<25} {row['revoked'] or '-'}")
+    return 0
+
+
+async def cmd_revoke_key(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
+    matches = await find_keys(session, args.key)
+    if len(matches) != 1:
+        problem = "No key matches" if not matches else f"{len(matches)} keys match"
+        print(f"{problem} {args.key!r}; give the whole key or a longer prefix (python cli.py list-keys).",
+              file=sys.stderr)
+        return 1
+    api_key = matches[0]
+    if api_key.revoked_at_ms is None:
+        api_key.revoked_at_ms = now_ms()
+        await session.commit()
+    print(f"Revoked {api_key.prefix}... ({api_key.email}) at {iso_time(api_key.revoked_at_ms)}.")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python cli.py", description="Manage the API's keys.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("init", help="create the tables, and a first key if there is none").set_defaults(run=cmd_init)
+    create = commands.add_parser("create-key", help="create a key and print it once")
+    create.add_argument("--email", required=True, help="whom the key belongs to")
+    create.add_argument("--rate-limit", type=positive_int, help="requests per window (default: DEFAULT_RATE_LIMIT)")
+    create.add_argument("--window", type=positive_int, help="window in seconds (default: DEFAULT_WINDOW_S)")
+    create.set_defaults(run=cmd_create_key)
+    listing = commands.add_parser("list-keys", help="show every key's prefix, owner, limit and state")
+    listing.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    listing.set_defaults(run=cmd_list_keys)
+    revoke = commands.add_parser("revoke-key", help="stop a key working at once")
+    revoke.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
+    revoke.set_defaults(run=cmd_revoke_key)
+    return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    engine = make_engine(settings.database_url, settings.db_timeout_s)
+    try:
+        await create_tables(engine)
+        async with make_sessionmaker(engine)() as session:  # each command commits what it changes, then prints
+            return await args.run(session, args, settings)
+    finally:
+        await engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return asyncio.run(run(args, Settings()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

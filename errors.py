@@ -1,0 +1,113 @@
+"""The one error body every failure answers with, and the handlers that turn exceptions into it.
+
+    {"error": {"type": "invalid_request_error", "code": "invalid_base64", "message": "... what to fix ..."}}
+
+Errors are raised where they are decided, as `ApiError(status, code, message)`; the handlers below also
+shape FastAPI's validation errors, Starlette's 404/405 and anything unexpected the same way.
+"""
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("classify")
+
+ERROR_TYPES = {
+    401: "authentication_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(examples=["invalid_request_error"])
+    code: str = Field(examples=["invalid_base64"])
+    message: str = Field(examples=["`image` is not valid base64: send the file's bytes base64-encoded."])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def database_unavailable() -> ApiError:
+    return ApiError(503, "database_unavailable",
+                    "The server's database is busy or unreachable; retry after the Retry-After seconds.",
+                    {"Retry-After": "1"})
+
+
+def error_body(status_code: int, code: str, message: str) -> dict:
+    error_type = ERROR_TYPES.get(status_code, "invalid_request_error")
+    return ErrorResponse(error=ErrorDetail(type=error_type, code=code, message=message)).model_dump()
+
+
+def error_response(request: Request, status_code: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    request.state.error_code = code  # the request log records it
+    # A request that was admitted and then failed still tells the client where its limit stands.
+    all_headers = {**getattr(request.state, "rate_limit_headers", {}), **(headers or {})}
+    return JSONResponse(error_body(status_code, code, message), status_code=status_code, headers=all_headers)
+
+
+async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(request, exc.status_code, exc.code, exc.message, exc.headers)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        message = f"No such endpoint: {request.url.path}. The API is described at /docs."
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "another method")
+        message = f"{request.method} is not allowed on {request.url.path}; use {allowed}."
+    else:
+        message = str(exc.detail)
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    return error_response(request, exc.status_code, code, message, exc.headers)
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return error_response(request, 422, "invalid_request", "Fix the request: " + "; ".join(problems) + ".")
+
+
+async def handle_database_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return await handle_api_error(request, database_unavailable())
+
+
+async def handle_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, (OperationalError, PoolTimeoutError)):  # raised while the response was being sent
+        return await handle_database_error(request, exc)
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(request, 500, "internal_error", "The server failed unexpectedly; this is a bug. Retry later.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, handle_api_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(OperationalError, handle_database_error)
+    app.add_exception_handler(PoolTimeoutError, handle_database_error)
+    app.add_exception_handler(Exception, handle_unexpected_error)

@@ -1,0 +1,210 @@
+"""The image-classification API: the app, its start-up, and its routes.
+
+    $ uvicorn main:app --host 127.0.0.1 --port 8000
+    $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -d '{"image": "'$(base64 -w0 cat.jpg)'"}'
+
+Start-up loads the model (and warms it) and creates the tables; until that is done the port is not open.
+"""
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from auth import CurrentKey
+from db import SessionDep, create_tables, make_engine, make_sessionmaker, ping
+from errors import ApiError, ErrorResponse, install_error_handlers
+from images import open_image, decode_base64
+from inference import Classifier, ModelLoadError, ModelSpec, load_model, preprocess
+from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
+from schemas import MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ModelInfo, ModelList, Usage
+from settings import Settings
+from usage import RequestLogMiddleware, read_usage
+
+logger = logging.getLogger("classify")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    engine = make_engine(settings.database_url, settings.db_timeout_s)
+    try:
+        await create_tables(engine)
+        model = await asyncio.to_thread(load_model, settings.model_name, settings.model_weights, settings.model_fallback)
+    except ModelLoadError as exc:
+        logger.critical("cannot start: %s", exc)
+        await engine.dispose()
+        raise
+    classifier = Classifier(model, settings.torch_threads)
+    await classifier.warm_up()
+    app.state.engine = engine
+    app.state.sessions = make_sessionmaker(engine)
+    app.state.limiter = SlidingWindowLimiter(SqlWindowStorage(engine))
+    app.state.classifier = classifier
+    logger.info("ready: %s (weights: %s), %d torch threads, database %s", model.spec.name, model.weights_source,
+                settings.torch_threads, engine.url.render_as_string(hide_password=True))
+    try:
+        yield
+    finally:
+        classifier.close()
+        await engine.dispose()
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_classifier(request: Request) -> Classifier:
+    return request.app.state.classifier
+
+
+def get_limiter(request: Request) -> SlidingWindowLimiter:
+    return request.app.state.limiter
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
+LimiterDep = Annotated[SlidingWindowLimiter, Depends(get_limiter)]
+
+
+def rate_limit_headers(decision: Decision, window_s: int) -> dict[str, str]:
+    return {
+        "X-RateLimit-Limit": str(decision.limit),
+        "X-RateLimit-Remaining": str(decision.remaining),
+        "X-RateLimit-Reset": str(decision.reset_s),
+        # draft-ietf-httpapi-ratelimit-headers: the policy, then where this client stands in it
+        "RateLimit-Policy": f'"default";q={decision.limit};w={window_s}',
+        "RateLimit": f'"default";r={decision.remaining};t={decision.reset_s}',
+    }
+
+
+async def admit(request: Request, response: Response, key: CurrentKey, limiter: LimiterDep) -> Decision:
+    """One slot of the key's window, or a 429. Counts every admitted request, whatever happens to it next."""
+    decision = await limiter.hit(key.id, key.rate_limit, key.window_s)
+    headers = rate_limit_headers(decision, key.window_s)
+    request.state.rate_limit_headers = headers  # error answers after admission carry them too
+    if not decision.allowed:
+        raise ApiError(429, "rate_limit_exceeded",
+                       f"This key may make {key.rate_limit} requests per {key.window_s} s; "
+                       f"retry in {decision.retry_after_s} s.", {"Retry-After": str(decision.retry_after_s)})
+    response.headers.update(headers)
+    return decision
+
+
+Admitted = Annotated[Decision, Depends(admit)]
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be too big: from Content-Length, or while streaming."""
+    too_large = ApiError(413, "body_too_large", f"The request body is over {max_bytes} bytes (MAX_BODY_BYTES); "
+                                                "send a smaller or more compressed image.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    if request.headers.get("content-type", "").startswith("multipart/"):
+        raise ApiError(415, "unsupported_media_type", 'Send JSON: {"image": "<base64>", "top_k": 5}.')
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large
+    return bytes(body)
+
+
+def prepare(body: bytes, spec: ModelSpec, max_image_pixels: int) -> tuple[ClassifyRequest, np.ndarray]:
+    """JSON -> base64 -> image -> (3, 224, 224). Milliseconds per megabyte, so it runs off the event loop."""
+    try:
+        classify_request = ClassifyRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
+    image = open_image(decode_base64(classify_request.image), max_image_pixels, spec.resize)
+    return classify_request, preprocess(image, spec)
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
+    400: "The image cannot be used (not base64, not an image, corrupt), or the query is inconsistent.",
+    401: "No API key, or one that is malformed, unknown or revoked.",
+    413: "The body is over MAX_BODY_BYTES or the image over MAX_IMAGE_PIXELS.",
+    415: "The body is not JSON.",
+    422: "A field is missing or has the wrong type or range.",
+    429: "The key's rate limit is reached; Retry-After says when to retry.",
+    503: "The database is unavailable; Retry-After says when to retry.",
+}.items()}
+
+router = APIRouter()
+
+
+@router.post("/v1/classify", response_model=Classification, tags=["classify"],
+             responses={s: ERRORS[s] for s in (400, 401, 413, 415, 422, 429, 503)},
+             # The body is read by hand, after the key and the limit are checked, so it is declared here.
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
+async def classify(request: Request, _: Admitted, settings: SettingsDep, classifier: ClassifierDep) -> Classification:
+    """Classify one image: its `top_k` most likely ImageNet labels, most likely first.
+
+    Send `{"image": "<base64>", "top_k": 5}` with `Authorization: Bearer <key>`. Every answer carries the key's
+    rate-limit headers; each admitted request counts against the limit, including ones answered 4xx.
+    """
+    body = await read_body(request, settings.max_body_bytes)
+    classify_request, x = await asyncio.to_thread(prepare, body, classifier.model.spec, settings.max_image_pixels)
+    predictions, inference_ms = await classifier.classify(x, classify_request.top_k)
+    return Classification(id=f"clf_{uuid.uuid4().hex}", model=classifier.model.spec.name,
+                          predictions=predictions, inference_ms=round(inference_ms, 2))
+
+
+@router.get("/v1/usage", response_model=Usage, tags=["usage"], responses={s: ERRORS[s] for s in (400, 401, 422, 503)})
+async def usage(key: CurrentKey, session: SessionDep, limiter: LimiterDep,
+                start_time: Annotated[int | None, Query(ge=0, le=MAX_UNIX_TIME_S, description="Unix seconds, inclusive.")] = None,
+                end_time: Annotated[int | None, Query(ge=0, le=MAX_UNIX_TIME_S, description="Unix seconds, exclusive.")] = None,
+                bucket_width: Annotated[Literal["1m", "1h", "1d"] | None, Query(description="Per-bucket counts too; needs start_time.")] = None,
+                ) -> Usage:
+    """This key's /v1/classify requests (all outcomes), success rate, mean latency, and rate-limit state."""
+    limit_state = await limiter.peek(key.id, key.rate_limit, key.window_s)
+    return await read_usage(session, key, limit_state, start_time, end_time, bucket_width)
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["models"], responses={s: ERRORS[s] for s in (401, 503)})
+async def models(_: CurrentKey, classifier: ClassifierDep) -> ModelList:
+    """The model this server runs, and where its weights came from."""
+    model = classifier.model
+    return ModelList(data=[ModelInfo(id=model.spec.name, labels=len(model.spec.labels), input_size=model.spec.crop,
+                                     weights_source=model.weights_source, fallback_reason=model.fallback_reason)])
+
+
+@router.get("/healthz", response_model=Health, tags=["health"])
+async def healthz() -> Health:
+    """Liveness: the process answers. No key, no database."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, tags=["health"], responses={503: ERRORS[503]})
+async def readyz(request: Request) -> Health:
+    """Readiness: the model is loaded and the database answers."""
+    try:
+        await asyncio.wait_for(ping(request.app.state.engine), timeout=2)
+    except Exception as exc:
+        logger.warning("not ready: database check failed: %r", exc)
+        raise ApiError(503, "not_ready", "The database is not reachable.", {"Retry-After": "1"}) from None
+    return Health(status="ready")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = FastAPI(title="Image classification API", version="1.0.0", lifespan=lifespan,
+                  description="ImageNet labels for your images: POST a base64 image to /v1/classify with a Bearer key.")
+    app.state.settings = settings
+    app.add_middleware(RequestLogMiddleware)
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,109 @@
+"""Per-key sliding-window rate limit: at most N admitted requests in any window of S seconds.
+
+As in alisaifee/limits, the rule is apart from where the window lives. The storage does the one thing that
+must be atomic ("if fewer than N since now - S, record now") and reports what it saw; the limiter turns that
+into a `Decision`. Nothing here knows about HTTP: a dependency in main.py makes 429s and headers of it.
+
+A true sliding window, not fixed buckets: every admitted request is a timestamp that counts until exactly
+S seconds later, so no burst at a bucket boundary ever gets 2N through.
+"""
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from db import RateLimitHit, now_ms, write_transaction
+
+
+class Decision(NamedTuple):
+    allowed: bool
+    limit: int
+    remaining: int  # requests still admissible in the window, after this one
+    reset_s: int  # whole seconds until the oldest counted request leaves the window (remaining goes up); 0 if none
+    retry_after_s: int  # whole seconds until a request would be admitted; 0 when it would be now
+
+
+class WindowState(NamedTuple):
+    """What the storage counted inside (now - window, now], before recording anything; times in ms."""
+
+    now_ms: int  # read under the lock, so admissions are recorded in the order of their times
+    count: int
+    oldest_ms: int | None  # the earliest counted request
+    freeing_ms: int | None  # when the window is full: the request whose expiry frees the next slot
+
+
+class SqlWindowStorage:
+    """The window as rows of `rate_limit_hits`, counted and added in one write transaction.
+
+    On SQLite that transaction starts with BEGIN IMMEDIATE, so it holds the database's single write lock from
+    the count to the insert: requests racing in one process, or in several processes on one file, queue there.
+    """
+
+    def __init__(self, engine: AsyncEngine, clock_ms: Callable[[], int] = now_ms) -> None:
+        self.engine = engine
+        self.clock_ms = clock_ms
+
+    async def admit(self, key_id: int, limit: int, window_ms: int) -> tuple[bool, WindowState]:
+        async with write_transaction(self.engine) as connection:
+            at_ms = self.clock_ms()
+            since_ms = at_ms - window_ms
+            # Expired hits are never read again; dropping them keeps each key's rows at most its limit.
+            await connection.execute(
+                delete(RateLimitHit).where(RateLimitHit.key_id == key_id, RateLimitHit.at_ms <= since_ms))
+            state = await self._count(connection, key_id, limit, at_ms, window_ms)
+            is_allowed = state.count < limit
+            if is_allowed:
+                await connection.execute(insert(RateLimitHit).values(key_id=key_id, at_ms=at_ms))
+        return is_allowed, state
+
+    async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState:
+        async with self.engine.connect() as connection:
+            return await self._count(connection, key_id, limit, self.clock_ms(), window_ms)
+
+    @staticmethod
+    async def _count(connection: AsyncConnection, key_id: int, limit: int, at_ms: int, window_ms: int) -> WindowState:
+        in_window = (RateLimitHit.key_id == key_id, RateLimitHit.at_ms > at_ms - window_ms)
+        count, oldest_ms = (await connection.execute(
+            select(func.count(), func.min(RateLimitHit.at_ms)).where(*in_window))).one()
+        freeing_ms = None
+        if count >= limit:
+            # A lowered limit can leave more than `limit` hits: the next slot frees when count drops below it.
+            freeing_ms = await connection.scalar(
+                select(RateLimitHit.at_ms).where(*in_window).order_by(RateLimitHit.at_ms).offset(count - limit).limit(1))
+        return WindowState(at_ms, count, oldest_ms, freeing_ms)
+
+
+def _whole_seconds(ms: int) -> int:
+    return max(0, math.ceil(ms / 1000))
+
+
+class SlidingWindowLimiter:
+    def __init__(self, storage: SqlWindowStorage) -> None:
+        self.storage = storage
+
+    async def hit(self, key_id: int, limit: int, window_s: int) -> Decision:
+        """Admit and record one request if the window has room; otherwise say how long to wait."""
+        window_ms = window_s * 1000
+        is_allowed, state = await self.storage.admit(key_id, limit, window_ms)
+        if not is_allowed:
+            return self._full(limit, window_ms, state)
+        oldest_ms = state.oldest_ms if state.oldest_ms is not None else state.now_ms  # else: this one is the oldest
+        return Decision(True, limit, limit - state.count - 1, _whole_seconds(oldest_ms + window_ms - state.now_ms), 0)
+
+    async def peek(self, key_id: int, limit: int, window_s: int) -> Decision:
+        """Where the window stands now, recording nothing."""
+        window_ms = window_s * 1000
+        state = await self.storage.peek(key_id, limit, window_ms)
+        if state.count >= limit:
+            return self._full(limit, window_ms, state)
+        reset_s = _whole_seconds(state.oldest_ms + window_ms - state.now_ms) if state.oldest_ms is not None else 0
+        return Decision(True, limit, limit - state.count, reset_s, 0)
+
+    @staticmethod
+    def _full(limit: int, window_ms: int, state: WindowState) -> Decision:
+        assert state.freeing_ms is not None
+        retry_after_s = max(1, _whole_seconds(state.freeing_ms + window_ms - state.now_ms))
+        return Decision(False, limit, 0, retry_after_s, retry_after_s)

@@ -1,0 +1,48 @@
+"""Every setting of the server and the CLI, read once from the environment (or a .env file).
+
+Each field's env var is its name in capitals: `MODEL_NAME=efficientnet_lite0`, `MAX_BODY_BYTES=1000000`.
+Tests build their own `Settings(...)` or start a server with other env vars; nothing patches globals.
+"""
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ModelName = Literal["resnet18", "efficientnet_lite0"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore", protected_namespaces=())
+
+    # Where keys, the request log and the rate-limit state live. A relative SQLite path is relative to the cwd.
+    database_url: str = "sqlite:///classify.db"
+    # How long a database write waits for SQLite's lock before the request gets a 503.
+    db_timeout_s: float = Field(10.0, gt=0)
+
+    # The model that answers. resnet18 falls back to efficientnet_lite0 when its weights cannot be had.
+    model_name: ModelName = "resnet18"
+    # A ResNet-18 state_dict or training checkpoint on disk; tried before torchvision's cache and download.
+    model_weights: Path | None = None
+    # When false, missing ResNet-18 weights stop the server instead of switching to EfficientNet-Lite0.
+    model_fallback: bool = True
+    # Threads for one forward pass; one pass runs at a time, so this is the whole machine by default.
+    torch_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+
+    # Limits given to keys created without --rate-limit / --window.
+    default_rate_limit: int = Field(60, ge=1)
+    default_window_s: int = Field(60, ge=1)
+
+    # Bodies above this get a 413 before they are read (base64 makes an image about 4/3 bigger).
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # Images whose header declares more pixels get a 413 before decoding (Pillow itself only warns at 89 MP).
+    max_image_pixels: int = Field(25_000_000, ge=1)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def upper_case_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value

@@ -1,0 +1,226 @@
+"""Fixtures: real uvicorn servers on loopback, real SQLite files, real photos from scikit-image.
+
+Servers are started the way users start them (`uvicorn main:app`, settings in env vars) and talked to over
+HTTP with httpx. Keys are made by the same code the CLI uses, straight into the server's database file.
+"""
+
+import asyncio
+import base64
+import io
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import skimage
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from auth import create_key  # noqa: E402
+from db import make_engine, make_sessionmaker, create_tables  # noqa: E402
+
+PHOTOS = Path(skimage.__file__).parent / "data"
+START_TIMEOUT_S = 120
+ONE_MEGABYTE = 1024 * 1024
+
+
+def photo_path(name: str) -> Path:
+    return PHOTOS / name
+
+
+def photo(name: str) -> Image.Image:
+    return Image.open(photo_path(name))
+
+
+def encode(image: Image.Image, format: str, **save_options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save_options)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "code", "message"}, body
+    assert body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def raw_http(port: int, head: bytes, body_chunks: list[bytes] | None = None, timeout: float = 15) -> tuple[int, int, bytes]:
+    """Sends `head`, then chunks until the server answers; returns (status, body bytes sent, response)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        sent = 0
+        for chunk in body_chunks or []:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server has answered: stop sending
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+        response = b""
+        while b"\r\n\r\n" not in response or len(response.split(b"\r\n\r\n", 1)[1]) < content_length(response):
+            data = sock.recv(65536)
+            if not data:
+                break
+            response += data
+    return int(response.split(b" ", 2)[1]), sent, response
+
+
+def content_length(response: bytes) -> int:
+    for line in response.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
+class Server:
+    """One `uvicorn main:app` subprocess; its stdout+stderr go to `log_path`."""
+
+    def __init__(self, tmp: Path, env: dict[str, str], workers: int = 1) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.database_url = env["DATABASE_URL"]
+        self.log_path = tmp / f"server-{self.port}.log"
+        self.env = {**os.environ, "LOG_LEVEL": "INFO", **env}
+        self.workers = workers
+        self.process: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> "Server":
+        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        if self.workers > 1:
+            command += ["--workers", str(self.workers)]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log()}")
+
+    def wait_exit(self, timeout: float = START_TIMEOUT_S) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM of the serving process: the most memory it ever held."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def client(self, key: str | None = None, **options: object) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **options)
+
+
+def make_key(database_url: str, rate_limit: int = 1000, window_s: int = 60, email: str = "test@example.com") -> str:
+    async def create() -> str:
+        engine = make_engine(database_url, timeout_s=10)
+        try:
+            await create_tables(engine)
+            async with make_sessionmaker(engine)() as session:
+                key, _ = await create_key(session, email, rate_limit, window_s)
+                await session.commit()
+                return key
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(create())
+
+
+def server_env(tmp: Path, **settings: str) -> dict[str, str]:
+    """Env for a server on its own SQLite file, running the offline model unless told otherwise."""
+    return {"DATABASE_URL": f"sqlite:///{tmp / 'classify.db'}", "MODEL_NAME": "efficientnet_lite0", **settings}
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The shared server: EfficientNet-Lite0 (offline weights), default settings, its own database."""
+    tmp = tmp_path_factory.mktemp("server")
+    running = Server(tmp, server_env(tmp)).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def key(server: Server) -> str:
+    """A fresh key with a limit no test reaches."""
+    return make_key(server.database_url, rate_limit=100_000)
+
+
+@pytest.fixture
+def api(server: Server, key: str) -> Iterator[httpx.Client]:
+    with server.client(key) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def cat_png() -> bytes:
+    return photo_path("chelsea.png").read_bytes()
+
+
+@pytest.fixture
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Starts servers with other settings; stops them when the test ends."""
+    started: list[Server] = []
+
+    def start(env: dict[str, str] | None = None, workers: int = 1, wait: bool = True, tmp: Path | None = None) -> Server:
+        tmp = tmp or tmp_path_factory.mktemp("extra")
+        running = Server(tmp, {**server_env(tmp), **(env or {})}, workers=workers)
+        started.append(running)
+        return running.start(wait=wait)
+
+    yield start
+    for running in started:
+        running.stop()

@@ -1,0 +1,136 @@
+"""Whatever a client sends gets a clear 4xx in the one error shape; memory stays bounded; the server stays up."""
+
+import json
+import struct
+import zlib
+
+import pytest
+from PIL import Image
+
+from conftest import ONE_MEGABYTE, assert_error, b64, encode, make_key, photo, raw_http
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A 1-bit grayscale PNG of width x height zeros: a few dozen KB that decode to width*height bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then the packed pixels
+    compressor = zlib.compressobj(9)
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def cat_jpeg() -> bytes:
+    return encode(photo("chelsea.png").convert("RGB"), "JPEG", quality=90)
+
+
+BAD_JSON_BODIES = {
+    "missing image": {"top_k": 5},
+    "empty image": {"image": ""},
+    "image of wrong type": {"image": 123},
+    "image as list": {"image": ["abc"]},
+    "top_k as string": {"image": "aGk=", "top_k": "5"},
+    "top_k zero": {"image": "aGk=", "top_k": 0},
+    "top_k too big": {"image": "aGk=", "top_k": 21},
+    "top_k fractional": {"image": "aGk=", "top_k": 2.5},
+    "top_k boolean": {"image": "aGk=", "top_k": True},
+    "unknown field": {"image": "aGk=", "images": ["aGk="]},
+}
+
+
+@pytest.mark.parametrize("case", BAD_JSON_BODIES)
+def test_missing_or_mistyped_fields_are_422(api, case):
+    error = assert_error(api.post("/v1/classify", json=BAD_JSON_BODIES[case]), 422, "invalid_request")
+    assert "body" in error["message"]
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"not json", b"[]", b"null", b'{"image": "aGk=",}', b"\xff\xfe"])
+def test_bodies_that_are_not_a_json_object_are_422(api, raw):
+    assert_error(api.post("/v1/classify", content=raw, headers={"Content-Type": "application/json"}), 422)
+
+
+BAD_IMAGES = {
+    "not base64": ("!!! this is not base64 !!!", 400, "invalid_base64"),
+    "base64 of text": (b64(b"hello, I am not an image"), 400, "not_an_image"),
+    "whitespace only": ("   \n  ", 400, "empty_image"),
+    "empty data url": ("data:image/png;base64,", 400, "empty_image"),
+    "data url without base64": ("data:image/png,rawbytes", 400, "invalid_data_url"),
+    "png signature then garbage": (b64(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50), 400, None),
+    "postscript (never parsed)": (b64(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n"), 400, "not_an_image"),
+    "bomb: 20000x20000 png": (b64(png_bomb(20_000, 20_000)), 413, "image_too_large"),
+    "65535x1 png": (b64(png_bomb(65_535, 1)), 200, None),  # wide but few pixels: a real answer
+}
+
+
+@pytest.mark.parametrize("case", BAD_IMAGES)
+def test_bad_images_get_a_clear_4xx(api, case):
+    image, status, code = BAD_IMAGES[case]
+    response = api.post("/v1/classify", json={"image": image})
+    if status == 200:
+        assert response.status_code == 200, response.text
+    else:
+        assert_error(response, status, code)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"])
+@pytest.mark.parametrize("keep", [0.5, 0.9])
+def test_truncated_images_are_400_or_answered_never_500(api, fmt, keep):
+    whole = encode(photo("chelsea.png").convert("RGB"), fmt)
+    response = api.post("/v1/classify", json={"image": b64(whole[: int(len(whole) * keep)])})
+    if response.status_code != 200:
+        assert_error(response, 400)
+
+
+def test_pixel_limit_is_checked_from_the_header(start_server):
+    small_limit = start_server({"MAX_IMAGE_PIXELS": "10000"})
+    key = make_key(small_limit.database_url)
+    with small_limit.client(key) as client:
+        assert client.post("/v1/classify", json={"image": b64(encode(Image.new("RGB", (100, 100)), "PNG"))}).status_code == 200
+        error = assert_error(client.post("/v1/classify", json={"image": b64(encode(Image.new("RGB", (101, 100)), "PNG"))}),
+                             413, "image_too_large")
+        assert "MAX_IMAGE_PIXELS" in error["message"]
+
+
+def test_multipart_is_refused_with_415(api):
+    response = api.post("/v1/classify", files={"file": ("cat.jpg", cat_jpeg(), "image/jpeg")})
+    assert_error(response, 415, "unsupported_media_type")
+
+
+def test_declared_oversized_body_is_413_before_it_is_sent(server, key):
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {64 * ONE_MEGABYTE}\r\n\r\n").encode()
+    status, _, response = raw_http(server.port, head)  # not one body byte sent: the server must not wait for them
+    assert status == 413
+    assert json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_too_large"
+
+
+def test_streamed_oversized_body_is_cut_off_at_the_limit(server, key):
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    chunk = b"%x\r\n" % ONE_MEGABYTE + b"A" * ONE_MEGABYTE + b"\r\n"
+    status, sent, _ = raw_http(server.port, head, [chunk] * 64)
+    assert status == 413
+    assert sent < 40 * ONE_MEGABYTE  # answered near the 20 MB limit, not after all 64 MB
+
+
+def test_memory_stays_bounded_whatever_arrives(start_server):
+    """A bomb is refused from its header; extreme shapes are resized from a box: neither grows the process much."""
+    fresh = start_server()
+    key = make_key(fresh.database_url)
+    with fresh.client(key) as client:
+        client.post("/v1/classify", json={"image": b64(cat_jpeg())}).raise_for_status()
+        baseline_mb = fresh.peak_rss_mb()
+        assert_error(client.post("/v1/classify", json={"image": b64(png_bomb(20_000, 20_000))}), 413)
+        for size in [(1, 20_000), (20_000, 1)]:
+            client.post("/v1/classify", json={"image": b64(encode(Image.new("L", size, 128), "PNG"))}).raise_for_status()
+        big_jpeg = encode(Image.new("RGB", (5000, 5000), (90, 120, 200)), "JPEG")  # 25 MP: decoded at 1/8 scale
+        client.post("/v1/classify", json={"image": b64(big_jpeg)}).raise_for_status()
+        grown_mb = fresh.peak_rss_mb() - baseline_mb
+    assert grown_mb < 120, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_server_stays_healthy_after_all_of_it(api, server, cat_png):
+    assert api.get("/readyz").status_code == 200
+    assert api.post("/v1/classify", json={"image": b64(cat_png)}).status_code == 200
+    assert "Traceback" not in server.log()

@@ -1,0 +1,75 @@
+"""python cli.py: keys made, listed and revoked from the shell, with exit codes scripts can rely on."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, b64, photo_path
+
+KEY = re.compile(r"sk-[A-Za-z0-9_-]{43}")
+
+
+def cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url, **env})
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'keys.db'}"
+
+
+def test_init_creates_the_database_and_one_first_key(database_url):
+    first = cli(database_url, "init")
+    assert first.returncode == 0, first.stderr
+    assert KEY.fullmatch(first.stdout.splitlines()[-1])
+    again = cli(database_url, "init")
+    assert again.returncode == 0 and not KEY.search(again.stdout)
+
+
+def test_create_key_prints_the_key_last_and_list_keys_never_shows_it(database_url):
+    made = cli(database_url, "create-key", "--email", "ada@example.com", "--rate-limit", "7", "--window", "30")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.splitlines()[-1]
+    assert KEY.fullmatch(key)
+    cli(database_url, "create-key", "--email", "bob@example.com", DEFAULT_RATE_LIMIT="11", DEFAULT_WINDOW_S="5")
+    table = cli(database_url, "list-keys")
+    assert table.returncode == 0
+    assert key[:11] in table.stdout and "ada@example.com" in table.stdout and "7/30s" in table.stdout
+    assert "11/5s" in table.stdout
+    assert key not in table.stdout and key[11:] not in table.stdout
+    rows = json.loads(cli(database_url, "list-keys", "--json").stdout)
+    assert [(r["email"], r["rate_limit"], r["window_s"], r["revoked"]) for r in rows] == [
+        ("ada@example.com", 7, 30, None), ("bob@example.com", 11, 5, None)]
+
+
+def test_revoke_by_prefix_or_key_and_clear_failures(database_url):
+    first = cli(database_url, "create-key", "--email", "a@example.com").stdout.splitlines()[-1]
+    second = cli(database_url, "create-key", "--email", "b@example.com").stdout.splitlines()[-1]
+    ambiguous = cli(database_url, "revoke-key", "sk-")
+    assert ambiguous.returncode == 1 and "2 keys match" in ambiguous.stderr
+    unknown = cli(database_url, "revoke-key", "sk-" + "Z" * 43)
+    assert unknown.returncode == 1 and "No key matches" in unknown.stderr
+    assert cli(database_url, "revoke-key", first[:11]).returncode == 0
+    assert cli(database_url, "revoke-key", second).returncode == 0
+    rows = json.loads(cli(database_url, "list-keys", "--json").stdout)
+    assert all(row["revoked"] for row in rows)
+
+
+@pytest.mark.parametrize("args", [["create-key"], ["create-key", "--email", "x@y.z", "--rate-limit", "0"],
+                                  ["create-key", "--email", "x@y.z", "--window", "soon"], ["fly"], []])
+def test_bad_arguments_exit_2(database_url, args):
+    assert cli(database_url, *args).returncode == 2
+
+
+def test_a_key_created_while_the_server_runs_works_at_once(server):
+    made = cli(server.database_url, "create-key", "--email", "live@example.com", "--rate-limit", "1")
+    key = made.stdout.splitlines()[-1]
+    with server.client(key) as client:
+        image = {"image": b64(photo_path("coffee.png").read_bytes())}
+        assert client.post("/v1/classify", json=image).status_code == 200
+        assert client.post("/v1/classify", json=image).status_code == 429  # its own limit, from the CLI

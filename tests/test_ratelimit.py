@@ -1,0 +1,106 @@
+"""The per-key sliding window: exact under concurrency, across processes and restarts; honest headers."""
+
+import asyncio
+import time
+
+import httpx
+from PIL import Image
+
+from conftest import assert_error, b64, encode, make_key
+
+ONE_PIXEL = b64(encode(Image.new("RGB", (1, 1)), "PNG"))
+
+
+def burst(url: str, key: str, count: int) -> list[httpx.Response]:
+    """`count` classify requests at once, each on its own connection."""
+    async def send_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                                     limits=limits) as client:
+            return await asyncio.gather(*[client.post("/v1/classify", json={"image": ONE_PIXEL}) for _ in range(count)])
+
+    return asyncio.run(send_all())
+
+
+def statuses(responses: list[httpx.Response]) -> list[int]:
+    return sorted(response.status_code for response in responses)
+
+
+def test_a_burst_of_20_against_a_limit_of_5_admits_exactly_5(server):
+    key = make_key(server.database_url, rate_limit=5, window_s=60)
+    responses = burst(server.url, key, 20)
+    assert statuses(responses) == [200] * 5 + [429] * 15
+    admitted = [r for r in responses if r.status_code == 200]
+    assert sorted(int(r.headers["X-RateLimit-Remaining"]) for r in admitted) == [0, 1, 2, 3, 4]
+    for refused in (r for r in responses if r.status_code == 429):
+        assert_error(refused, 429, "rate_limit_exceeded")
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert refused.headers["X-RateLimit-Remaining"] == "0"
+
+
+def test_every_answer_carries_the_rate_limit_headers(server):
+    key = make_key(server.database_url, rate_limit=10, window_s=30)
+    with server.client(key) as client:
+        ok = client.post("/v1/classify", json={"image": ONE_PIXEL})
+        assert ok.headers["X-RateLimit-Limit"] == "10"
+        assert ok.headers["X-RateLimit-Remaining"] == "9"
+        assert 29 <= int(ok.headers["X-RateLimit-Reset"]) <= 30
+        assert ok.headers["RateLimit-Policy"] == '"default";q=10;w=30'
+        assert ok.headers["RateLimit"] == f'"default";r=9;t={ok.headers["X-RateLimit-Reset"]}'
+        bad_image = client.post("/v1/classify", json={"image": "not base64!"})
+        assert bad_image.status_code == 400
+        assert bad_image.headers["X-RateLimit-Remaining"] == "8"  # admitted, so it counted, and it says so
+
+
+def test_the_window_slides_instead_of_resetting_in_fixed_buckets(server):
+    """3 per 6 s: one request at t=0, two at t=3. At t=6.5 only the first has left the window, so exactly one
+    more is admitted; any fixed 6 s bucket would either have refused at t=3 or admitted three at t=6.5."""
+    key = make_key(server.database_url, rate_limit=3, window_s=6)
+    with server.client(key) as client:
+        def post() -> httpx.Response:
+            return client.post("/v1/classify", json={"image": ONE_PIXEL})
+
+        started = time.monotonic()
+        assert post().status_code == 200
+        time.sleep(max(0.0, started + 3 - time.monotonic()))
+        assert [post().status_code, post().status_code] == [200, 200]
+        refused = post()
+        assert refused.status_code == 429
+        assert 1 <= int(refused.headers["Retry-After"]) <= 3  # the t=0 request leaves at t=6
+        time.sleep(max(0.0, started + 6.5 - time.monotonic()))
+        assert post().status_code == 200
+        refused = post()
+        assert refused.status_code == 429
+        assert 1 <= int(refused.headers["Retry-After"]) <= 3  # the t=3 requests leave at t=9
+
+
+def test_refused_requests_do_not_use_up_the_window(server):
+    key = make_key(server.database_url, rate_limit=2, window_s=3)
+    with server.client(key) as client:
+        assert [client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code for _ in range(2)] == [200, 200]
+        for _ in range(5):
+            assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 429
+        time.sleep(3.2)
+        assert [client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code for _ in range(3)] == [200, 200, 429]
+
+
+def test_the_window_survives_a_restart(start_server):
+    running = start_server()
+    key = make_key(running.database_url, rate_limit=3, window_s=60)
+    assert statuses(burst(running.url, key, 3)) == [200, 200, 200]
+    running.stop()
+    running.start()
+    with running.client(key) as client:
+        refused = client.post("/v1/classify", json={"image": ONE_PIXEL})
+        assert refused.status_code == 429
+        assert 30 < int(refused.headers["Retry-After"]) <= 60
+
+
+def test_two_worker_processes_on_one_database_admit_exactly_the_limit(start_server):
+    running = start_server(workers=2)
+    deadline = time.monotonic() + 120
+    while running.log().count("Application startup complete") < 2:  # both workers accepting
+        assert time.monotonic() < deadline, running.log()
+        time.sleep(0.2)
+    key = make_key(running.database_url, rate_limit=5, window_s=60)
+    assert statuses(burst(running.url, key, 24)) == [200] * 5 + [429] * 19

@@ -1,0 +1,116 @@
+"""GET /v1/usage and the request log behind it: every /v1 request is a row before its answer arrives."""
+
+import hashlib
+import sqlite3
+import time
+
+import pytest
+from PIL import Image
+
+from conftest import assert_error, b64, encode, make_key
+from test_ratelimit import ONE_PIXEL
+
+
+def log_rows(database_url: str, where: str, *params: object) -> list[sqlite3.Row]:
+    connection = sqlite3.connect(database_url.removeprefix("sqlite:///"))
+    connection.row_factory = sqlite3.Row
+    try:
+        return connection.execute(f"SELECT * FROM request_log WHERE {where} ORDER BY id", params).fetchall()
+    finally:
+        connection.close()
+
+
+def key_id(database_url: str, key: str) -> int:
+    connection = sqlite3.connect(database_url.removeprefix("sqlite:///"))
+    try:
+        return connection.execute("SELECT id FROM api_keys WHERE key_hash = ?",
+                                  (hashlib.sha256(key.encode()).hexdigest(),)).fetchone()[0]
+    finally:
+        connection.close()
+
+
+def test_usage_counts_this_keys_classify_requests_of_every_outcome(server):
+    key = make_key(server.database_url, rate_limit=6, window_s=60)
+    other = make_key(server.database_url)
+    with server.client(key) as client, server.client(other) as other_client:
+        fresh = client.get("/v1/usage").json()
+        assert (fresh["total_requests"], fresh["successful_requests"], fresh["success_rate"]) == (0, 0, 0.0)
+        assert (fresh["limit"], fresh["window_seconds"], fresh["remaining"], fresh["reset_seconds"]) == (6, 60, 6, 0)
+        statuses = [client.post("/v1/classify", json=body).status_code for body in
+                    [{"image": ONE_PIXEL}] * 3 + [{"image": "%%%"}, {"image": b64(b"text")}, {"top_k": 3}]
+                    + [{"image": ONE_PIXEL}] * 2]
+        assert statuses == [200, 200, 200, 400, 400, 422, 429, 429]
+        client.get("/v1/models")
+        other_client.post("/v1/classify", json={"image": ONE_PIXEL})  # someone else's: not ours to count
+        usage = client.get("/v1/usage").json()
+    assert usage["total_requests"] == 8
+    assert usage["successful_requests"] == 3
+    assert usage["success_rate"] == 37.5
+    assert usage["avg_response_time_ms"] > 0
+    assert usage["remaining"] == 0 and 0 < usage["reset_seconds"] <= 60
+    assert usage["key_prefix"] == key[:11]
+    assert usage["buckets"] is None
+
+
+def test_usage_buckets_count_per_minute_hour_and_day(server):
+    key = make_key(server.database_url)
+    with server.client(key) as client:
+        for _ in range(3):
+            client.post("/v1/classify", json={"image": ONE_PIXEL}).raise_for_status()
+        client.post("/v1/classify", json={"image": "nope"})
+        now = int(time.time())
+        by_minute = client.get("/v1/usage", params={"start_time": now - 300, "bucket_width": "1m"}).json()
+        by_hour = client.get("/v1/usage", params={"start_time": now - 7200, "end_time": now + 60, "bucket_width": "1h"}).json()
+        by_day = client.get("/v1/usage", params={"start_time": now - 86400 * 7, "bucket_width": "1d"}).json()
+        before = client.get("/v1/usage", params={"start_time": now - 3600, "end_time": now - 1800}).json()
+    assert len(by_minute["buckets"]) == 6  # 301 seconds of 60: the last bucket is cut at end_time
+    assert by_minute["buckets"][0]["start_time"] == now - 300
+    assert all(b["end_time"] - b["start_time"] == 60 for b in by_minute["buckets"][:-1])
+    for usage in (by_minute, by_hour, by_day):
+        assert sum(b["total_requests"] for b in usage["buckets"]) == usage["total_requests"] == 4
+        assert sum(b["successful_requests"] for b in usage["buckets"]) == usage["successful_requests"] == 3
+        assert usage["buckets"][-1]["total_requests"] == 4  # all of them just now
+    assert len(by_hour["buckets"]) == 3 and len(by_day["buckets"]) == 8
+    assert before["total_requests"] == 0 and before["buckets"] is None
+
+
+@pytest.mark.parametrize("params, status, code", [
+    ({"bucket_width": "1m"}, 400, "missing_start_time"),
+    ({"start_time": 2000, "end_time": 1000}, 400, "invalid_time_range"),
+    ({"start_time": 0, "bucket_width": "1m"}, 400, "too_many_buckets"),
+    ({"start_time": 1_700_000_000, "end_time": 1_700_000_000 + 86400 * 2, "bucket_width": "1m"}, 400, "too_many_buckets"),
+    ({"start_time": -1}, 422, "invalid_request"),
+    ({"end_time": 10 ** 20}, 422, "invalid_request"),
+    ({"start_time": "yesterday"}, 422, "invalid_request"),
+    ({"start_time": 0, "bucket_width": "5m"}, 422, "invalid_request"),
+])
+def test_usage_refuses_bad_ranges(api, params, status, code):
+    assert_error(api.get("/v1/usage", params=params), status, code)
+
+
+def test_every_v1_request_is_logged_before_its_answer(server):
+    key = make_key(server.database_url, rate_limit=2, window_s=60)
+    own_id = key_id(server.database_url, key)
+    too_big = encode(Image.new("RGB", (6000, 6000)), "JPEG")
+    with server.client(key) as client, server.client() as anonymous:
+        anonymous_before = len(log_rows(server.database_url, "key_id IS NULL"))
+        expected = []
+        for send, status, code in [
+            (lambda: client.post("/v1/classify", json={"image": ONE_PIXEL}), 200, None),
+            (lambda: client.post("/v1/classify", json={"image": b64(too_big)}), 413, "image_too_large"),
+            (lambda: client.post("/v1/classify", json={"image": ONE_PIXEL}), 429, "rate_limit_exceeded"),
+            (lambda: client.get("/v1/usage", params={"start_time": -5}), 422, "invalid_request"),
+            (lambda: client.get("/v1/models"), 200, None),
+        ]:
+            assert send().status_code == status
+            expected.append((status, code))
+            rows = log_rows(server.database_url, "key_id = ?", own_id)
+            assert [(row["status_code"], row["error_code"]) for row in rows] == expected  # already there
+        assert anonymous.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 401
+        assert anonymous.get("/v1/nothing-here").status_code == 404
+        anonymous_rows = log_rows(server.database_url, "key_id IS NULL")[anonymous_before:]
+    assert [(r["endpoint"], r["status_code"], r["error_code"]) for r in anonymous_rows] == [
+        ("/v1/classify", 401, "missing_api_key"), ("/v1/nothing-here", 404, "not_found")]
+    row = rows[0]
+    assert (row["endpoint"], row["method"]) == ("/v1/classify", "POST")
+    assert row["latency_ms"] > 0 and abs(row["created_at_ms"] / 1000 - time.time()) < 60
