@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test install clean
+.PHONY: run test install bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/python cli.py init
@@ -29,3 +29,6 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python bench/bench.py

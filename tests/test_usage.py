@@ -114,3 +114,45 @@ def test_every_v1_request_is_logged_before_its_answer(server):
     row = rows[0]
     assert (row["endpoint"], row["method"]) == ("/v1/classify", "POST")
     assert row["latency_ms"] > 0 and abs(row["created_at_ms"] / 1000 - time.time()) < 60
+
+
+def test_an_answer_the_log_cannot_record_is_not_given(start_server):
+    """With the database's write lock held elsewhere, the row cannot be written, so the client gets a 503 with
+    Retry-After instead of its 200 (an answer given before its row would be missing from the books)."""
+    running = start_server({"DB_TIMEOUT_S": "0.5"})
+    key = make_key(running.database_url)
+    with running.client(key) as client:
+        assert client.get("/v1/models").status_code == 200
+        blocker = sqlite3.connect(running.database_url.removeprefix("sqlite:///"), isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            models = client.get("/v1/models")  # reads work; only its log row needs the write lock
+            classify = client.post("/v1/classify", json={"image": ONE_PIXEL})
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        for refused in (models, classify):
+            assert_error(refused, 503, "database_unavailable")
+            assert refused.headers["Retry-After"] == "1"
+        assert client.get("/v1/models").status_code == 200  # recovered by itself
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+    assert "Traceback" not in running.log()
+
+
+def test_an_unexpected_failure_is_a_logged_500_in_the_one_error_shape(start_server):
+    """A key row no code path can write (a text window) makes the limiter fail: a bug, so a 500; but the body
+    has the usual shape without internals, the traceback goes to the server log, the request to the request log."""
+    running = start_server()
+    key = make_key(running.database_url)
+    broken = sqlite3.connect(running.database_url.removeprefix("sqlite:///"))
+    with broken:
+        broken.execute("UPDATE api_keys SET window_s = 'soon' WHERE id = ?", (key_id(running.database_url, key),))
+    broken.close()
+    with running.client(key) as client:
+        response = client.post("/v1/classify", json={"image": ONE_PIXEL})
+        error = assert_error(response, 500, "internal_error")
+        assert error["type"] == "server_error" and "Traceback" not in response.text
+        assert client.get("/readyz").status_code == 200
+    assert "Traceback" in running.log()
+    rows = log_rows(running.database_url, "key_id = ?", key_id(running.database_url, key))
+    assert [(row["status_code"], row["error_code"]) for row in rows] == [(500, "internal_error")]
