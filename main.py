@@ -45,7 +45,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.critical("cannot start: %s", exc)
         await engine.dispose()
         raise
-    classifier = Classifier(model, settings.torch_threads)
+    assert settings.torch_threads is not None
+    classifier = Classifier(model, settings.model_workers, settings.torch_threads)
     await classifier.warm_up()
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
     decode_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
@@ -54,8 +55,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.sessions = make_sessionmaker(engine)
     app.state.limiter = SlidingWindowLimiter(SqlWindowStorage(engine))
     app.state.classifier = classifier
-    logger.info("ready: %s (weights: %s), %d torch threads, database %s", model.spec.name, model.weights_source,
-                settings.torch_threads, engine.url.render_as_string(hide_password=True))
+    logger.info("ready: %s (weights: %s), %d model workers x %d torch threads, database %s", model.spec.name,
+                model.weights_source, settings.model_workers, settings.torch_threads,
+                engine.url.render_as_string(hide_password=True))
     try:
         yield
     finally:

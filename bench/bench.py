@@ -2,7 +2,7 @@
 
     $ make bench                      # or: .venv/bin/python bench/bench.py --seconds 20
 
-1. raw torch eager, batch 1, for each model (images/s), random input;
+1. raw torch eager, batch 1, for each model (images/s), random input, one pass at a time on all cores;
 2. the server end to end (auth, limit, log, decode, model) with `wrk`, 8 connections posting skimage's
    chelsea.png as a 451x300 JPEG in base64, for --seconds; meanwhile a probe reads /v1/usage every 50 ms;
 3. ratios server / raw model, which mean something across machines where absolute figures do not.
@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import Server, make_key, photo  # noqa: E402  (the tests' real-server harness)
 from inference import load_efficientnet_lite0  # noqa: E402
+from settings import Settings  # noqa: E402
 
 
 def raw_images_per_second(network: torch.nn.Module, seconds: float, batch: int = 1) -> float:
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    settings = Settings()
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
 
     torch.manual_seed(0)
@@ -142,19 +144,24 @@ def main() -> None:
     flags = Path("/proc/cpuinfo").read_text()
     isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "other"
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu, "isa": isa,
-              "cores": os.cpu_count(), "connections": args.connections, "seconds": args.seconds, "rows": rows}
+              "cores": os.cpu_count(), "model_workers": settings.model_workers,
+              "torch_threads": settings.torch_threads, "connections": args.connections,
+              "seconds": args.seconds, "rows": rows}
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     (results / "latest.json").write_text(json.dumps(report, indent=2))
 
-    print(f"\n{report['date']}  {cpu} ({isa}), {report['cores']} cores; wrk {args.connections} connections, "
-          f"{args.seconds} s, 451x300 JPEG as base64")
-    print("| model | raw torch b1 (img/s) | server (req/s) | p50 ms | p99 ms | errors | server/raw | usage p50/p99 idle ms | usage p50/p99 loaded ms |")
+    print(f"\n{report['date']}  {cpu} ({isa}), {report['cores']} cores; server: {settings.model_workers} model workers "
+          f"x {settings.torch_threads} torch threads; wrk {args.connections} connections, {args.seconds} s, "
+          "451x300 JPEG as base64")
+    print("| model | raw torch b1 (img/s) | server (req/s) | p50 ms | p99 ms | errors | server / raw "
+          "| /v1/usage p50 / p99 ms, idle | ... under load |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['model']} | {r['raw_torch_batch1_images_per_s']:.1f} | {r['requests_per_s']:.1f} | {r['p50_ms']:.0f} | "
-              f"{r['p99_ms']:.0f} | {r['errors']} | {r['server_over_raw']:.2f} | "
-              f"{r['usage_idle_p50_ms']:.1f} / {r['usage_idle_p99_ms']:.1f} | {r['usage_loaded_p50_ms']:.1f} / {r['usage_loaded_p99_ms']:.1f} |")
+        print(f"| {r['model']} | {r['raw_torch_batch1_images_per_s']:.1f} | {r['requests_per_s']:.1f} | "
+              f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['server_over_raw']:.2f} | "
+              f"{r['usage_idle_p50_ms']:.1f} / {r['usage_idle_p99_ms']:.1f} | "
+              f"{r['usage_loaded_p50_ms']:.1f} / {r['usage_loaded_p99_ms']:.1f} |")
 
 
 if __name__ == "__main__":

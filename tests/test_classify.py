@@ -1,6 +1,8 @@
 """POST /v1/classify on real photos: real predictions from the offline model, every format and mode, orientation."""
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +162,14 @@ def test_openapi_documents_bodies_examples_errors_and_auth(server):
     usage_op = spec["paths"]["/v1/usage"]["get"]
     assert {p["name"] for p in usage_op["parameters"]} == {"start_time", "end_time", "bucket_width"}
     assert "HTTPValidationError" not in spec["components"]["schemas"]  # every 422 has the one error shape
+
+
+def test_model_threads_give_way_to_request_handling(server):
+    """Every core may run a forward pass, but those threads are niced, so the event loop is never starved."""
+    def niceness(stat: str) -> int:
+        return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of /proc/<pid>/task/<tid>/stat
+
+    tasks = Path(f"/proc/{server.process.pid}/task")
+    nice = [niceness((task / "stat").read_text()) for task in tasks.iterdir()]
+    assert nice.count(10) == os.cpu_count()  # MODEL_WORKERS defaults to the cores, one torch thread each
+    assert niceness(Path(f"/proc/{server.process.pid}/stat").read_text()) == 0  # the event loop's thread
