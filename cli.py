@@ -31,23 +31,24 @@ async def cmd_init(session: AsyncSession, args: argparse.Namespace, settings: Se
     if await session.scalar(select(func.count()).select_from(ApiKey)):
         print("Database ready; it already has API keys (python cli.py list-keys).")
         return 0
-    key, api_key = await create_key(session, "admin@localhost", settings.default_rate_limit, settings.default_window_s)
-    await session.commit()
-    print(f"Database ready. Created the first API key ({api_key.rate_limit} requests per {api_key.window_s} s).")
-    print("It is shown only this once; keep it:")
-    print(key)
+    print("Database ready; creating the first API key.")
+    await create_and_show_key(session, "admin@localhost", settings.default_rate_limit, settings.default_window_s)
     return 0
 
 
 async def cmd_create_key(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
     rate_limit = args.rate_limit or settings.default_rate_limit
     window_s = args.window or settings.default_window_s
-    key, api_key = await create_key(session, args.email, rate_limit, window_s)
-    await session.commit()
-    print(f"Created key {api_key.prefix}... for {api_key.email}: {rate_limit} requests per {window_s} s.")
+    await create_and_show_key(session, args.email, rate_limit, window_s)
+    return 0
+
+
+async def create_and_show_key(session: AsyncSession, email: str, rate_limit: int, window_s: int) -> None:
+    key, api_key = await create_key(session, email, rate_limit, window_s)
+    await session.commit()  # before the key is shown: a key printed must be a key that works
+    print(f"Created key {api_key.prefix}... for {email}: {rate_limit} requests per {window_s} s.")
     print("It is shown only this once; keep it:")
     print(key)
-    return 0
 
 
 async def cmd_list_keys(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:

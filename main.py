@@ -45,8 +45,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.critical("cannot start: %s", exc)
         await engine.dispose()
         raise
-    assert settings.torch_threads is not None
-    classifier = Classifier(model, settings.model_workers, settings.torch_threads)
+    classifier = Classifier(model, settings.model_workers, settings.threads_per_worker)
     await classifier.warm_up()
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
     decode_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
@@ -56,7 +55,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.limiter = SlidingWindowLimiter(SqlWindowStorage(engine))
     app.state.classifier = classifier
     logger.info("ready: %s (weights: %s), %d model workers x %d torch threads, database %s", model.spec.name,
-                model.weights_source, settings.model_workers, settings.torch_threads,
+                model.weights_source, settings.model_workers, settings.threads_per_worker,
                 engine.url.render_as_string(hide_password=True))
     try:
         yield
@@ -149,9 +148,10 @@ ERRORS = {status: {"model": ErrorResponse, "description": description} for statu
     401: "No API key, or one that is malformed, unknown or revoked.",
     408: "The body did not arrive within BODY_TIMEOUT_S.",
     413: "The body is over MAX_BODY_BYTES or the image over MAX_IMAGE_PIXELS.",
-    415: "The body is not JSON.",
+    415: "The body is multipart; send JSON.",
     422: "A field is missing or has the wrong type or range.",
     429: "The key's rate limit is reached; Retry-After says when to retry.",
+    500: "A bug: the server failed unexpectedly. The body has the usual error shape.",
     503: "The database is unavailable; Retry-After says when to retry.",
 }.items()}
 
@@ -159,7 +159,7 @@ router = APIRouter()
 
 
 @router.post("/v1/classify", response_model=Classification, tags=["classify"],
-             responses={s: ERRORS[s] for s in (400, 401, 408, 413, 415, 422, 429, 503)},
+             responses={s: ERRORS[s] for s in (400, 401, 408, 413, 415, 422, 429, 500, 503)},
              # The body is read by hand, after the key and the limit are checked, so it is declared here.
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
@@ -177,7 +177,7 @@ async def classify(request: Request, _: Admitted, settings: SettingsDep, classif
                           predictions=predictions, inference_ms=round(inference_ms, 2))
 
 
-@router.get("/v1/usage", response_model=Usage, tags=["usage"], responses={s: ERRORS[s] for s in (400, 401, 422, 503)})
+@router.get("/v1/usage", response_model=Usage, tags=["usage"], responses={s: ERRORS[s] for s in (400, 401, 422, 500, 503)})
 async def usage(key: CurrentKey, session: SessionDep, limiter: LimiterDep,
                 start_time: Annotated[int | None, Query(ge=0, le=MAX_UNIX_TIME_S, description="Unix seconds, inclusive.")] = None,
                 end_time: Annotated[int | None, Query(ge=0, le=MAX_UNIX_TIME_S, description="Unix seconds, exclusive.")] = None,
@@ -188,7 +188,7 @@ async def usage(key: CurrentKey, session: SessionDep, limiter: LimiterDep,
     return await read_usage(session, key, limit_state, start_time, end_time, bucket_width)
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["models"], responses={s: ERRORS[s] for s in (401, 503)})
+@router.get("/v1/models", response_model=ModelList, tags=["models"], responses={s: ERRORS[s] for s in (401, 500, 503)})
 async def models(_: CurrentKey, classifier: ClassifierDep) -> ModelList:
     """The model this server runs, and where its weights came from."""
     model = classifier.model

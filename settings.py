@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelName = Literal["resnet18", "efficientnet_lite0"]
@@ -47,13 +47,11 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @model_validator(mode="after")
-    def share_cores_between_workers(self) -> "Settings":
-        if self.torch_threads is None:
-            self.torch_threads = max(1, (os.cpu_count() or 1) // self.model_workers)
-        return self
-
     @field_validator("log_level", mode="before")
     @classmethod
     def upper_case_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @property
+    def threads_per_worker(self) -> int:
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.model_workers)

@@ -145,14 +145,14 @@ def main() -> None:
     isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "other"
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu, "isa": isa,
               "cores": os.cpu_count(), "model_workers": settings.model_workers,
-              "torch_threads": settings.torch_threads, "connections": args.connections,
+              "torch_threads": settings.threads_per_worker, "connections": args.connections,
               "seconds": args.seconds, "rows": rows}
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     (results / "latest.json").write_text(json.dumps(report, indent=2))
 
     print(f"\n{report['date']}  {cpu} ({isa}), {report['cores']} cores; server: {settings.model_workers} model workers "
-          f"x {settings.torch_threads} torch threads; wrk {args.connections} connections, {args.seconds} s, "
+          f"x {settings.threads_per_worker} torch threads; wrk {args.connections} connections, {args.seconds} s, "
           "451x300 JPEG as base64")
     print("| model | raw torch b1 (img/s) | server (req/s) | p50 ms | p99 ms | errors | server / raw "
           "| /v1/usage p50 / p99 ms, idle | ... under load |")
