@@ -10,7 +10,7 @@ PORT ?= 8000
 
 run: $(VENV)/.installed
 	$(BIN)/python cli.py init
-	$(BIN)/uvicorn main:app --host $(HOST) --port $(PORT)
+	$(BIN)/uvicorn main:app --http h11 --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

@@ -5,6 +5,7 @@ with 256 bits of entropy: there is nothing to brute-force, so no bcrypt on the h
 """
 
 import hashlib
+import math
 import re
 import secrets
 from typing import Annotated
@@ -19,8 +20,9 @@ from errors import ApiError
 
 KEY_PREFIX = "sk-"
 KEY_BYTES = 32
-KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9_-]{43}")
+KEY_PATTERN = re.compile(KEY_PREFIX + "[A-Za-z0-9_-]{%d}" % math.ceil(KEY_BYTES * 4 / 3))  # base64, no padding
 DISPLAY_CHARS = 8  # random characters kept in the clear, so people can tell their keys apart
+PREFIX_LENGTH = len(KEY_PREFIX) + DISPLAY_CHARS
 
 bearer = HTTPBearer(auto_error=False, bearerFormat="sk-...", description="An API key from `python cli.py create-key`.")
 
@@ -34,7 +36,7 @@ def hash_key(key: str) -> str:
 
 
 def display_prefix(key: str) -> str:
-    return key[: len(KEY_PREFIX) + DISPLAY_CHARS]
+    return key[:PREFIX_LENGTH]
 
 
 async def create_key(session: AsyncSession, email: str, rate_limit: int, window_s: int) -> tuple[str, ApiKey]:
@@ -74,9 +76,9 @@ async def get_current_key(request: Request, session: SessionDep,
     if api_key is None:
         raise ApiError(401, "invalid_api_key",
                        "The API key is not valid; check it, or create one with `python cli.py create-key`.", invalid)
+    request.state.key_id = api_key.id  # the request log records it, revoked or not
     if api_key.revoked_at_ms is not None:
         raise ApiError(401, "revoked_api_key", f"The API key {api_key.prefix}... was revoked; use another key.", invalid)
-    request.state.key_id = api_key.id  # the request log records it
     return api_key
 
 

@@ -6,7 +6,7 @@
     $ python cli.py revoke-key sk-Qm3xTz8b                 # the whole key, or a prefix of it
 
 A new key is printed once, alone on the last line of stdout. Exit codes: 0 done, 1 no such key or an
-ambiguous prefix, 2 bad arguments.
+ambiguous prefix, 2 bad arguments, 3 the database is busy or unreachable.
 """
 
 import argparse
@@ -16,9 +16,10 @@ import sys
 from datetime import datetime, timezone
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from auth import create_key, find_keys
+from auth import KEY_PATTERN, PREFIX_LENGTH, create_key, find_keys
 from db import ApiKey, create_tables, make_engine, make_sessionmaker, now_ms
 from settings import Settings
 
@@ -66,6 +67,10 @@ async def cmd_list_keys(session: AsyncSession, args: argparse.Namespace, setting
 
 
 async def cmd_revoke_key(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
+    if len(args.key) > PREFIX_LENGTH and not KEY_PATTERN.fullmatch(args.key):
+        print(f"{args.key!r} is neither a whole key nor a prefix: a prefix has at most {PREFIX_LENGTH} characters, "
+              "as list-keys shows them.", file=sys.stderr)
+        return 1
     matches = await find_keys(session, args.key)
     if len(matches) != 1:
         problem = "No key matches" if not matches else f"{len(matches)} keys match"
@@ -109,7 +114,10 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     engine = make_engine(settings.database_url, settings.db_timeout_s)
     try:
         await create_tables(engine)
-        async with make_sessionmaker(engine)() as session:  # each command commits what it changes, then prints
+        async with make_sessionmaker(engine)() as session:
+            # The write lock first: a running server commits between our read and our write otherwise, and
+            # SQLite refuses to upgrade a read transaction that has gone stale. Each command commits, then prints.
+            await session.connection(execution_options={"sqlite_immediate": True})
             return await args.run(session, args, settings)
     finally:
         await engine.dispose()
@@ -117,7 +125,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return asyncio.run(run(args, Settings()))
+    try:
+        return asyncio.run(run(args, Settings()))
+    except OperationalError as exc:
+        print(f"The database is busy or unreachable ({exc.orig}); try again.", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

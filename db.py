@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, event, text
+from sqlalchemy import BigInteger, ForeignKey, Index, String, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -105,7 +105,7 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
             yield connection
 
 
-def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
@@ -125,5 +125,6 @@ async def create_tables(engine: AsyncEngine) -> None:
 
 
 async def ping(engine: AsyncEngine) -> None:
-    async with engine.connect() as connection:
-        await connection.execute(text("SELECT 1"))
+    """Raises unless the database can be written now: reads alone would pass while writers are locked out."""
+    async with write_transaction(engine) as connection:
+        await connection.execute(select(ApiKey.id).limit(1))

@@ -4,7 +4,7 @@
 
 Errors are raised where they are decided, as `ApiError(status, code, message)`; the handlers below also
 shape FastAPI's validation errors, Starlette's 404/405 and database outages the same way. Anything unexpected
-becomes a 500 of the same shape in usage.RequestLogMiddleware, which records it.
+becomes a 500 of the same shape in requestlog.RequestLogMiddleware, which records it.
 """
 
 import logging
@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("classify")
 
+TRANSIENT_DATABASE_ERRORS = ("locked", "busy", "disk", "unable to open", "readonly", "connection")
 ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
@@ -97,7 +98,19 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     return error_response(request, 422, "invalid_request", "Fix the request: " + "; ".join(problems) + ".")
 
 
+def is_database_unavailable(exc: Exception) -> bool:
+    """A database that is there but cannot be used just now (locked, full, unreachable): a 503 that clears by
+    itself. Any other database error (a missing table, a bad query) is a bug: a 500."""
+    if isinstance(exc, PoolTimeoutError):
+        return True
+    message = str(getattr(exc, "orig", exc)).lower()
+    return isinstance(exc, OperationalError) and any(word in message for word in TRANSIENT_DATABASE_ERRORS)
+
+
 async def handle_database_error(request: Request, exc: Exception) -> JSONResponse:
+    if not is_database_unavailable(exc):
+        logger.error("database error on %s %s", request.method, request.url.path, exc_info=exc)
+        return await handle_api_error(request, internal_error())
     logger.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
     return await handle_api_error(request, database_unavailable())
 

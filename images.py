@@ -61,7 +61,7 @@ def decode_base64(text: str) -> bytes:
                        "`image` is not valid base64: encode the file's bytes with base64 (e.g. `base64 -w0 photo.jpg`).") from None
 
 
-def centre_crop(data: bytes, max_pixels: int, resize: int, crop: int, resample: Image.Resampling) -> Image.Image:
+def decode_for_model(data: bytes, max_pixels: int, resize: int, crop: int, resample: Image.Resampling) -> Image.Image:
     """The RGB `crop` x `crop` picture the model sees: "scale the shorter side to `resize`, take the centre
     square of `crop`", done as one resize of that square's box in the original. A 1x4000 image costs a 224x224
     resize, not a 256x1024000 one, and no full-size copy is made for orientation or colour conversion.
@@ -72,9 +72,9 @@ def centre_crop(data: bytes, max_pixels: int, resize: int, crop: int, resample: 
         scale = resize / min(image.size)
         image.draft(None, (max(1, int(image.width * scale)), max(1, int(image.height * scale))))  # JPEG: decode at 1/2..1/8
         image.load()
-        if image.mode in ("1", "P", "PA") or "transparency" in image.info:
-            # resize() would use nearest-neighbour on these, or lose the transparent colour
-            image = image.convert("RGBA" if image.mode in ("P", "PA") or "transparency" in image.info else "L")
+        if image.mode in ("1", "P", "PA") or ("transparency" in image.info and image.mode in ("L", "RGB")):
+            # resize() would use nearest-neighbour on these, or lose the transparent colour: convert them whole
+            image = image.convert("L" if image.mode == "1" else "RGBA")
         side = crop * min(image.size) / resize  # the crop's side in (drafted) original pixels
         left, top = (image.width - side) / 2, (image.height - side) / 2
         small = image.resize((crop, crop), resample, box=(left, top, left + side, top + side))

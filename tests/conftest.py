@@ -11,10 +11,11 @@ import os
 import select
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from auth import create_key  # noqa: E402
+from auth import create_key, hash_key  # noqa: E402
 from db import make_engine, make_sessionmaker, create_tables  # noqa: E402
 
 PHOTOS = Path(skimage.__file__).parent / "data"
@@ -51,13 +52,16 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+ONE_PIXEL = b64(encode(Image.new("RGB", (1, 1)), "PNG"))  # the cheapest valid image
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def assert_error(response, status: int, code: str | None = None) -> dict:
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"type", "code", "message"}, body
@@ -164,6 +168,23 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, **options)
 
 
+def log_rows(database_url: str, where: str, *params: object) -> list[sqlite3.Row]:
+    connection = sqlite3.connect(database_url.removeprefix("sqlite:///"))
+    connection.row_factory = sqlite3.Row
+    try:
+        return connection.execute(f"SELECT * FROM request_log WHERE {where} ORDER BY id", params).fetchall()
+    finally:
+        connection.close()
+
+
+def key_id(database_url: str, key: str) -> int:
+    connection = sqlite3.connect(database_url.removeprefix("sqlite:///"))
+    try:
+        return connection.execute("SELECT id FROM api_keys WHERE key_hash = ?", (hash_key(key),)).fetchone()[0]
+    finally:
+        connection.close()
+
+
 def make_key(database_url: str, rate_limit: int = 1000, window_s: int = 60, email: str = "test@example.com") -> str:
     async def create() -> str:
         engine = make_engine(database_url, timeout_s=10)
@@ -211,7 +232,7 @@ def cat_png() -> bytes:
 
 
 @pytest.fixture
-def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
     """Starts servers with other settings; stops them when the test ends."""
     started: list[Server] = []
 

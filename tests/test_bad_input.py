@@ -9,7 +9,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from conftest import ONE_MEGABYTE, assert_error, b64, encode, make_key, photo, raw_http
+from conftest import ONE_MEGABYTE, assert_error, b64, encode, log_rows, make_key, photo, raw_http
 
 def png_bomb(width: int, height: int) -> bytes:
     """A 1-bit grayscale PNG of width x height zeros: a few dozen KB that decode to width*height bytes."""
@@ -177,10 +177,21 @@ def test_a_slow_or_vanishing_body_is_ended_and_logged(start_server):
     assert status == 408 and b"body_timeout" in response
     with socket.create_connection(("127.0.0.1", running.port)) as sock:
         sock.sendall(head)  # then hang up
-    time.sleep(1)
-    with running.client(key) as client:
-        assert client.get("/v1/usage").json()["total_requests"] == 2
+    deadline = time.monotonic() + 10
+    while len(rows := log_rows(running.database_url, "endpoint = '/v1/classify'")) < 2:
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
+    assert [(row["status_code"], row["error_code"]) for row in rows] == [
+        (408, "body_timeout"), (499, "client_closed_request")]
     assert "Traceback" not in running.log()
+
+
+def test_unknown_paths_and_methods_get_the_one_error_shape(server):
+    with server.client() as client:
+        assert_error(client.get("/v1/nothing-here"), 404, "not_found")
+        assert_error(client.get("/nowhere"), 404, "not_found")
+        not_allowed = assert_error(client.delete("/v1/classify"), 405, "method_not_allowed")
+        assert "POST" in not_allowed["message"]
 
 
 def test_health_checks_answer_head(server):

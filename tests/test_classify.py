@@ -1,19 +1,20 @@
 """POST /v1/classify on real photos: real predictions from the offline model, every format and mode, orientation."""
 
 import io
-import os
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import b64, encode, photo, photo_path
+from settings import usable_cores
 
 CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
 
 
-def classify(api, data: bytes, top_k: int | None = None) -> dict:
+def classify(api: httpx.Client, data: bytes, top_k: int | None = None) -> dict:
     body = {"image": b64(data)} if top_k is None else {"image": b64(data), "top_k": top_k}
     response = api.post("/v1/classify", json=body)
     assert response.status_code == 200, response.text
@@ -86,6 +87,7 @@ GRAY_VARIANTS = {
     "png-la": lambda im: encode(im.convert("LA"), "PNG"),
     "png-1bit": lambda im: encode(im.convert("L").point(lambda v: 255 if v > 100 else 0).convert("1"), "PNG"),
     "png-i16": lambda im: encode(gray16(im), "PNG"),
+    "png-i16-transparent-colour": lambda im: encode(gray16(im), "PNG", transparency=0),
     "tiff-i16": lambda im: encode(gray16(im), "TIFF"),
     "tiff-float": lambda im: encode(gray_float(im), "TIFF"),
     "jpeg-l": lambda im: encode(im.convert("L"), "JPEG", quality=95),
@@ -171,5 +173,5 @@ def test_model_threads_give_way_to_request_handling(server):
 
     tasks = Path(f"/proc/{server.process.pid}/task")
     nice = [niceness((task / "stat").read_text()) for task in tasks.iterdir()]
-    assert nice.count(10) == os.cpu_count()  # MODEL_WORKERS defaults to the cores, one torch thread each
+    assert nice.count(10) == usable_cores()  # MODEL_WORKERS defaults to the cores, one torch thread each
     assert niceness(Path(f"/proc/{server.process.pid}/stat").read_text()) == 0  # the event loop's thread

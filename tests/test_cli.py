@@ -1,16 +1,16 @@
 """python cli.py: keys made, listed and revoked from the shell, with exit codes scripts can rely on."""
 
 import json
-import re
+import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from auth import KEY_PATTERN as KEY
 from conftest import ROOT, b64, photo_path
-
-KEY = re.compile(r"sk-[A-Za-z0-9_-]{43}")
 
 
 def cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -54,6 +54,8 @@ def test_revoke_by_prefix_or_key_and_clear_failures(database_url):
     assert ambiguous.returncode == 1 and "2 keys match" in ambiguous.stderr
     unknown = cli(database_url, "revoke-key", "sk-" + "Z" * 43)
     assert unknown.returncode == 1 and "No key matches" in unknown.stderr
+    too_long = cli(database_url, "revoke-key", first[:15])
+    assert too_long.returncode == 1 and "at most 11 characters" in too_long.stderr
     assert cli(database_url, "revoke-key", first[:11]).returncode == 0
     assert cli(database_url, "revoke-key", second).returncode == 0
     rows = json.loads(cli(database_url, "list-keys", "--json").stdout)
@@ -73,3 +75,30 @@ def test_a_key_created_while_the_server_runs_works_at_once(server):
         image = {"image": b64(photo_path("coffee.png").read_bytes())}
         assert client.post("/v1/classify", json=image).status_code == 200
         assert client.post("/v1/classify", json=image).status_code == 429  # its own limit, from the CLI
+
+
+def test_revoking_while_the_server_writes_waits_for_its_turn(database_url):
+    """A server commits its log rows all the time: the CLI must queue for the write lock before it reads, or
+    SQLite refuses its write on a stale read ("database is locked") as soon as a commit falls in between."""
+    keys = [cli(database_url, "create-key", "--email", f"busy{i}@example.com").stdout.splitlines()[-1] for i in range(5)]
+    stop = threading.Event()
+
+    def write_constantly() -> None:
+        writer = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None, timeout=10)
+        while not stop.is_set():
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("INSERT INTO request_log (key_id, endpoint, method, status_code, latency_ms, created_at_ms) "
+                           "VALUES (NULL, '/v1/models', 'GET', 401, 1.0, 0)")
+            writer.execute("COMMIT")
+            stop.wait(0.005)  # a busy server: 200 commits a second
+        writer.close()
+
+    writer = threading.Thread(target=write_constantly)
+    writer.start()
+    try:
+        revokes = [cli(database_url, "revoke-key", key) for key in keys]
+    finally:
+        stop.set()
+        writer.join()
+    assert [r.returncode for r in revokes] == [0] * 5, [r.stderr for r in revokes]
+    assert all(row["revoked"] for row in json.loads(cli(database_url, "list-keys", "--json").stdout))

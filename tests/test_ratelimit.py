@@ -1,15 +1,15 @@
 """The per-key sliding window: exact under concurrency, across processes and restarts; honest headers."""
 
 import asyncio
+import sqlite3
 import time
 
 import httpx
-from PIL import Image
 
-from conftest import assert_error, b64, encode, make_key
+from sqlalchemy import select
 
-ONE_PIXEL = b64(encode(Image.new("RGB", (1, 1)), "PNG"))
-
+from conftest import ONE_PIXEL, assert_error, make_key
+from db import create_tables, make_engine, write_transaction
 
 def burst(url: str, key: str, count: int) -> list[httpx.Response]:
     """`count` classify requests at once, each on its own connection."""
@@ -75,13 +75,41 @@ def test_the_window_slides_instead_of_resetting_in_fixed_buckets(server):
 
 
 def test_refused_requests_do_not_use_up_the_window(server):
+    """2 per 3 s: two at t=0, refusals at t=2; at t=3.3 the first two have left the window, and the refusals
+    (still inside it, were they counted) must not stop two more."""
     key = make_key(server.database_url, rate_limit=2, window_s=3)
     with server.client(key) as client:
-        assert [client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code for _ in range(2)] == [200, 200]
-        for _ in range(5):
-            assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 429
-        time.sleep(3.2)
-        assert [client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code for _ in range(3)] == [200, 200, 429]
+        def statuses_of(count: int) -> list[int]:
+            return [client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code for _ in range(count)]
+
+        started = time.monotonic()
+        assert statuses_of(2) == [200, 200]
+        time.sleep(max(0.0, started + 2 - time.monotonic()))
+        assert statuses_of(5) == [429] * 5
+        time.sleep(max(0.0, started + 3.3 - time.monotonic()))
+        assert statuses_of(3) == [200, 200, 429]
+
+
+def test_a_write_transaction_holds_the_lock_from_its_first_statement(tmp_path):
+    """What makes admission atomic on SQLite: BEGIN IMMEDIATE, not whatever statement comes first."""
+    path = tmp_path / "lock.db"
+
+    async def hold_and_probe() -> str:
+        engine = make_engine(f"sqlite:///{path}", timeout_s=1)
+        await create_tables(engine)
+        async with write_transaction(engine) as connection:
+            await connection.execute(select(1))  # a read: a deferred transaction would hold no lock yet
+            probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                return "not locked"
+            except sqlite3.OperationalError as exc:
+                return str(exc)
+            finally:
+                probe.close()
+        await engine.dispose()
+
+    assert asyncio.run(hold_and_probe()) == "database is locked"
 
 
 def test_the_window_survives_a_restart(start_server):

@@ -21,3 +21,8 @@ def test_every_cli_command_is_in_the_readme():
 
 def test_the_quickstart_commands_are_in_the_readme():
     assert "make run" in README and "make test" in README
+
+
+def test_the_readme_has_no_placeholder_left():
+    assert "BENCHMARK_TABLE" not in README
+

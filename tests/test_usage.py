@@ -1,32 +1,12 @@
 """GET /v1/usage and the request log behind it: every /v1 request is a row before its answer arrives."""
 
-import hashlib
 import sqlite3
 import time
 
 import pytest
 from PIL import Image
 
-from conftest import assert_error, b64, encode, make_key
-from test_ratelimit import ONE_PIXEL
-
-
-def log_rows(database_url: str, where: str, *params: object) -> list[sqlite3.Row]:
-    connection = sqlite3.connect(database_url.removeprefix("sqlite:///"))
-    connection.row_factory = sqlite3.Row
-    try:
-        return connection.execute(f"SELECT * FROM request_log WHERE {where} ORDER BY id", params).fetchall()
-    finally:
-        connection.close()
-
-
-def key_id(database_url: str, key: str) -> int:
-    connection = sqlite3.connect(database_url.removeprefix("sqlite:///"))
-    try:
-        return connection.execute("SELECT id FROM api_keys WHERE key_hash = ?",
-                                  (hashlib.sha256(key.encode()).hexdigest(),)).fetchone()[0]
-    finally:
-        connection.close()
+from conftest import ONE_PIXEL, assert_error, b64, encode, key_id, log_rows, make_key
 
 
 def test_usage_counts_this_keys_classify_requests_of_every_outcome(server):
@@ -112,9 +92,10 @@ def test_every_v1_request_is_logged_before_its_answer(server):
             assert [(row["status_code"], row["error_code"]) for row in rows] == expected  # already there
         assert anonymous.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 401
         assert anonymous.get("/v1/nothing-here").status_code == 404
+        assert anonymous.get("/v1").status_code == 404
         anonymous_rows = log_rows(server.database_url, "key_id IS NULL")[anonymous_before:]
     assert [(r["endpoint"], r["status_code"], r["error_code"]) for r in anonymous_rows] == [
-        ("/v1/classify", 401, "missing_api_key"), ("/v1/nothing-here", 404, "not_found")]
+        ("/v1/classify", 401, "missing_api_key"), ("/v1/nothing-here", 404, "not_found"), ("/v1", 404, "not_found")]
     row = rows[0]
     assert (row["endpoint"], row["method"]) == ("/v1/classify", "POST")
     assert row["latency_ms"] > 0 and abs(row["created_at_ms"] / 1000 - time.time()) < 60
@@ -138,6 +119,7 @@ def test_an_answer_the_log_cannot_record_is_not_given(start_server):
         for refused in (models, classify):
             assert_error(refused, 503, "database_unavailable")
             assert refused.headers["Retry-After"] == "1"
+        assert "X-RateLimit-Remaining" not in classify.headers  # the limiter could not write either: not admitted
         assert client.get("/v1/models").status_code == 200  # recovered by itself
         assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
     assert "Traceback" not in running.log()
@@ -160,3 +142,40 @@ def test_an_unexpected_failure_is_a_logged_500_in_the_one_error_shape(start_serv
     assert "Traceback" in running.log()
     rows = log_rows(running.database_url, "key_id = ?", key_id(running.database_url, key))
     assert [(row["status_code"], row["error_code"]) for row in rows] == [(500, "internal_error")]
+
+
+def test_a_broken_schema_is_a_500_not_a_503_that_never_clears(start_server):
+    running = start_server()
+    key = make_key(running.database_url)
+    broken = sqlite3.connect(running.database_url.removeprefix("sqlite:///"))
+    with broken:
+        broken.execute("DROP TABLE rate_limit_hits")
+    broken.close()
+    with running.client(key) as client:
+        response = client.post("/v1/classify", json={"image": ONE_PIXEL})
+    assert_error(response, 500, "internal_error")
+    assert "Retry-After" not in response.headers
+
+
+def test_usage_reads_use_the_key_and_time_index(server):
+    connection = sqlite3.connect(server.database_url.removeprefix("sqlite:///"))
+    try:
+        plan = connection.execute("EXPLAIN QUERY PLAN SELECT count(*) FROM request_log WHERE key_id = 1 AND "
+                                  "endpoint = '/v1/classify' AND created_at_ms >= 0").fetchall()
+    finally:
+        connection.close()
+    assert any("ix_request_log_key_time" in row[-1] for row in plan), plan
+
+
+def test_readiness_fails_while_the_database_cannot_be_written_and_recovers(start_server):
+    running = start_server({"DB_TIMEOUT_S": "0.5"})
+    with running.client() as client:
+        assert client.get("/readyz").status_code == 200
+        blocker = sqlite3.connect(running.database_url.removeprefix("sqlite:///"), isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            assert_error(client.get("/readyz"), 503, "not_ready")
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert client.get("/readyz").status_code == 200

@@ -1,0 +1,75 @@
+"""The request log: every /v1 request becomes a `request_log` row, committed before its response starts.
+
+So the log never holds fewer requests than were answered, and `/v1/usage` (usage.py) can be read from it.
+"""
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from db import RequestLog, now_ms
+from errors import ApiError, database_unavailable, internal_error, is_database_unavailable, json_error
+
+logger = logging.getLogger("classify")
+
+
+class RequestLogMiddleware:
+    """Records each /v1 request (key, endpoint, status, latency, error code) before its response starts.
+
+    The route leaves `key_id` and `error_code` in the request's state. If the row cannot be written, the client
+    gets a 503 instead of the answer: an answer the log does not hold would make the books wrong. An unexpected
+    exception becomes the standard 500 here, with its traceback in the server log and its row in the request log;
+    re-raised, it would make the server drop the connection before the client could read the 500.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        is_recorded = scope["path"] == "/v1" or scope["path"].startswith("/v1/")
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        is_started = is_replaced = False
+
+        async def send_after_recording(message: Message) -> None:
+            nonlocal is_started, is_replaced
+            if message["type"] == "http.response.start":
+                is_started = True
+                if is_recorded and (error := await self.record(scope, state, message["status"], started)):
+                    is_replaced = True
+                    await json_error(error, state.get("rate_limit_headers"))(scope, receive, send)
+            if not is_replaced:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, send_after_recording)
+        except Exception as exc:
+            if is_started:
+                raise  # too late for another answer
+            logger.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            state["error_code"] = "internal_error"
+            await json_error(internal_error(), state.get("rate_limit_headers"))(scope, receive, send_after_recording)
+
+    @staticmethod
+    async def record(scope: Scope, state: dict[str, Any], status_code: int, started: float) -> ApiError | None:
+        """Writes the row; if it cannot be written, the error to answer instead."""
+        sessions: async_sessionmaker[AsyncSession] = scope["app"].state.sessions
+        row = RequestLog(key_id=state.get("key_id"), endpoint=scope["path"][:64], method=scope["method"][:8],
+                         status_code=status_code, latency_ms=(time.perf_counter() - started) * 1000,
+                         created_at_ms=now_ms(), error_code=state.get("error_code"))
+        try:
+            async with sessions() as session, session.begin():
+                session.add(row)
+        except Exception as exc:
+            if is_database_unavailable(exc):
+                logger.warning("request log unavailable, answering 503: %s", exc)
+                return database_unavailable()
+            logger.error("could not write the request log", exc_info=exc)
+            return internal_error()
+        return None
