@@ -29,7 +29,6 @@ import httpx
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
