@@ -67,12 +67,8 @@ class RateLimitHit(Base):
 
 
 def make_engine(database_url: str, timeout_s: float) -> AsyncEngine:
-    """An async engine for `database_url`; plain `sqlite:///file.db` URLs get the aiosqlite driver."""
-    url = make_url(database_url)
-    if url.drivername == "sqlite":
-        url = url.set(drivername="sqlite+aiosqlite")
-    if not url.drivername.startswith("sqlite"):
-        return create_async_engine(url, pool_pre_ping=True)
+    """An async engine on the SQLite file of `database_url` (aiosqlite), waiting up to `timeout_s` for its lock."""
+    url = make_url(database_url).set(drivername="sqlite+aiosqlite")
     engine = create_async_engine(url, connect_args={"timeout": timeout_s}, pool_size=8, max_overflow=8)
     _use_explicit_sqlite_transactions(engine)
     return engine
