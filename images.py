@@ -64,7 +64,8 @@ def decode_base64(text: str) -> bytes:
 def decode_for_model(data: bytes, max_pixels: int, resize: int, crop: int, resample: Image.Resampling) -> Image.Image:
     """The RGB `crop` x `crop` picture the model sees: "scale the shorter side to `resize`, take the centre
     square of `crop`", done as one resize of that square's box in the original. A 1x4000 image costs a 224x224
-    resize, not a 256x1024000 one, and no full-size copy is made for orientation or colour conversion.
+    resize, not a 256x1024000 one; orientation and colour conversion touch only the small crop (palette, 1-bit
+    and colour-keyed images excepted: resize needs them converted whole first).
     """
     image = open_checked(data, max_pixels)
     orientation = exif_orientation(image)

@@ -27,8 +27,8 @@ from images import decode_base64, decode_for_model
 from inference import Classifier, ModelLoadError, ModelSpec, load_model, preprocess
 from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
 from schemas import MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ModelInfo, ModelList, Usage
-from settings import Settings, usable_cores
 from requestlog import RequestLogMiddleware
+from settings import Settings, usable_cores
 from usage import read_usage
 
 logger = logging.getLogger("classify")
@@ -45,13 +45,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.critical("cannot start: %s", exc)
         await engine.dispose()
         raise
-    if settings.model_workers * settings.threads_per_worker > usable_cores():
+    cores, model_threads = usable_cores(), settings.model_workers * settings.threads_per_worker
+    if model_threads > cores:
         logger.warning("MODEL_WORKERS x TORCH_THREADS = %d threads on %d cores: forward passes will fight over them",
-                       settings.model_workers * settings.threads_per_worker, usable_cores())
+                       model_threads, cores)
     classifier = Classifier(model, settings.model_workers, settings.threads_per_worker)
     await classifier.warm_up()
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
-    decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
+    decode_pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="decode")
     app.state.engine = engine
     app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
