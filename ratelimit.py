@@ -31,13 +31,14 @@ class WindowState(NamedTuple):
     now_ms: int  # the storage's clock when it counted
     count: int
     oldest_ms: int | None  # the earliest counted request
-    freeing_ms: int | None  # when the window is full: the request whose expiry frees the next slot
+    freeing_ms: int | None  # when `cost` more would not fit: the hit whose expiry makes room for them
 
 
 class WindowStorage(Protocol):
-    """Where the window lives. `admit` must be atomic per key: count, decide and record as one step."""
+    """Where the window lives. `admit` must be atomic per key: count, decide and record `cost` hits (all or
+    none) as one step."""
 
-    async def admit(self, key_id: int, limit: int, window_ms: int) -> tuple[bool, WindowState]: ...
+    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1) -> tuple[bool, WindowState]: ...
 
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState: ...
 
@@ -53,16 +54,16 @@ class SqlWindowStorage:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def admit(self, key_id: int, limit: int, window_ms: int) -> tuple[bool, WindowState]:
+    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1) -> tuple[bool, WindowState]:
         async with write_transaction(self.engine) as connection:
             at_ms = now_ms()  # under the lock: admissions are recorded in the order of their times
             # Expired hits are never read again; dropping them keeps each key's rows at most its limit.
             await connection.execute(
                 delete(RateLimitHit).where(RateLimitHit.key_id == key_id, RateLimitHit.at_ms <= at_ms - window_ms))
-            state = await self._count(connection, key_id, limit, at_ms, window_ms)
-            is_allowed = state.count < limit
+            state = await self._count(connection, key_id, limit, at_ms, window_ms, cost)
+            is_allowed = state.count + cost <= limit
             if is_allowed:
-                await connection.execute(insert(RateLimitHit).values(key_id=key_id, at_ms=at_ms))
+                await connection.execute(insert(RateLimitHit), [{"key_id": key_id, "at_ms": at_ms}] * cost)
         return is_allowed, state
 
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState:
@@ -70,15 +71,17 @@ class SqlWindowStorage:
             return await self._count(connection, key_id, limit, now_ms(), window_ms)
 
     @staticmethod
-    async def _count(connection: AsyncConnection, key_id: int, limit: int, at_ms: int, window_ms: int) -> WindowState:
+    async def _count(connection: AsyncConnection, key_id: int, limit: int, at_ms: int, window_ms: int,
+                     cost: int = 1) -> WindowState:
         in_window = (RateLimitHit.key_id == key_id, RateLimitHit.at_ms > at_ms - window_ms)
         count, oldest_ms = (await connection.execute(
             select(func.count(), func.min(RateLimitHit.at_ms)).where(*in_window))).one()
         freeing_ms = None
-        if count >= limit:
-            # A lowered limit can leave more than `limit` hits: the next slot frees when count drops below it.
-            freeing_ms = await connection.scalar(
-                select(RateLimitHit.at_ms).where(*in_window).order_by(RateLimitHit.at_ms).offset(count - limit).limit(1))
+        if count + cost > limit:
+            # Room for `cost` comes when the hit at this offset expires (a lowered limit can leave more than
+            # `limit` hits, so the offset is not always 0).
+            freeing_ms = await connection.scalar(select(RateLimitHit.at_ms).where(*in_window)
+                                                 .order_by(RateLimitHit.at_ms).offset(count + cost - limit - 1).limit(1))
         return WindowState(at_ms, count, oldest_ms, freeing_ms)
 
 
@@ -90,13 +93,17 @@ class SlidingWindowLimiter:
     def __init__(self, storage: WindowStorage) -> None:
         self.storage = storage
 
-    async def hit(self, key_id: int, limit: int, window_s: int) -> Decision:
-        """Admit and record one request if the window has room; otherwise say how long to wait."""
-        is_allowed, state = await self.storage.admit(key_id, limit, window_s * 1000)
+    async def hit(self, key_id: int, limit: int, window_s: int, cost: int = 1) -> Decision:
+        """Admit and record `cost` requests (all or none) if the window has room; otherwise say how long to wait.
+
+        `cost` must be at most `limit`: a larger one could never be admitted.
+        """
+        assert 1 <= cost <= limit
+        is_allowed, state = await self.storage.admit(key_id, limit, window_s * 1000, cost)
         if not is_allowed:
             return _full(limit, window_s * 1000, state)
         oldest_ms = state.now_ms if state.oldest_ms is None else state.oldest_ms  # an empty window: this one
-        return _open(limit, window_s * 1000, state.now_ms, state.count + 1, oldest_ms)
+        return _open(limit, window_s * 1000, state.now_ms, state.count + cost, oldest_ms)
 
     async def peek(self, key_id: int, limit: int, window_s: int) -> Decision:
         """Where the window stands now, recording nothing."""
