@@ -8,6 +8,7 @@ import hashlib
 import math
 import re
 import secrets
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db import ApiKey, SessionDep, now_ms
 from errors import ApiError
+from requestlog import add_timing
 
 KEY_PREFIX = "sk-"
 KEY_BYTES = 32
@@ -70,8 +72,10 @@ async def get_current_key(request: Request, session: SessionDep,
     token = credentials.credentials
     api_key = None
     if KEY_PATTERN.fullmatch(token):  # anything else (a 5000-character string, SQL) cannot be a key: no lookup
+        started = time.perf_counter()
         async with session.begin():
             api_key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
+        add_timing(request, "auth", started)
     invalid = {"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'}
     if api_key is None:
         raise ApiError(401, "invalid_api_key",

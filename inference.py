@@ -9,13 +9,8 @@
 Both use the 1000 ImageNet labels that ship inside torchvision.
 """
 
-import asyncio
+import hashlib
 import logging
-import os
-import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +26,6 @@ from schemas import Prediction, WeightsSource
 
 logger = logging.getLogger("classify")
 
-MODEL_NICENESS = 10
 IMAGENET_LABELS = tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
@@ -76,6 +70,36 @@ class LoadedModel:
     network: nn.Module
     weights_source: WeightsSource
     fallback_reason: str | None = None
+
+    def graph(self) -> "ImageToProbabilities":
+        return ImageToProbabilities(self.network, self.spec).eval()
+
+    def weights_digest(self) -> str:
+        """SHA-256 of the weights: names exported graphs, so a restart with the same weights reuses them."""
+        digest = hashlib.sha256(self.spec.name.encode())
+        for name, tensor in self.network.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+class ImageToProbabilities(nn.Module):
+    """The network with its input scaling and softmax: (B, H, W, 3) uint8 pixels -> (B, 1000) probabilities.
+
+    Normalising inside the graph keeps float work off the request path, and the image travels as a quarter of
+    the bytes; (x / 255 - mean) / std is folded into one multiply-add.
+    """
+
+    def __init__(self, network: nn.Module, spec: ModelSpec) -> None:
+        super().__init__()
+        self.network = network
+        mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
+        self.register_buffer("scale", (1 / (255 * std)).view(1, 3, 1, 1))
+        self.register_buffer("shift", (mean / std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float() * self.scale - self.shift  # (B, 3, 224, 224)
+        return torch.softmax(self.network(x), dim=1)  # (B, 1000)
 
 
 def load_model(name: str, weights_file: Path | None, allow_fallback: bool) -> LoadedModel:
@@ -159,60 +183,11 @@ def load_efficientnet_lite0(fallback_reason: str | None) -> LoadedModel:
     return LoadedModel(SPECS["efficientnet_lite0"], network.eval(), "fallback package", fallback_reason)
 
 
-def preprocess(image: Image.Image, spec: ModelSpec) -> np.ndarray:
-    """The RGB crop (images.decode_for_model) -> (3, crop, crop) float32, normalised with the weights' mean and std."""
-    x = np.asarray(image, dtype=np.float32) / 255  # (224, 224, 3)
-    x = (x - np.array(spec.mean, dtype=np.float32)) / np.array(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, 224, 224)
-
-
-def predict(network: nn.Module, batch: np.ndarray) -> np.ndarray:
-    """(B, 3, 224, 224) float32 -> (B, 1000) probabilities."""
-    with torch.inference_mode():
-        logits = network(torch.from_numpy(batch))
-        return torch.softmax(logits, dim=1).numpy()
+def preprocess(image: Image.Image) -> np.ndarray:
+    """The RGB crop (images.decode_for_model) -> (224, 224, 3) uint8; the graph normalises, not the request path."""
+    return np.asarray(image, dtype=np.uint8)
 
 
 def top_predictions(probabilities: np.ndarray, labels: tuple[str, ...], k: int) -> list[Prediction]:
     best = np.argsort(probabilities)[::-1][:k]
     return [Prediction(label=labels[i], class_id=int(i), confidence=float(probabilities[i])) for i in best]
-
-
-def _lower_priority() -> None:
-    # Linux niceness is per thread: the model's threads give way to the event loop, the decoders and the
-    # database, so /v1/usage and health checks stay quick while the model keeps every core busy (measured on
-    # 2 cores under 8 clients: /v1/usage p99 44 ms, against 139 ms without, for the same requests/s).
-    if sys.platform == "linux":  # elsewhere this call would lower the whole process
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MODEL_NICENESS)
-
-
-class Classifier:
-    """Owns the model and the threads that run it: at most `workers` forward passes at once, each on `threads`
-    of torch's threads, so the passes never ask for more cores than there are (N requests each spawning a
-    pass on all cores would fight over them). The event loop only awaits the passes' futures.
-    """
-
-    def __init__(self, model: LoadedModel, workers: int, threads: int) -> None:
-        torch.set_num_threads(threads)
-        self.model = model
-        self.workers = workers
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model", initializer=_lower_priority)
-
-    async def classify(self, x: np.ndarray, top_k: int) -> tuple[list[Prediction], float]:
-        """(3, 224, 224) -> the top_k predictions and the model's time in ms."""
-        loop = asyncio.get_running_loop()
-        probabilities, inference_ms = await loop.run_in_executor(self.executor, self._timed_predict, x[None])
-        return top_predictions(probabilities[0], self.model.spec.labels, top_k), inference_ms
-
-    def _timed_predict(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        started = time.perf_counter()
-        probabilities = predict(self.model.network, batch)
-        return probabilities, (time.perf_counter() - started) * 1000
-
-    async def warm_up(self, passes_per_worker: int = 3) -> None:
-        """The first passes on each thread pay for allocation and kernel selection; nobody's request should."""
-        x = np.zeros((3, self.model.spec.crop, self.model.spec.crop), dtype=np.float32)
-        await asyncio.gather(*[self.classify(x, top_k=1) for _ in range(passes_per_worker * self.workers)])
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)

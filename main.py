@@ -8,6 +8,7 @@ Start-up loads the model (and warms it) and creates the tables; until that is do
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +22,16 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from auth import CurrentKey
-from db import SessionDep, create_tables, make_engine, make_sessionmaker, ping
+from backends import load_backend, warm_up
+from batching import Answer, Batcher, DeadlineExceeded, Overloaded, lower_priority
+from db import ApiKey, SessionDep, create_tables, make_engine, make_sessionmaker, ping
 from errors import ApiError, ErrorResponse, install_error_handlers
 from images import decode_base64, decode_for_model
-from inference import Classifier, ModelLoadError, ModelSpec, load_model, preprocess
+from inference import LoadedModel, ModelLoadError, ModelSpec, load_model, preprocess, top_predictions
 from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
-from schemas import MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ModelInfo, ModelList, Usage
-from requestlog import RequestLogMiddleware
+from requestlog import RequestLogMiddleware, add_timing
+from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ImageResult, ModelInfo, ModelList,
+                     MultiClassification, Usage)
 from settings import Settings, usable_cores
 from usage import read_usage
 
@@ -45,27 +49,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.critical("cannot start: %s", exc)
         await engine.dispose()
         raise
-    cores, model_threads = usable_cores(), settings.model_workers * settings.threads_per_worker
-    if model_threads > cores:
-        logger.warning("MODEL_WORKERS x TORCH_THREADS = %d threads on %d cores: forward passes will fight over them",
-                       model_threads, cores)
-    classifier = Classifier(model, settings.model_workers, settings.threads_per_worker)
-    await classifier.warm_up()
+    loop = asyncio.get_running_loop()
+    # The backend is built and run on this one thread, so the runtime's own threads inherit its lower priority.
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=lower_priority)
+    backend = await loop.run_in_executor(model_thread, load_backend, model, settings.inference_backend,
+                                         settings.inference_precision, settings.inference_threads,
+                                         settings.model_cache_dir)
+    await loop.run_in_executor(model_thread, warm_up, backend, model.spec.crop, settings.max_batch)
+    batcher = Batcher(backend, settings.max_batch, settings.batch_wait_ms, settings.max_queue, model_thread)
+    batcher.start()
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
-    decode_pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="decode")
+    decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
     app.state.engine = engine
     app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
     app.state.limiter = SlidingWindowLimiter(SqlWindowStorage(engine))
-    app.state.classifier = classifier
-    logger.info("ready: %s (weights: %s), %d model workers x %d torch threads, database %s", model.spec.name,
-                model.weights_source, settings.model_workers, settings.threads_per_worker,
-                engine.url.render_as_string(hide_password=True))
+    app.state.model = model
+    app.state.batcher = batcher
+    logger.info("ready: %s (weights: %s) on %s %s, %d threads, batches of up to %d, database %s", model.spec.name,
+                model.weights_source, backend.name, backend.precision, settings.inference_threads,
+                settings.max_batch, engine.url.render_as_string(hide_password=True))
     try:
         yield
     finally:
+        await batcher.drain()
+        model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
-        classifier.close()
         await engine.dispose()
 
 
@@ -73,8 +82,12 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_classifier(request: Request) -> Classifier:
-    return request.app.state.classifier
+def get_model(request: Request) -> LoadedModel:
+    return request.app.state.model
+
+
+def get_batcher(request: Request) -> Batcher:
+    return request.app.state.batcher
 
 
 def get_limiter(request: Request) -> SlidingWindowLimiter:
@@ -82,7 +95,8 @@ def get_limiter(request: Request) -> SlidingWindowLimiter:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
+ModelDep = Annotated[LoadedModel, Depends(get_model)]
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 LimiterDep = Annotated[SlidingWindowLimiter, Depends(get_limiter)]
 
 
@@ -97,20 +111,17 @@ def rate_limit_headers(decision: Decision, window_s: int) -> dict[str, str]:
     }
 
 
-async def admit(request: Request, response: Response, key: CurrentKey, limiter: LimiterDep) -> Decision:
-    """One slot of the key's window, or a 429. Counts every admitted request, whatever happens to it next."""
-    decision = await limiter.hit(key.id, key.rate_limit, key.window_s)
-    headers = rate_limit_headers(decision, key.window_s)
-    request.state.rate_limit_headers = headers  # error answers after admission carry them too
+async def charge(request: Request, key: ApiKey, limiter: SlidingWindowLimiter, cost: int) -> None:
+    """`cost` slots of the key's window (all or none), or a 429. Counts whatever happens to the request next."""
+    started = time.perf_counter()
+    decision = await limiter.hit(key.id, key.rate_limit, key.window_s, cost)
+    add_timing(request, "limit", started)
+    request.state.rate_limit_headers = rate_limit_headers(decision, key.window_s)  # on every answer, errors too
     if not decision.allowed:
         raise ApiError(429, "rate_limit_exceeded",
-                       f"This key may make {key.rate_limit} requests per {key.window_s} s; "
-                       f"retry in {decision.retry_after_s} s.", {"Retry-After": str(decision.retry_after_s)})
-    response.headers.update(headers)
-    return decision
-
-
-Admitted = Annotated[Decision, Depends(admit)]
+                       f"This key may make {key.rate_limit} requests per {key.window_s} s"
+                       f"{f' (this one counts {cost})' if cost > 1 else ''}; retry in {decision.retry_after_s} s.",
+                       {"Retry-After": str(decision.retry_after_s)})
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
@@ -137,14 +148,65 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     return bytes(body)
 
 
-def parse_and_preprocess(body: bytes, spec: ModelSpec, max_image_pixels: int) -> tuple[ClassifyRequest, np.ndarray]:
-    """JSON -> base64 -> image -> (3, 224, 224). Milliseconds per megabyte, so it runs off the event loop."""
+def parse_classify_request(body: bytes) -> ClassifyRequest:
+    """The JSON body, validated; 422 in FastAPI's shape if it is not a ClassifyRequest."""
     try:
-        classify_request = ClassifyRequest.model_validate_json(body)
+        return ClassifyRequest.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
-    image = decode_for_model(decode_base64(classify_request.image), max_image_pixels, spec.resize, spec.crop, spec.interpolation)
-    return classify_request, preprocess(image, spec)
+
+
+def check_image_count(count: int, key: ApiKey, settings: Settings) -> None:
+    if count > settings.max_images_per_request:
+        raise ApiError(422, "too_many_images", f"A request may carry at most {settings.max_images_per_request} "
+                                               f"images (MAX_IMAGES_PER_REQUEST); this one has {count}. Split it.")
+    if count > key.rate_limit:
+        raise ApiError(422, "too_many_images", f"Each image counts one request, and this key may make only "
+                                               f"{key.rate_limit} per {key.window_s} s; send at most {key.rate_limit}.")
+
+
+def image_array(text: str, index: int | None, spec: ModelSpec, max_image_pixels: int) -> np.ndarray:
+    """base64 -> (224, 224, 3) uint8. Milliseconds per megabyte, so it runs off the event loop."""
+    try:
+        return preprocess(decode_for_model(decode_base64(text), max_image_pixels, spec.resize, spec.crop, spec.interpolation))
+    except ApiError as exc:
+        if index is not None:
+            exc.message = f"images[{index}]: {exc.message}"
+        raise
+
+
+async def decode_images(request: Request, classify_request: ClassifyRequest, spec: ModelSpec,
+                        max_image_pixels: int) -> list[np.ndarray]:
+    """All of a request's images at once, one decoding thread each; errors name the image in a list."""
+    loop, pool = asyncio.get_running_loop(), request.app.state.decode_pool
+    if classify_request.image is not None:
+        return [await loop.run_in_executor(pool, image_array, classify_request.image, None, spec, max_image_pixels)]
+    return list(await asyncio.gather(*(loop.run_in_executor(pool, image_array, text, index, spec, max_image_pixels)
+                                       for index, text in enumerate(classify_request.all_images))))
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    # Once the body is read, the server's next message for this request is http.disconnect: the client left.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def infer(request: Request, batcher: Batcher, images: list[np.ndarray], deadline: float) -> list[Answer]:
+    """The batcher's answers; 504 past the deadline, and nothing run for a client that has gone."""
+    inference = asyncio.ensure_future(batcher.infer(images, deadline))
+    disconnect = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({inference, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+    if not inference.done():
+        inference.cancel()  # its images leave the queue unrun
+        raise ApiError(499, "client_closed_request", "The client closed the connection before the answer.")
+    try:
+        return inference.result()
+    except DeadlineExceeded:
+        raise ApiError(504, "request_timeout", "The server could not classify this within REQUEST_TIMEOUT_S "
+                                               "(it is overloaded); retry later.", {"Retry-After": "1"}) from None
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
@@ -153,32 +215,60 @@ ERRORS = {status: {"model": ErrorResponse, "description": description} for statu
     408: "The body did not arrive within BODY_TIMEOUT_S.",
     413: "The body is over MAX_BODY_BYTES or the image over MAX_IMAGE_PIXELS.",
     415: "The body is multipart; send JSON.",
-    422: "A field is missing or has the wrong type or range.",
+    422: "A field is missing or has the wrong type or range, or there are too many images.",
     429: "The key's rate limit is reached; Retry-After says when to retry.",
     500: "A bug: the server failed unexpectedly. The body has the usual error shape.",
-    503: "The database is unavailable; Retry-After says when to retry.",
+    503: "The server is at capacity (MAX_QUEUE) or the database is unavailable; Retry-After says when to retry.",
+    504: "The request waited for the model longer than REQUEST_TIMEOUT_S.",
 }.items()}
 
 router = APIRouter()
 
 
-@router.post("/v1/classify", response_model=Classification, tags=["classify"],
-             responses={s: ERRORS[s] for s in (400, 401, 408, 413, 415, 422, 429, 500, 503)},
-             # The body is read by hand, after the key and the limit are checked, so it is declared here.
+@router.post("/v1/classify", response_model=Classification | MultiClassification, tags=["classify"],
+             responses={s: ERRORS[s] for s in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)},
+             # The body is read by hand, after the key is checked, so it is declared here.
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
-async def classify(request: Request, _: Admitted, settings: SettingsDep, classifier: ClassifierDep) -> Classification:
-    """Classify one image: its `top_k` most likely ImageNet labels, most likely first.
+async def classify(request: Request, response: Response, key: CurrentKey, settings: SettingsDep, limiter: LimiterDep,
+                   batcher: BatcherDep, model: ModelDep) -> Classification | MultiClassification:
+    """Classify images: each one's `top_k` most likely ImageNet labels, most likely first.
 
-    Send `{"image": "<base64>", "top_k": 5}` with `Authorization: Bearer <key>`. Every answer carries the key's
-    rate-limit headers; each admitted request counts against the limit, including ones answered 4xx.
+    Send `{"image": "<base64>", "top_k": 5}`, or `{"images": ["<base64>", ...]}` for several, with
+    `Authorization: Bearer <key>`. Each image counts one request against the key's rate limit (all or none are
+    admitted); a request whose body is refused counts one. Answers carry the rate-limit headers.
     """
-    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-    classify_request, x = await asyncio.get_running_loop().run_in_executor(
-        request.app.state.decode_pool, parse_and_preprocess, body, classifier.model.spec, settings.max_image_pixels)
-    predictions, inference_ms = await classifier.classify(x, classify_request.top_k)
-    return Classification(id=f"clf_{uuid.uuid4().hex}", model=classifier.model.spec.name,
-                          predictions=predictions, inference_ms=round(inference_ms, 2))
+    deadline = time.monotonic() + settings.request_timeout_s
+    try:
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        started = time.perf_counter()
+        classify_request = await asyncio.get_running_loop().run_in_executor(
+            request.app.state.decode_pool, parse_classify_request, body)
+        add_timing(request, "parse", started)
+        check_image_count(len(classify_request.all_images), key, settings)
+    except (ApiError, RequestValidationError):
+        await charge(request, key, limiter, 1)
+        raise
+    count = len(classify_request.all_images)
+    try:
+        with batcher.reserve(count):  # before charging: a full server refuses without using up the limit
+            await charge(request, key, limiter, count)
+            started = time.perf_counter()
+            images = await decode_images(request, classify_request, model.spec, settings.max_image_pixels)
+            add_timing(request, "decode", started)
+            answers = await infer(request, batcher, images, deadline)
+    except Overloaded:
+        raise ApiError(503, "overloaded", f"The server is classifying as fast as it can and has {settings.max_queue} "
+                                          "images waiting (MAX_QUEUE); retry shortly.", {"Retry-After": "1"}) from None
+    response.headers.update(request.state.rate_limit_headers)
+    request.state.timings["queue"] = max(answer.queue_ms for answer in answers)
+    request.state.timings["model"] = max(answer.model_ms for answer in answers)
+    results = [ImageResult(predictions=top_predictions(answer.probabilities, model.spec.labels, classify_request.top_k),
+                           inference_ms=round(answer.model_ms, 2), batch_size=answer.batch_size) for answer in answers]
+    response_id = f"clf_{uuid.uuid4().hex}"
+    if classify_request.image is not None:
+        return Classification(id=response_id, model=model.spec.name, **results[0].model_dump())
+    return MultiClassification(id=response_id, model=model.spec.name, results=results)
 
 
 @router.get("/v1/usage", response_model=Usage, tags=["usage"], responses={s: ERRORS[s] for s in (400, 401, 422, 500, 503)})
@@ -193,11 +283,12 @@ async def usage(key: CurrentKey, session: SessionDep, limiter: LimiterDep,
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"], responses={s: ERRORS[s] for s in (401, 500, 503)})
-async def models(_: CurrentKey, classifier: ClassifierDep) -> ModelList:
-    """The model this server runs, and where its weights came from."""
-    model = classifier.model
+async def models(_: CurrentKey, model: ModelDep, batcher: BatcherDep) -> ModelList:
+    """The model this server runs, where its weights came from, and what runs it."""
     return ModelList(data=[ModelInfo(id=model.spec.name, labels=len(model.spec.labels), input_size=model.spec.crop,
-                                     weights_source=model.weights_source, fallback_reason=model.fallback_reason)])
+                                     weights_source=model.weights_source, fallback_reason=model.fallback_reason,
+                                     backend=batcher.backend.name, precision=batcher.backend.precision,
+                                     max_batch=batcher.max_batch)])
 
 
 @router.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, tags=["health"])

@@ -1,6 +1,8 @@
 """The request log: every /v1 request becomes a `request_log` row, committed before its response starts.
 
 So the log never holds fewer requests than were answered, and `/v1/usage` (usage.py) can be read from it.
+Its response header `Server-Timing` says where the request's time went (auth, limit, parse, decode, queue,
+model, log: milliseconds), so a benchmark can find the next bottleneck.
 """
 
 import logging
@@ -8,12 +10,23 @@ import time
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db import RequestLog, now_ms
 from errors import ApiError, database_unavailable, internal_error, is_database_unavailable, json_error
 
 logger = logging.getLogger("classify")
+
+
+def add_timing(request: Request, stage: str, started: float) -> None:
+    """Milliseconds since `started` (time.perf_counter()), reported in the Server-Timing header as `stage`."""
+    request.state.timings[stage] = (time.perf_counter() - started) * 1000
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{stage};dur={ms:.2f}" for stage, ms in timings.items())
 
 
 class RequestLogMiddleware:
@@ -35,15 +48,21 @@ class RequestLogMiddleware:
         is_recorded = scope["path"] == "/v1" or scope["path"].startswith("/v1/")
         started = time.perf_counter()
         state = scope.setdefault("state", {})
+        timings: dict[str, float] = state.setdefault("timings", {})
         is_started = is_replaced = False
 
         async def send_after_recording(message: Message) -> None:
             nonlocal is_started, is_replaced
             if message["type"] == "http.response.start":
                 is_started = True
-                if is_recorded and (error := await self.record(scope, state, message["status"], started)):
-                    is_replaced = True
-                    await json_error(error, state.get("rate_limit_headers"))(scope, receive, send)
+                if is_recorded:
+                    recording = time.perf_counter()
+                    if error := await self.record(scope, state, message["status"], started):
+                        is_replaced = True
+                        await json_error(error, state.get("rate_limit_headers"))(scope, receive, send)
+                    timings["log"] = (time.perf_counter() - recording) * 1000
+                if timings and not is_replaced:
+                    MutableHeaders(scope=message).append("Server-Timing", server_timing(timings))
             if not is_replaced:
                 await send(message)
 

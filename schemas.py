@@ -1,8 +1,8 @@
 """The API's request and response bodies, as they appear in /openapi.json (with examples)."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TOP_K = 20
 WeightsSource = Literal["file", "cache", "download", "fallback package"]
@@ -13,12 +13,27 @@ ONE_PIXEL_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4
 
 
 class ClassifyRequest(BaseModel):
+    """`image` for one image, or `images` for several (answered in order); exactly one of the two."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    image: str = Field(min_length=1, examples=[ONE_PIXEL_PNG_BASE64],
-                       description="The image file's bytes, base64-encoded, or a `data:image/...;base64,` URL. "
-                                   "JPEG, PNG, GIF, WEBP, BMP or TIFF; animated images use their first frame.")
+    image: str | None = Field(None, min_length=1, examples=[ONE_PIXEL_PNG_BASE64],
+                              description="The image file's bytes, base64-encoded, or a `data:image/...;base64,` URL. "
+                                          "JPEG, PNG, GIF, WEBP, BMP or TIFF; animated images use their first frame.")
+    images: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="Several images, each as `image`; up to MAX_IMAGES_PER_REQUEST, and each "
+                                        "counts one request against the rate limit.")
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="How many labels to return, most likely first.")
+
+    @model_validator(mode="after")
+    def one_of_image_or_images(self) -> "ClassifyRequest":
+        if (self.image is None) == (self.images is None):
+            raise ValueError('send exactly one of "image" (one base64 image) or "images" (a list of them)')
+        return self
+
+    @property
+    def all_images(self) -> list[str]:
+        return [self.image] if self.image is not None else self.images or []
 
 
 class Prediction(BaseModel):
@@ -27,11 +42,25 @@ class Prediction(BaseModel):
     confidence: float = Field(ge=0, le=1, examples=[0.83])
 
 
-class Classification(BaseModel):
+class ImageResult(BaseModel):
+    predictions: list[Prediction] = Field(description="Most likely first.")
+    inference_ms: float = Field(examples=[9.7], description="Time of the forward pass that answered this image.")
+    batch_size: int = Field(examples=[4], description="Images in that forward pass (requests are batched).")
+
+
+class Classification(ImageResult):
+    """The answer to `{"image": ...}`."""
+
     id: str = Field(examples=["clf_5f2b0c9e8d7a4b1c9e0f3a2d"])
     model: str = Field(examples=["resnet18"], description="The model that answered.")
-    predictions: list[Prediction] = Field(description="Most likely first.")
-    inference_ms: float = Field(examples=[9.7], description="Time the model took for this image.")
+
+
+class MultiClassification(BaseModel):
+    """The answer to `{"images": [...]}`: one result per image, in the order sent."""
+
+    id: str = Field(examples=["clf_5f2b0c9e8d7a4b1c9e0f3a2d"])
+    model: str = Field(examples=["resnet18"], description="The model that answered.")
+    results: list[ImageResult]
 
 
 class UsageBucket(BaseModel):
@@ -65,6 +94,9 @@ class ModelInfo(BaseModel):
     input_size: int = Field(examples=[224], description="Side of the square input, in pixels.")
     weights_source: WeightsSource
     fallback_reason: str | None = Field(None, description="Why the server is not running the model it was asked for.")
+    backend: Literal["onnxruntime", "torch"] = Field(description="What runs the forward pass.")
+    precision: Literal["fp32", "int8"]
+    max_batch: int = Field(examples=[8], description="Most images one forward pass takes.")
 
 
 class ModelList(BaseModel):

@@ -1,13 +1,17 @@
-"""Benchmark: raw model throughput and the whole server under load, measured in one run on one machine.
+"""Benchmark: the raw model and the whole server, measured in one run on one machine, with ResNet-18.
 
     $ make bench                      # or: .venv/bin/python bench/bench.py --seconds 20
 
-1. raw torch eager, batch 1, for each model (images/s), random input, one pass at a time on all cores;
-2. the server end to end (auth, limit, log, decode, model) with `wrk`, 8 connections posting skimage's
-   chelsea.png as a 451x300 JPEG in base64, for --seconds; meanwhile a probe reads /v1/usage every 50 ms;
-3. ratios server / raw model, which mean something across machines where absolute figures do not.
+1. raw torch eager, batch 1 and 8 (images/s), on all cores;
+2. raw ONNX Runtime fp32, batch 1 and 8, and int8 batch 1: the graphs the server runs, exported the same way;
+3. the server end to end (auth, limit, log, decode, batching, model) with `wrk`: 8 connections posting skimage's
+   chelsea.png as a 451x300 JPEG in base64 for --seconds, while a probe reads /v1/usage every 50 ms; then 32
+   connections (4x overload); then 8 connections on the int8 graph;
+4. ratios inside this run (server / raw ORT fp32 batch 1, server / raw torch), which mean something across
+   machines where absolute figures do not; and where each request's time went, from its Server-Timing header.
 
-Needs `wrk` (Debian: apt-get install wrk). Prints a table and writes bench/results/latest.json.
+ResNet-18 has random weights here (a file this script saves): the speed is the same as trained weights'.
+Needs `wrk` (Debian: apt-get install wrk). Prints tables and writes the same to bench/results/latest.json.
 """
 
 import argparse
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,20 +39,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from backends import Backend, OnnxBackend, TorchBackend, onnx_file  # noqa: E402
 from conftest import Server, make_key, photo  # noqa: E402  (the tests' real-server harness)
-from inference import load_efficientnet_lite0  # noqa: E402
-from settings import Settings  # noqa: E402
+from inference import SPECS, LoadedModel  # noqa: E402
+from settings import Settings, usable_cores  # noqa: E402
+
+STAGES = ("auth", "parse", "limit", "decode", "queue", "model", "log")
 
 
-def raw_images_per_second(network: torch.nn.Module, seconds: float, batch: int = 1) -> float:
-    x = torch.randn(batch, 3, 224, 224)  # (B, 3, 224, 224)
-    with torch.inference_mode():
-        for _ in range(5):
-            network(x)
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            network(x)
-            done += batch
+def images_per_second(backend: Backend, batch: int, seconds: float) -> float:
+    x = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)  # (B, 224, 224, 3)
+    for _ in range(3):
+        backend.run(x)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        backend.run(x)
+        done += batch
     return done / (time.perf_counter() - started)
 
 
@@ -57,11 +64,26 @@ def parse_wrk(output: str) -> dict[str, float]:
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
     percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, re.MULTILINE))
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     socket_errors = re.search(r"Socket errors: (.*)", output)
     return {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1]),
             "p50_ms": ms(percentiles["50"]), "p99_ms": ms(percentiles["99"]),
-            "errors": int(non_2xx[1]) if non_2xx else 0, "socket_errors": socket_errors[1] if socket_errors else ""}
+            "socket_errors": socket_errors[1] if socket_errors else ""}
+
+
+def read_stages(path: Path, seconds: float) -> dict:
+    """The Lua script's sums -> answers by status, goodput, and mean ms per 200 for each stage."""
+    totals: dict[str, float] = defaultdict(float)
+    statuses: dict[str, int] = defaultdict(int)
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if parts[0] == "status":
+            statuses[parts[1]] += int(parts[2])
+        else:
+            totals[parts[0]] += float(parts[1])
+    timed = totals.pop("timed", 0) or 1
+    ok = statuses.get("200", 0)
+    return {"statuses": dict(statuses), "errors": sum(statuses.values()) - ok, "goodput_per_s": ok / seconds,
+            "stages_ms": {stage: totals.get(stage, 0.0) / timed for stage in STAGES}}
 
 
 def probe_usage(url: str, key: str, stop: threading.Event) -> list[float]:
@@ -80,87 +102,111 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def serve_and_load(tmp: Path, env: dict[str, str], body: Path, seconds: int, connections: int) -> dict:
+def load(server: Server, key: str, body: Path, seconds: int, connections: int) -> dict:
+    """wrk against /v1/classify, with the /v1/usage probe running alongside."""
+    stages = server.tmp / f"stages-{connections}.txt"
+    stop = threading.Event()
+    probe: list[float] = []
+    prober = threading.Thread(target=lambda: probe.extend(probe_usage(server.url, key, stop)))
+    prober.start()
+    wrk = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "--latency",
+                          "-s", str(ROOT / "bench" / "classify.lua"), f"{server.url}/v1/classify"],
+                         env={**os.environ, "BENCH_BODY": str(body), "BENCH_KEY": key, "BENCH_STAGES": str(stages)},
+                         capture_output=True, text=True, check=True)
+    stop.set()
+    prober.join()
+    return {"connections": connections, **parse_wrk(wrk.stdout), **read_stages(stages, seconds),
+            "usage_p50_ms": percentile(probe, 50), "usage_p99_ms": percentile(probe, 99)}
+
+
+def serve(tmp: Path, env: dict[str, str], body: Path, seconds: int, connection_counts: list[int]) -> list[dict]:
     tmp.mkdir(parents=True, exist_ok=True)
-    server = Server(tmp, {"DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}", "LOG_LEVEL": "WARNING", **env}).start()
+    server = Server(tmp, {"DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}", "LOG_LEVEL": "WARNING",
+                          "MODEL_CACHE_DIR": str(tmp.parent / "models"), **env}).start()
     try:
         key = make_key(server.database_url, rate_limit=10**9)
-        idle = probe_for(server.url, key, 2.0)
-        stop = threading.Event()
-        probe: list[float] = []
-        prober = threading.Thread(target=lambda: probe.extend(probe_usage(server.url, key, stop)))
-        prober.start()
-        wrk = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s",
-                              str(ROOT / "bench" / "classify.lua"), f"{server.url}/v1/classify"],
-                             env={**os.environ, "BENCH_BODY": str(body), "BENCH_KEY": key},
-                             capture_output=True, text=True, check=True)
-        stop.set()
-        prober.join()
-        result = parse_wrk(wrk.stdout)
-        result.update(usage_idle_p50_ms=percentile(idle, 50), usage_idle_p99_ms=percentile(idle, 99),
-                      usage_loaded_p50_ms=percentile(probe, 50), usage_loaded_p99_ms=percentile(probe, 99))
-        return result
+        return [load(server, key, body, seconds, connections) for connections in connection_counts]
     finally:
         server.stop()
 
 
-def probe_for(url: str, key: str, seconds: float) -> list[float]:
-    stop = threading.Event()
-    threading.Timer(seconds, stop.set).start()
-    return probe_usage(url, key, stop)
+def machine() -> dict[str, str | int]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+               platform.processor())
+    isa = "AVX-512 VNNI" if "avx512_vnni" in cpuinfo else "AVX2" if "avx2" in cpuinfo else "other"
+    return {"cpu": cpu, "isa": isa, "cores": usable_cores()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=20, help="length of each server load run")
-    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--raw-seconds", type=float, default=5, help="length of each raw model measurement")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    settings = Settings()
+    threads = Settings().inference_threads
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
 
     torch.manual_seed(0)
-    resnet = torchvision.models.resnet18(weights=None).eval()  # random init: the same speed as trained weights
+    network = torchvision.models.resnet18(weights=None).eval()  # random init: the same speed as trained weights
     weights = tmp / "resnet18.pth"
-    torch.save(resnet.state_dict(), weights)
-    models = {"efficientnet_lite0": ({"MODEL_NAME": "efficientnet_lite0"}, load_efficientnet_lite0(None).network),
-              "resnet18": ({"MODEL_NAME": "resnet18", "MODEL_WEIGHTS": str(weights)}, resnet)}
+    torch.save(network.state_dict(), weights)
+    model = LoadedModel(SPECS["resnet18"], network, "file")
+
+    raw = {"torch_b1": images_per_second(TorchBackend(model, threads), 1, args.raw_seconds),
+           "torch_b8": images_per_second(TorchBackend(model, threads), 8, args.raw_seconds)}
+    fp32 = OnnxBackend(onnx_file(model, "fp32", tmp / "models"), "fp32", threads)
+    int8 = OnnxBackend(onnx_file(model, "int8", tmp / "models"), "int8", threads)
+    raw.update(ort_fp32_b1=images_per_second(fp32, 1, args.raw_seconds),
+               ort_fp32_b8=images_per_second(fp32, 8, args.raw_seconds),
+               ort_int8_b1=images_per_second(int8, 1, args.raw_seconds))
+    del fp32, int8
 
     jpeg = io.BytesIO()
     photo("chelsea.png").convert("RGB").save(jpeg, "JPEG", quality=90)
     body = tmp / "body.json"
     body.write_text(json.dumps({"image": base64.b64encode(jpeg.getvalue()).decode()}))
+    env = {"MODEL_NAME": "resnet18", "MODEL_WEIGHTS": str(weights)}
+    fp32_runs = serve(tmp / "fp32", env, body, args.seconds, [8, 32])
+    int8_runs = serve(tmp / "int8", {**env, "INFERENCE_PRECISION": "int8"}, body, args.seconds, [8])
+    runs = [{"server": "fp32", **run} for run in fp32_runs] + [{"server": "int8", **run} for run in int8_runs]
+    capacity = fp32_runs[0]["goodput_per_s"]
+    ratios = {"server_over_raw_ort_fp32_b1": capacity / raw["ort_fp32_b1"],
+              "server_over_raw_torch_b1": capacity / raw["torch_b1"],
+              "overload_goodput_over_capacity": fp32_runs[1]["goodput_per_s"] / capacity,
+              "int8_server_over_raw_ort_int8_b1": int8_runs[0]["goodput_per_s"] / raw["ort_int8_b1"]}
 
-    rows = []
-    for name, (env, network) in models.items():
-        raw = raw_images_per_second(network, seconds=5)
-        served = serve_and_load(tmp / name, env, body, args.seconds, args.connections)
-        rows.append({"model": name, "raw_torch_batch1_images_per_s": raw, **served,
-                     "server_over_raw": served["requests_per_s"] / raw})
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text()
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else "other"
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu, "isa": isa,
-              "cores": os.cpu_count(), "model_workers": settings.model_workers,
-              "torch_threads": settings.threads_per_worker, "connections": args.connections,
-              "seconds": args.seconds, "rows": rows}
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **machine(),
+              "inference_threads": threads, "seconds": args.seconds, "raw_images_per_s": raw, "server": runs,
+              "ratios": ratios}
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     (results / "latest.json").write_text(json.dumps(report, indent=2))
+    print_tables(report)
 
-    print(f"\n{report['date']}  {cpu} ({isa}), {report['cores']} cores; server: {settings.model_workers} model workers "
-          f"x {settings.threads_per_worker} torch threads; wrk {args.connections} connections, {args.seconds} s, "
-          "451x300 JPEG as base64")
-    print("| model | raw torch b1 (img/s) | server (req/s) | p50 ms | p99 ms | errors | server / raw "
-          "| /v1/usage p50 / p99 ms, idle | ... under load |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['model']} | {r['raw_torch_batch1_images_per_s']:.1f} | {r['requests_per_s']:.1f} | "
-              f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | {r['server_over_raw']:.2f} | "
-              f"{r['usage_idle_p50_ms']:.1f} / {r['usage_idle_p99_ms']:.1f} | "
-              f"{r['usage_loaded_p50_ms']:.1f} / {r['usage_loaded_p99_ms']:.1f} |")
+
+def print_tables(report: dict) -> None:
+    raw = report["raw_images_per_s"]
+    print(f"\n{report['date']}  {report['cpu']} ({report['isa']}), {report['cores']} cores, "
+          f"{report['inference_threads']} inference threads; ResNet-18; wrk {report['seconds']} s per row, "
+          "451x300 JPEG as base64\n")
+    print("| raw model (images/s) | torch b1 | torch b8 | ORT fp32 b1 | ORT fp32 b8 | ORT int8 b1 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| ResNet-18 | {raw['torch_b1']:.1f} | {raw['torch_b8']:.1f} | {raw['ort_fp32_b1']:.1f} | "
+          f"{raw['ort_fp32_b8']:.1f} | {raw['ort_int8_b1']:.1f} |\n")
+    print("| server | clients | req/s | goodput (200/s) | p50 ms | p99 ms | non-200 | /v1/usage p50 / p99 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for run in report["server"]:
+        print(f"| {run['server']} | {run['connections']} | {run['requests_per_s']:.1f} | {run['goodput_per_s']:.1f} | "
+              f"{run['p50_ms']:.0f} | {run['p99_ms']:.0f} | {run['errors']} | "
+              f"{run['usage_p50_ms']:.1f} / {run['usage_p99_ms']:.1f} |")
+    print("\n| where a request's time went (ms, mean per 200) | clients | " + " | ".join(STAGES) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in STAGES) + " |")
+    for run in report["server"]:
+        print(f"| {run['server']} | {run['connections']} | "
+              + " | ".join(f"{run['stages_ms'][stage]:.2f}" for stage in STAGES) + " |")
+    print("\n| ratio | value |\n| --- | --- |")
+    for name, value in report["ratios"].items():
+        print(f"| {name} | {value:.2f} |")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from db import make_engine, make_sessionmaker, create_tables  # noqa: E402
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 START_TIMEOUT_S = 120
+MODEL_CACHE = ROOT / ".cache" / "test-models"  # exported ONNX graphs, kept between runs like a user's cache
 ONE_MEGABYTE = 1024 * 1024
 
 
@@ -202,7 +203,8 @@ def make_key(database_url: str, rate_limit: int = 1000, window_s: int = 60, emai
 
 def server_env(tmp: Path, **settings: str) -> dict[str, str]:
     """Env for a server on its own SQLite file, running the offline model unless told otherwise."""
-    return {"DATABASE_URL": f"sqlite:///{tmp / 'classify.db'}", "MODEL_NAME": "efficientnet_lite0", **settings}
+    return {"DATABASE_URL": f"sqlite:///{tmp / 'classify.db'}", "MODEL_NAME": "efficientnet_lite0",
+            "MODEL_CACHE_DIR": str(MODEL_CACHE), **settings}
 
 
 @pytest.fixture(scope="session")

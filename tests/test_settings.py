@@ -12,7 +12,12 @@ def test_only_sqlite_urls_are_accepted_until_the_limiter_can_lock_elsewhere():
         Settings(database_url="postgresql://localhost/classify")
 
 
-def test_model_threads_share_the_cores_by_default():
-    settings = Settings(model_workers=1)
-    assert settings.threads_per_worker >= 1
-    assert Settings(model_workers=1, torch_threads=3).threads_per_worker == 3
+def test_the_queue_must_hold_the_largest_request():
+    with pytest.raises(ValidationError, match="MAX_QUEUE must be at least MAX_IMAGES_PER_REQUEST"):
+        Settings(max_queue=4, max_images_per_request=16)
+    assert Settings(max_queue=4, max_images_per_request=4).max_queue == 4
+
+
+def test_onnxruntime_is_the_default_backend_when_installed():
+    assert Settings().inference_backend == "onnxruntime"
+    assert Settings(inference_backend="torch").inference_backend == "torch"

@@ -1,0 +1,178 @@
+"""Where the forward pass runs: torch eager, or ONNX Runtime on a graph exported from the same weights.
+
+    INFERENCE_BACKEND=onnxruntime  the loaded model is exported once to ONNX (dynamic batch axis) and cached in
+                                   MODEL_CACHE_DIR under the weights' hash, so a restart loads the file instead;
+                                   if export or loading fails, torch answers instead and the log says why.
+    INFERENCE_BACKEND=torch        the torch model itself.
+    INFERENCE_PRECISION=int8       ONNX Runtime only: static int8 quantization (QDQ, per channel), calibrated on
+                                   the photos that ship with scikit-image, cached like the fp32 graph.
+
+Both take (B, 224, 224, 3) uint8 pixels and return (B, 1000) probabilities (inference.ImageToProbabilities).
+"""
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from images import decode_for_model
+from inference import LoadedModel, preprocess
+from settings import BackendName, Precision
+
+logger = logging.getLogger("classify")
+
+EXPORT_VERSION = "1"  # bump when the exported graph changes, so cached files are not reused
+MAX_EXPORTED_BATCH = 1024
+
+# Real photos (not drawings or test patterns) in scikit-image's data folder: calibration for int8, and the set
+# its agreement with fp32 is measured on.
+PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
+          "coins.png", "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg", "ihc.png",
+          "microaneurysms.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png",
+          "retina.jpg", "rocket.jpg", "text.png")
+
+
+class Backend(Protocol):
+    name: BackendName
+    precision: Precision
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """(B, 224, 224, 3) uint8 -> (B, 1000) float32 probabilities."""
+        ...
+
+
+class TorchBackend:
+    name: BackendName = "torch"
+    precision: Precision = "fp32"
+
+    def __init__(self, model: LoadedModel, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.graph = model.graph()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.graph(torch.from_numpy(x)).numpy()
+
+
+class OnnxBackend:
+    name: BackendName = "onnxruntime"
+
+    def __init__(self, path: Path, precision: Precision, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.precision = precision
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"image": x})[0]
+
+
+def load_backend(model: LoadedModel, name: BackendName, precision: Precision, threads: int,
+                 cache_dir: Path) -> Backend:
+    """The backend asked for; torch if ONNX Runtime cannot be had, with a warning that says why."""
+    if name == "torch":
+        if precision != "fp32":
+            logger.warning("INFERENCE_PRECISION=%s needs ONNX Runtime; torch runs fp32", precision)
+        return TorchBackend(model, threads)
+    try:
+        return OnnxBackend(onnx_file(model, precision, cache_dir), precision, threads)
+    except Exception:
+        logger.warning("ONNX Runtime is unavailable for %s (%s); torch answers instead", model.spec.name, precision,
+                       exc_info=True)
+        return TorchBackend(model, threads)
+
+
+def warm_up(backend: Backend, side: int, max_batch: int, passes: int = 3) -> None:
+    """The first passes of each batch size pay for allocation and kernel selection; nobody's request should."""
+    for size in sorted({1, max_batch}):
+        for _ in range(passes):
+            backend.run(np.zeros((size, side, side, 3), dtype=np.uint8))
+
+
+def onnx_file(model: LoadedModel, precision: Precision, cache_dir: Path) -> Path:
+    """The model's ONNX graph on disk, exported (and quantized) only if no earlier start left one there."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{model.spec.name}-{model.weights_digest()[:16]}-torch{torch.__version__}-v{EXPORT_VERSION}"
+    fp32_path = cache_dir / f"{stem}-fp32.onnx"
+    if not fp32_path.is_file():
+        logger.info("exporting %s to ONNX: %s", model.spec.name, fp32_path)
+        with _atomic_path(fp32_path) as partial:
+            export_onnx(model, partial)
+    if precision == "fp32":
+        return fp32_path
+    int8_path = cache_dir / f"{stem}-int8.onnx"
+    if not int8_path.is_file():
+        logger.info("quantizing %s to int8 (calibrating on %d photos): %s", model.spec.name, len(PHOTOS), int8_path)
+        with _atomic_path(int8_path) as partial:
+            quantize_int8(fp32_path, partial, model)
+    return int8_path
+
+
+def export_onnx(model: LoadedModel, path: Path) -> None:
+    example = torch.zeros((2, model.spec.crop, model.spec.crop, 3), dtype=torch.uint8)  # (B, 224, 224, 3)
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORTED_BATCH)
+    program = torch.onnx.export(model.graph(), (example,), dynamo=True, verbose=False, input_names=["image"],
+                                output_names=["probabilities"], dynamic_shapes=({0: batch},))
+    program.save(path, external_data=False)  # one self-contained file
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, model: LoadedModel) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quant_pre_process, quantize_static
+
+    class Photos(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.inputs = ({"image": x[None]} for x in calibration_inputs(model))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.inputs, None)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))  # folds and fuses first, so fewer tensors are quantized
+        # Only the arithmetic-heavy ops: the softmax stays float, so probabilities keep their precision.
+        quantize_static(str(prepared), str(int8_path), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool",
+                                              "GlobalAveragePool"])
+
+
+def photo_paths() -> list[Path]:
+    import skimage
+
+    return [Path(skimage.__file__).parent / "data" / name for name in PHOTOS]
+
+
+def photo_inputs(model: LoadedModel) -> list[np.ndarray]:
+    """Each photo as the model sees it from the API: (224, 224, 3) uint8."""
+    spec = model.spec
+    return [preprocess(decode_for_model(path.read_bytes(), 25_000_000, spec.resize, spec.crop, spec.interpolation))
+            for path in photo_paths()]
+
+
+def calibration_inputs(model: LoadedModel) -> Iterator[np.ndarray]:
+    """The photos as served, mirrored, and shifted: 84 inputs with the pixel statistics of real use."""
+    for x in photo_inputs(model):
+        yield x
+        yield x[:, ::-1].copy()
+        yield np.ascontiguousarray(np.roll(x, (16, 16), axis=(0, 1)))
+        yield np.ascontiguousarray(np.roll(x, (-16, -16), axis=(0, 1)))
+
+
+@contextmanager
+def _atomic_path(final: Path) -> Iterator[Path]:
+    """A scratch path beside `final`, renamed onto it on success: two servers starting at once never read a
+    half-written file."""
+    partial = final.with_name(f".{final.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
