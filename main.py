@@ -116,6 +116,10 @@ async def charge(request: Request, key: ApiKey, limiter: SlidingWindowLimiter, c
     started = time.perf_counter()
     decision = await limiter.hit(key.id, key.rate_limit, key.window_s, cost)
     add_timing(request, "limit", started)
+    refuse_if_full(request, key, decision, cost)
+
+
+def refuse_if_full(request: Request, key: ApiKey, decision: Decision, cost: int = 1) -> None:
     request.state.rate_limit_headers = rate_limit_headers(decision, key.window_s)  # on every answer, errors too
     if not decision.allowed:
         raise ApiError(429, "rate_limit_exceeded",
@@ -239,6 +243,8 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
     admitted); a request whose body is refused counts one. Answers carry the rate-limit headers.
     """
     deadline = time.monotonic() + settings.request_timeout_s
+    if known_full := limiter.known_full(key.id, key.rate_limit, key.window_s):
+        refuse_if_full(request, key, known_full)  # a throttled client's body is not even read
     try:
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         started = time.perf_counter()

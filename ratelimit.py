@@ -9,6 +9,7 @@ S seconds later, so no burst at a bucket boundary ever gets 2N through.
 """
 
 import math
+import time
 from typing import NamedTuple, Protocol
 
 from sqlalchemy import delete, func, insert, select
@@ -92,6 +93,22 @@ def _whole_seconds(ms: int) -> int:
 class SlidingWindowLimiter:
     def __init__(self, storage: WindowStorage) -> None:
         self.storage = storage
+        # key_id -> (limit, window_s, monotonic time a slot frees): windows this process saw full.
+        self._full_until: dict[int, tuple[int, int, float]] = {}
+
+    def known_full(self, key_id: int, limit: int, window_s: int) -> Decision | None:
+        """A refusal without asking the storage, when this process saw the window full and no hit in it has
+        expired since. Other processes' admissions can only fill it more, so it is never wrong: it lets a
+        throttled client be refused before its body is read."""
+        seen = self._full_until.get(key_id)
+        if seen is None or seen[:2] != (limit, window_s):
+            return None
+        wait_ms = (seen[2] - time.monotonic()) * 1000
+        if wait_ms <= 0:
+            del self._full_until[key_id]
+            return None
+        retry_after_s = max(1, _whole_seconds(wait_ms))
+        return Decision(False, limit, 0, retry_after_s, retry_after_s)
 
     async def hit(self, key_id: int, limit: int, window_s: int, cost: int = 1) -> Decision:
         """Admit and record `cost` requests (all or none) if the window has room; otherwise say how long to wait.
@@ -101,6 +118,9 @@ class SlidingWindowLimiter:
         assert 1 <= cost <= limit
         is_allowed, state = await self.storage.admit(key_id, limit, window_s * 1000, cost)
         if not is_allowed:
+            if cost == 1 and state.freeing_ms is not None:  # full even for one: nothing fits until a hit expires
+                frees_in_s = (state.freeing_ms + window_s * 1000 - state.now_ms) / 1000
+                self._full_until[key_id] = (limit, window_s, time.monotonic() + frees_in_s)
             return _full(limit, window_s * 1000, state)
         oldest_ms = state.now_ms if state.oldest_ms is None else state.oldest_ms  # an empty window: this one
         return _open(limit, window_s * 1000, state.now_ms, state.count + cost, oldest_ms)

@@ -63,7 +63,9 @@ def parse_wrk(output: str) -> dict[str, float]:
         value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
-    percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", output, re.MULTILINE))
+    percentiles = dict(re.findall(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+(?:us|ms|s))\s*$", output, re.MULTILINE))
+    if set(percentiles) != {"50", "99"}:
+        raise RuntimeError(f"cannot read wrk's latency percentiles from:\n{output}")
     socket_errors = re.search(r"Socket errors: (.*)", output)
     return {"requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1]),
             "p50_ms": ms(percentiles["50"]), "p99_ms": ms(percentiles["99"]),

@@ -8,7 +8,7 @@ import httpx
 
 from sqlalchemy import select
 
-from conftest import ONE_PIXEL, assert_error, make_key
+from conftest import ONE_PIXEL, assert_error, make_key, raw_http
 from db import create_tables, make_engine, write_transaction
 
 def burst(url: str, key: str, count: int) -> list[httpx.Response]:
@@ -88,6 +88,18 @@ def test_refused_requests_do_not_use_up_the_window(server):
         assert statuses_of(5) == [429] * 5
         time.sleep(max(0.0, started + 3.3 - time.monotonic()))
         assert statuses_of(3) == [200, 200, 429]
+
+
+def test_a_throttled_client_is_refused_before_its_body_is_read(server):
+    key = make_key(server.database_url, rate_limit=1, window_s=60)
+    with server.client(key) as client:
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 429
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {10 * 1024 * 1024}\r\n\r\n").encode()
+    status, _, response = raw_http(server.port, head)  # no body byte sent: the server must not wait for them
+    assert status == 429
+    assert b"Retry-After: " in response.replace(b"retry-after", b"Retry-After")
 
 
 def test_a_write_transaction_holds_the_lock_from_its_first_statement(tmp_path):
