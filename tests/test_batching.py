@@ -1,7 +1,9 @@
 """The inference engine: batches, agreeing backends, a bounded queue, deadlines, several images, and drain."""
 
 import concurrent.futures
+import json
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -137,6 +139,26 @@ def test_a_request_still_queued_past_its_deadline_gets_504(start_server, cat):
     assert sorted(row["status_code"] for row in rows) == sorted(statuses)
     with server.client(key) as client:  # the server is none the worse
         assert client.post("/v1/classify", json={"image": cat}, timeout=30).status_code in (200, 504)
+
+
+def test_a_client_that_hangs_up_while_queued_is_logged_499(start_server, cat):
+    server = start_server({"MAX_BATCH": "1"})
+    key = make_key(server.database_url)
+    body = json.dumps({"images": [cat] * 8}).encode()
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(post_all, server.url, key, [{"images": [cat] * 16}])  # keeps the model busy
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(head + body)
+            time.sleep(0.1)  # the body is in; now hang up while its images wait
+        assert busy.result()[0].status_code == 200
+    deadline = time.monotonic() + 30
+    while not (rows := log_rows(server.database_url, "status_code = 499")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert rows[0]["error_code"] == "client_closed_request"
 
 
 def test_several_images_are_answered_in_order(api, cat, coffee):
