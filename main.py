@@ -29,7 +29,7 @@ from errors import ApiError, ErrorResponse, install_error_handlers
 from images import decode_base64, decode_for_model
 from inference import LoadedModel, ModelLoadError, ModelSpec, load_model, preprocess, top_predictions
 from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
-from requestlog import RequestLogMiddleware, add_timing
+from requestlog import LogWriter, RequestLogMiddleware, add_timing
 from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ImageResult, ModelInfo, ModelList,
                      MultiClassification, Usage)
 from settings import Settings, usable_cores
@@ -63,6 +63,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
+    app.state.log_writer = LogWriter(engine)
     app.state.limiter = SlidingWindowLimiter(SqlWindowStorage(engine))
     app.state.model = model
     app.state.batcher = batcher
