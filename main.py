@@ -12,11 +12,14 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
@@ -29,9 +32,14 @@ from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
 from schemas import MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ModelInfo, ModelList, Usage
 from requestlog import RequestLogMiddleware
 from settings import Settings, usable_cores
+from uploads import MULTIPART_SCHEMA, is_multipart, parse_multipart
 from usage import read_usage
 
 logger = logging.getLogger("classify")
+
+STATIC = Path(__file__).resolve().parent / "static"
+# The page loads nothing from elsewhere; the browser is told so, and enforces it.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; frame-ancestors 'none'"}
 
 
 @asynccontextmanager
@@ -121,8 +129,6 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
-    if request.headers.get("content-type", "").lower().startswith("multipart/"):
-        raise ApiError(415, "unsupported_media_type", 'Send JSON: {"image": "<base64>", "top_k": 5}.')
     body = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
@@ -137,14 +143,18 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     return bytes(body)
 
 
-def parse_and_preprocess(body: bytes, spec: ModelSpec, max_image_pixels: int) -> tuple[ClassifyRequest, np.ndarray]:
-    """JSON -> base64 -> image -> (3, 224, 224). Milliseconds per megabyte, so it runs off the event loop."""
-    try:
-        classify_request = ClassifyRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
-    image = decode_for_model(decode_base64(classify_request.image), max_image_pixels, spec.resize, spec.crop, spec.interpolation)
-    return classify_request, preprocess(image, spec)
+def parse_and_preprocess(body: bytes, content_type: str, spec: ModelSpec, max_image_pixels: int) -> tuple[int, np.ndarray]:
+    """JSON -> base64 (or multipart) -> image -> (top_k, (3, 224, 224)). Milliseconds per megabyte: off the event loop."""
+    if is_multipart(content_type):
+        data, top_k = parse_multipart(body, content_type)
+    else:
+        try:
+            classify_request = ClassifyRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
+        data, top_k = decode_base64(classify_request.image), classify_request.top_k
+    image = decode_for_model(data, max_image_pixels, spec.resize, spec.crop, spec.interpolation)
+    return top_k, preprocess(image, spec)
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
@@ -152,7 +162,7 @@ ERRORS = {status: {"model": ErrorResponse, "description": description} for statu
     401: "No API key, or one that is malformed, unknown or revoked.",
     408: "The body did not arrive within BODY_TIMEOUT_S.",
     413: "The body is over MAX_BODY_BYTES or the image over MAX_IMAGE_PIXELS.",
-    415: "The body is multipart; send JSON.",
+    415: "The body is neither JSON nor multipart/form-data.",
     422: "A field is missing or has the wrong type or range.",
     429: "The key's rate limit is reached; Retry-After says when to retry.",
     500: "A bug: the server failed unexpectedly. The body has the usual error shape.",
@@ -166,19 +176,28 @@ router = APIRouter()
              responses={s: ERRORS[s] for s in (400, 401, 408, 413, 415, 422, 429, 500, 503)},
              # The body is read by hand, after the key and the limit are checked, so it is declared here.
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
+                 "application/json": {"schema": ClassifyRequest.model_json_schema()},
+                 "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})
 async def classify(request: Request, _: Admitted, settings: SettingsDep, classifier: ClassifierDep) -> Classification:
     """Classify one image: its `top_k` most likely ImageNet labels, most likely first.
 
-    Send `{"image": "<base64>", "top_k": 5}` with `Authorization: Bearer <key>`. Every answer carries the key's
+    Send `{"image": "<base64>", "top_k": 5}`, or multipart/form-data with the file in a `file` part and an
+    optional `top_k` part, with `Authorization: Bearer <key>`. Every answer carries the key's
     rate-limit headers; each admitted request counts against the limit, including ones answered 4xx.
     """
     body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-    classify_request, x = await asyncio.get_running_loop().run_in_executor(
-        request.app.state.decode_pool, parse_and_preprocess, body, classifier.model.spec, settings.max_image_pixels)
-    predictions, inference_ms = await classifier.classify(x, classify_request.top_k)
+    top_k, x = await asyncio.get_running_loop().run_in_executor(
+        request.app.state.decode_pool, parse_and_preprocess, body, request.headers.get("content-type", ""),
+        classifier.model.spec, settings.max_image_pixels)
+    predictions, inference_ms = await classifier.classify(x, top_k)
     return Classification(id=f"clf_{uuid.uuid4().hex}", model=classifier.model.spec.name,
                           predictions=predictions, inference_ms=round(inference_ms, 2))
+
+
+@router.get("/", include_in_schema=False)
+async def home() -> FileResponse:
+    """The web page for trying the model in a browser: static/index.html, its script and style beside it."""
+    return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
 
 @router.get("/v1/usage", response_model=Usage, tags=["usage"], responses={s: ERRORS[s] for s in (400, 401, 422, 500, 503)})
@@ -227,6 +246,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLogMiddleware)
     install_error_handlers(app)
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 
