@@ -2,7 +2,7 @@
 
     $ python client.py --url http://127.0.0.1:8000 --key sk-... classify photos/ cat.jpg [--top-k 3] [--concurrency 4] [--json]
     photos/cat.png: tiger cat 38.3%, Egyptian cat 36.7%, tabby 16.9%, lynx 1.3%, window screen 0.1%
-    photos/broken.png: FAILED 400 corrupt_image: The image data is truncated or corrupt: ...
+    photos/broken.png: FAILED 400 corrupt_image: The image could not be decoded (Truncated File Read); it may be ...
     $ python client.py usage [--json]              # the URL and key from CLASSIFY_URL and CLASSIFY_API_KEY
 
 Folders are searched recursively for images by their first bytes, not their names; files named outright are
