@@ -138,7 +138,8 @@ async def classify_files(client: AsyncClient, files: list[Path], top_k: int, con
 async def run_classify(client: AsyncClient, args: argparse.Namespace) -> int:
     files, skipped = find_images(args.paths)
     if skipped:
-        print(f"Skipped {skipped} files that are not images (by their content).", file=sys.stderr)
+        print(f"Skipped {skipped} {'file that is not an image' if skipped == 1 else 'files that are not images'} "
+              "(by their content).", file=sys.stderr)
     if not files:
         print("No image found in " + " ".join(args.paths) + ".", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS

@@ -145,7 +145,7 @@ def test_the_command_line_classifies_a_folder_within_a_tiny_limit(server, photos
     assert lines[str(photos / "cat.png")].split(" ")[0] in {label.split(" ")[0] for label in CAT_LABELS}
     assert lines[str(photos / "kitchen" / "cup")].startswith("espresso ")
     assert lines[str(photos / "broken.png")].startswith("FAILED 400 corrupt_image: ")
-    assert "Skipped 1 files that are not images" in done.stderr and "2 of 3 files classified" in done.stderr
+    assert "Skipped 1 file that is not an image" in done.stderr and "2 of 3 files classified" in done.stderr
     statuses = [row["status_code"] for row in log_rows(server.database_url, "key_id = ? AND endpoint = '/v1/classify'",
                                                         key_id(server.database_url, key))]
     assert 429 in statuses and statuses.count(200) == 2 and statuses.count(400) == 1

@@ -5,6 +5,7 @@ Locally the tests skip (saying why) when chromium or Playwright is missing; unde
 """
 
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -75,6 +76,18 @@ def send(page: Any, key: str, path: Path) -> None:
 def error_text(page: Any) -> str:
     page.wait_for_selector("#error", state="visible")
     return page.text_content("#error")
+
+
+def test_the_page_and_its_files_are_served_with_a_policy_that_keeps_them_local(server):
+    """No browser needed: this one runs everywhere."""
+    with server.client() as client:
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+        linked = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert linked and all(url.startswith("/static/") for url in linked), linked
+        assert all(client.get(url).status_code == 200 for url in linked)
+        assert "/" not in client.get("/openapi.json").json()["paths"]  # a page, not part of the API
 
 
 def test_a_cat_photo_shows_cat_labels_then_a_wrong_key_shows_why(page, server, tmp_path):
