@@ -62,7 +62,7 @@ class FormCollector:
     """The parser's callbacks: keeps `file` and `top_k`, refuses anything else as soon as its name is known."""
 
     def __init__(self) -> None:
-        self.values: dict[str, bytearray] = {}
+        self.values: dict[str, list[bytes]] = {}  # chunks: a file that arrives whole is never copied again
         self.parts = 0
         self.is_complete = False
         self.header_name = bytearray()
@@ -92,7 +92,7 @@ class FormCollector:
             if name in self.values:
                 raise invalid(f"`{name}` is sent twice: send one image per request")
             self.current = name
-            self.values[name] = bytearray()
+            self.values[name] = []
         self.header_name.clear()
         self.header_value.clear()
 
@@ -102,9 +102,9 @@ class FormCollector:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         assert self.current is not None
-        value = self.values[self.current]
-        value += data[start:end]
-        if self.current == "top_k" and len(value) > MAX_TOP_K_BYTES:
+        chunks = self.values[self.current]
+        chunks.append(data[start:end])
+        if self.current == "top_k" and sum(map(len, chunks)) > MAX_TOP_K_BYTES:
             raise invalid(f"`top_k` must be a whole number from 1 to {MAX_TOP_K}")
 
     def on_end(self) -> None:
@@ -131,14 +131,14 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, int]:
                                                  "(`--boundary--`): send the whole body.")
     if "file" not in form.values:
         raise invalid("the `file` part is missing: send the image as a form field named `file`")
-    if not form.values["file"]:
+    image = b"".join(form.values["file"])
+    if not image:
         raise ApiError(400, "empty_image", "The `file` part is empty: attach the image file's bytes.")
-    return bytes(form.values["file"]), parse_top_k(form.values.get("top_k"))
+    top_k = form.values.get("top_k")
+    return image, DEFAULT_TOP_K if top_k is None else parse_top_k(b"".join(top_k))
 
 
-def parse_top_k(raw: bytearray | None) -> int:
-    if raw is None:
-        return DEFAULT_TOP_K
+def parse_top_k(raw: bytes) -> int:
     text = raw.decode("ascii", errors="replace").strip()
     if not text.isdigit() or not 1 <= int(text) <= MAX_TOP_K:
         raise invalid(f"`top_k` must be a whole number from 1 to {MAX_TOP_K}, not {text[:20]!r}")
