@@ -21,7 +21,7 @@ Exceptions:
         ├── InvalidRequest       400, 404, 408, 413, 415, 422...: fix the request, as .message says
         ├── AuthenticationError  401: the key is missing, unknown or revoked
         ├── RateLimited          429 after the retries; .retry_after_s
-        └── ServerError          5xx after the retries
+        └── ServerError          5xx: 500 at once (a bug), 502/503/504 after the retries
 
 The command line lives in client_cli.py (its exit codes are listed there); `python client.py` runs it.
 """
@@ -47,38 +47,42 @@ DEFAULT_MAX_BACKOFF_S = 20.0
 DEFAULT_MAX_RETRY_AFTER_S = 120.0  # a server asking for a longer wait gets its error raised instead
 DEFAULT_TOP_K = 5
 RETRIED_STATUSES = {429, 502, 503, 504}
+# Classifying is idempotent, so a request that may have reached the server is sent again too; at worst the
+# key's window counts it twice.
 RETRIED_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 Image = str | os.PathLike[str] | bytes
 
 
 class ClientError(Exception):
-    pass
+    """Anything this module raises."""
 
 
 class ServerUnreachable(ClientError):
-    pass
+    """No answer: the connection was refused, reset or timed out, after the retries."""
 
 
 class ResponseError(ClientError):
+    """An error answer, with its status and the `code` and `message` of the server's error body."""
+
     def __init__(self, status_code: int, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{status_code} {code}: {message}")
         self.status_code, self.code, self.message, self.retry_after_s = status_code, code, message, retry_after_s
 
 
 class InvalidRequest(ResponseError):
-    pass
+    """A 4xx other than 401 and 429: the request must change, as `.message` says."""
 
 
 class AuthenticationError(ResponseError):
-    pass
+    """401: the key is missing, unknown or revoked."""
 
 
 class RateLimited(ResponseError):
-    pass
+    """429 after the retries, or with a wait over max_retry_after_s: see `.retry_after_s`."""
 
 
 class ServerError(ResponseError):
-    pass
+    """5xx: a server bug (500, not retried), or 502/503/504 after the retries."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ def retry_after_s(value: str | None) -> float | None:
     """Retry-After as seconds: a number of seconds or an HTTP date (RFC 9110); None if absent or unreadable."""
     if value is None:
         return None
-    if value.strip().isdigit():
+    if value.strip().isascii() and value.strip().isdigit():
         return float(value)
     try:
         return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
