@@ -181,7 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python client.py", description="Classify images with the API.")
     parser.add_argument("--url", help=f"the server (default: CLASSIFY_URL, else {DEFAULT_URL})")
     parser.add_argument("--key", help="your API key (default: CLASSIFY_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer (default 60)")
+    parser.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for each answer (default 60)")
     parser.add_argument("--max-attempts", type=int_between(1, 100), default=DEFAULT_MAX_ATTEMPTS,
                         help="tries per request, retries included (default 5)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -201,11 +201,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def int_between(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        if not text.strip().isdigit() or not low <= int(text) <= high:
+        if not (text.strip().isascii() and text.strip().isdigit()) or not low <= int(text) <= high:
             raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}")
         return int(text)
 
     return parse
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a number of seconds above 0")
+    return value
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -234,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted.", file=sys.stderr)
         return 130
-
 
 
 if __name__ == "__main__":
