@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import CAT_LABELS, ROOT, Server, make_key, photo_path
+from conftest import CAT_LABELS, ROOT, Server, b64, make_key, photo_path
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 WRONG_KEY = "sk-" + "A" * 43  # well formed, but no such key
@@ -124,10 +124,20 @@ def test_a_used_up_key_says_how_long_to_wait_and_a_text_file_is_not_an_image(pag
     assert any(word.isdigit() and int(word) > 500 for word in message.split()), message  # the window's wait
 
 
-def test_the_key_is_kept_only_when_the_box_is_ticked(page, server):
+DROP_FILE = """([base64, name]) => {
+    const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+    const dropped = new DataTransfer();
+    dropped.items.add(new File([bytes], name, {type: "image/png"}));
+    document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dropped, bubbles: true}));
+}"""
+
+
+def test_a_dropped_image_is_classified_and_the_key_kept_only_when_the_box_is_ticked(page, server):
     key = new_key(server)
-    send(page, key, photo_path("coffee.png"))
+    page.fill("#key", key)
+    page.evaluate(DROP_FILE, [b64(photo_path("coffee.png").read_bytes()), "coffee.png"])
     page.wait_for_selector("#result", state="visible")
+    assert page.locator("#predictions .name").first.text_content() == "espresso"
     assert page.evaluate("Object.keys(localStorage).length") == 0
     page.check("#remember")
     assert page.evaluate("localStorage.getItem('classify.apiKey')") == key
