@@ -1,12 +1,13 @@
 # make run: install, create the database and a first key (printed once), serve on 127.0.0.1:8000.
 # make test: install, then the whole test suite.
+# make screenshot: docs/screenshot.png, taken by the web page's browser test (needs chromium).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench clean screenshot
 
 run: $(VENV)/.installed
 	$(BIN)/python cli.py init
@@ -32,3 +33,6 @@ clean:
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/bench.py
+
+screenshot: $(VENV)/.installed-dev
+	SCREENSHOT_TO=docs/screenshot.png $(BIN)/python -m pytest -q tests/test_web_page.py -k cat_photo

@@ -2,11 +2,19 @@
 
     $ python cli.py init                                   # create the tables; the first key, if there is none
     $ python cli.py create-key --email ada@example.com --rate-limit 100 --window 60
-    $ python cli.py list-keys [--json]
+    $ python cli.py list-keys [--json]                     # prefix, email, limit, window, created, last used, revoked
+    $ python cli.py set-limit sk-Qm3xTz8b --rate-limit 500 [--window 60]
+    $ python cli.py rotate-key sk-Qm3xTz8b                 # a new key, same owner and limit; the old one revoked
     $ python cli.py revoke-key sk-Qm3xTz8b                 # the whole key, or a prefix of it
 
-A new key is printed once, alone on the last line of stdout. Exit codes: 0 done, 1 no such key or an
-ambiguous prefix, 2 bad arguments, 3 the database is busy or unreachable.
+Commands that take a key take the whole key or a prefix of it as list-keys shows it (`sk-` and up to 8 more
+characters). A new key is printed once, alone on the last line of stdout; messages about failures go to stderr.
+
+Exit codes, for scripts:
+    0  done
+    1  no key matches, the prefix matches several keys, or rotate-key was given a revoked key
+    2  bad arguments (argparse's own code)
+    3  the database is busy or unreachable; try again
 """
 
 import argparse
@@ -20,12 +28,34 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth import KEY_PATTERN, PREFIX_LENGTH, create_key, find_keys
-from db import ApiKey, create_tables, make_engine, make_sessionmaker, now_ms
+from db import ApiKey, RequestLog, create_tables, make_engine, make_sessionmaker, now_ms
 from settings import Settings
+
+EXIT_WRONG_KEY = 1
+EXIT_DATABASE_UNAVAILABLE = 3
+
+
+class WrongKey(Exception):
+    """The key given matches no key, several keys, or one that cannot be used for this command: exit 1."""
 
 
 def iso_time(ms: int | None) -> str | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")
+
+
+def table_time(ms: int | None) -> str:
+    return "-" if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+async def find_one_key(session: AsyncSession, key_or_prefix: str) -> ApiKey:
+    if len(key_or_prefix) > PREFIX_LENGTH and not KEY_PATTERN.fullmatch(key_or_prefix):
+        raise WrongKey(f"{key_or_prefix!r} is neither a whole key nor a prefix: a prefix has at most {PREFIX_LENGTH} "
+                       "characters, as list-keys shows them.")
+    matches = await find_keys(session, key_or_prefix)
+    if len(matches) != 1:
+        problem = "No key matches" if not matches else f"{len(matches)} keys match"
+        raise WrongKey(f"{problem} {key_or_prefix!r}; give the whole key or a longer prefix (python cli.py list-keys).")
+    return matches[0]
 
 
 async def cmd_init(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
@@ -48,36 +78,60 @@ async def create_and_show_key(session: AsyncSession, email: str, rate_limit: int
     key, api_key = await create_key(session, email, rate_limit, window_s)
     await session.commit()  # before the key is shown: a key printed must be a key that works
     print(f"Created key {api_key.prefix}... for {email}: {rate_limit} requests per {window_s} s.")
+    show_once(key)
+
+
+def show_once(key: str) -> None:
     print("It is shown only this once; keep it:")
     print(key)
 
 
 async def cmd_list_keys(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
-    keys = (await session.scalars(select(ApiKey).order_by(ApiKey.id))).all()
+    # The latest request-log row per key, in the same query: the (key_id, created_at_ms) index answers each MAX.
+    last_used = select(func.max(RequestLog.created_at_ms)).where(RequestLog.key_id == ApiKey.id).scalar_subquery()
+    keys = (await session.execute(select(ApiKey, last_used).order_by(ApiKey.id))).all()
     rows = [{"prefix": k.prefix, "email": k.email, "rate_limit": k.rate_limit, "window_s": k.window_s,
-             "created": iso_time(k.created_at_ms), "revoked": iso_time(k.revoked_at_ms)} for k in keys]
+             "created": iso_time(k.created_at_ms), "last_used": iso_time(used_ms), "revoked": iso_time(k.revoked_at_ms)}
+            for k, used_ms in keys]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'PREFIX':<13} {'EMAIL':<30} {'LIMIT':>12}  {'CREATED':<25} REVOKED")
-    for row in rows:
-        limit = f"{row['rate_limit']}/{row['window_s']}s"
-        print(f"{row['prefix']:<13} {row['email']:<30} {limit:>12}  {row['created']:<25} {row['revoked'] or '-'}")
+    email_width = max([len("EMAIL"), *(len(k.email) for k, _ in keys)])
+    print(f"{'PREFIX':<12} {'EMAIL':<{email_width}} {'LIMIT':>7} {'WINDOW':>7}  {'CREATED (UTC)':<16}  {'LAST USED':<16}  REVOKED")
+    for k, used_ms in keys:
+        print(f"{k.prefix:<12} {k.email:<{email_width}} {k.rate_limit:>7} {str(k.window_s) + 's':>7}  "
+              f"{table_time(k.created_at_ms):<16}  {table_time(used_ms):<16}  {table_time(k.revoked_at_ms)}")
+    return 0
+
+
+async def cmd_set_limit(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
+    api_key = await find_one_key(session, args.key)
+    before = f"{api_key.rate_limit} per {api_key.window_s} s"
+    api_key.rate_limit = args.rate_limit
+    api_key.window_s = args.window or api_key.window_s
+    await session.commit()
+    revoked = " It is revoked, so this matters only if it is ever revived." if api_key.revoked_at_ms else ""
+    print(f"{api_key.prefix}... ({api_key.email}) may now make {api_key.rate_limit} requests per {api_key.window_s} s "
+          f"(was {before}), from its next request.{revoked}")
+    return 0
+
+
+async def cmd_rotate_key(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
+    old = await find_one_key(session, args.key)
+    if old.revoked_at_ms is not None:
+        raise WrongKey(f"{old.prefix}... was revoked at {iso_time(old.revoked_at_ms)}; "
+                       "make a new key with create-key instead.")
+    key, new = await create_key(session, old.email, old.rate_limit, old.window_s)
+    old.revoked_at_ms = now_ms()
+    await session.commit()  # both at once: the old key stops working exactly when the new one exists
+    print(f"Revoked {old.prefix}... ({old.email}); its replacement {new.prefix}... has the same owner and limit "
+          f"({new.rate_limit} requests per {new.window_s} s) and starts with an empty window.")
+    show_once(key)
     return 0
 
 
 async def cmd_revoke_key(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
-    if len(args.key) > PREFIX_LENGTH and not KEY_PATTERN.fullmatch(args.key):
-        print(f"{args.key!r} is neither a whole key nor a prefix: a prefix has at most {PREFIX_LENGTH} characters, "
-              "as list-keys shows them.", file=sys.stderr)
-        return 1
-    matches = await find_keys(session, args.key)
-    if len(matches) != 1:
-        problem = "No key matches" if not matches else f"{len(matches)} keys match"
-        print(f"{problem} {args.key!r}; give the whole key or a longer prefix (python cli.py list-keys).",
-              file=sys.stderr)
-        return 1
-    api_key = matches[0]
+    api_key = await find_one_key(session, args.key)
     if api_key.revoked_at_ms is None:
         api_key.revoked_at_ms = now_ms()
         await session.commit()
@@ -97,6 +151,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     listing = commands.add_parser("list-keys", help="show every key's prefix, owner, limit and state")
     listing.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     listing.set_defaults(run=cmd_list_keys)
+    set_limit = commands.add_parser("set-limit", help="change a key's rate limit (and window), from its next request")
+    set_limit.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
+    set_limit.add_argument("--rate-limit", type=positive_int, required=True, help="requests per window")
+    set_limit.add_argument("--window", type=positive_int, help="window in seconds (default: unchanged)")
+    set_limit.set_defaults(run=cmd_set_limit)
+    rotate = commands.add_parser("rotate-key", help="replace a key: a new one printed once, the old one revoked")
+    rotate.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
+    rotate.set_defaults(run=cmd_rotate_key)
     revoke = commands.add_parser("revoke-key", help="stop a key working at once")
     revoke.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
     revoke.set_defaults(run=cmd_revoke_key)
@@ -127,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return asyncio.run(run(args, Settings()))
+    except WrongKey as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_WRONG_KEY
     except OperationalError as exc:
         print(f"The database is busy or unreachable ({exc.orig}); try again.", file=sys.stderr)
-        return 3
+        return EXIT_DATABASE_UNAVAILABLE
 
 
 if __name__ == "__main__":

@@ -13,11 +13,15 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
@@ -33,9 +37,14 @@ from requestlog import LogWriter, RequestLogMiddleware, add_timing
 from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ImageResult, ModelInfo, ModelList,
                      MultiClassification, Usage)
 from settings import Settings, usable_cores
+from uploads import MULTIPART_SCHEMA, is_multipart, parse_multipart
 from usage import read_usage
 
 logger = logging.getLogger("classify")
+
+STATIC = Path(__file__).resolve().parent / "static"
+# The page loads nothing from elsewhere; the browser is told so, and enforces it.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; frame-ancestors 'none'"}
 
 
 @asynccontextmanager
@@ -137,8 +146,6 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
-    if request.headers.get("content-type", "").lower().startswith("multipart/"):
-        raise ApiError(415, "unsupported_media_type", 'Send JSON: {"image": "<base64>", "top_k": 5}.')
     body = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
@@ -153,12 +160,23 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     return bytes(body)
 
 
-def parse_classify_request(body: bytes) -> ClassifyRequest:
-    """The JSON body, validated; 422 in FastAPI's shape if it is not a ClassifyRequest."""
+@dataclass
+class ImagesToClassify:
+    sources: list[str | bytes]  # base64 text from JSON, or a multipart file's bytes
+    top_k: int
+    is_list: bool  # sent as "images": answered as a list, and errors name the image
+
+
+def parse_classify_request(body: bytes, content_type: str) -> ImagesToClassify:
+    """The JSON (or multipart) body, validated; 422 in FastAPI's shape if it is not a ClassifyRequest."""
+    if is_multipart(content_type):
+        data, top_k = parse_multipart(body, content_type)
+        return ImagesToClassify([data], top_k, is_list=False)
     try:
-        return ClassifyRequest.model_validate_json(body)
+        classify_request = ClassifyRequest.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
+    return ImagesToClassify(classify_request.all_images, classify_request.top_k, is_list=classify_request.images is not None)
 
 
 def check_image_count(count: int, key: ApiKey, settings: Settings) -> None:
@@ -170,24 +188,24 @@ def check_image_count(count: int, key: ApiKey, settings: Settings) -> None:
                                                f"{key.rate_limit} per {key.window_s} s; send at most {key.rate_limit}.")
 
 
-def image_array(text: str, index: int | None, spec: ModelSpec, max_image_pixels: int) -> np.ndarray:
-    """base64 -> (224, 224, 3) uint8. Milliseconds per megabyte, so it runs off the event loop."""
+def image_array(source: str | bytes, index: int | None, spec: ModelSpec, max_image_pixels: int) -> np.ndarray:
+    """base64 (or the file's bytes) -> (224, 224, 3) uint8. Milliseconds per megabyte: off the event loop."""
     try:
-        return preprocess(decode_for_model(decode_base64(text), max_image_pixels, spec.resize, spec.crop, spec.interpolation))
+        data = decode_base64(source) if isinstance(source, str) else source
+        return preprocess(decode_for_model(data, max_image_pixels, spec.resize, spec.crop, spec.interpolation))
     except ApiError as exc:
         if index is not None:
             exc.message = f"images[{index}]: {exc.message}"
         raise
 
 
-async def decode_images(request: Request, classify_request: ClassifyRequest, spec: ModelSpec,
+async def decode_images(request: Request, to_classify: ImagesToClassify, spec: ModelSpec,
                         max_image_pixels: int) -> list[np.ndarray]:
     """All of a request's images at once, one decoding thread each; errors name the image in a list."""
     loop, pool = asyncio.get_running_loop(), request.app.state.decode_pool
-    if classify_request.image is not None:
-        return [await loop.run_in_executor(pool, image_array, classify_request.image, None, spec, max_image_pixels)]
-    return list(await asyncio.gather(*(loop.run_in_executor(pool, image_array, text, index, spec, max_image_pixels)
-                                       for index, text in enumerate(classify_request.all_images))))
+    indexes = range(len(to_classify.sources)) if to_classify.is_list else [None]
+    return list(await asyncio.gather(*(loop.run_in_executor(pool, image_array, source, index, spec, max_image_pixels)
+                                       for index, source in zip(indexes, to_classify.sources))))
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -219,7 +237,7 @@ ERRORS = {status: {"model": ErrorResponse, "description": description} for statu
     401: "No API key, or one that is malformed, unknown or revoked.",
     408: "The body did not arrive within BODY_TIMEOUT_S.",
     413: "The body is over MAX_BODY_BYTES or the image over MAX_IMAGE_PIXELS.",
-    415: "The body is multipart; send JSON.",
+    415: "The body is neither JSON nor multipart/form-data.",
     422: "A field is missing or has the wrong type or range, or there are too many images.",
     429: "The key's rate limit is reached; Retry-After says when to retry.",
     500: "A bug: the server failed unexpectedly. The body has the usual error shape.",
@@ -234,12 +252,14 @@ router = APIRouter()
              responses={s: ERRORS[s] for s in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)},
              # The body is read by hand, after the key is checked, so it is declared here.
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
+                 "application/json": {"schema": ClassifyRequest.model_json_schema()},
+                 "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})
 async def classify(request: Request, response: Response, key: CurrentKey, settings: SettingsDep, limiter: LimiterDep,
                    batcher: BatcherDep, model: ModelDep) -> Classification | MultiClassification:
     """Classify images: each one's `top_k` most likely ImageNet labels, most likely first.
 
-    Send `{"image": "<base64>", "top_k": 5}`, or `{"images": ["<base64>", ...]}` for several, with
+    Send `{"image": "<base64>", "top_k": 5}`, or `{"images": ["<base64>", ...]}` for several, or
+    multipart/form-data with the file in a `file` part and an optional `top_k` part, with
     `Authorization: Bearer <key>`. Each image counts one request against the key's rate limit (all or none are
     admitted); a request whose body is refused counts one. Answers carry the rate-limit headers.
     """
@@ -249,19 +269,19 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
     try:
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         started = time.perf_counter()
-        classify_request = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.decode_pool, parse_classify_request, body)
+        to_classify = await asyncio.get_running_loop().run_in_executor(
+            request.app.state.decode_pool, parse_classify_request, body, request.headers.get("content-type", ""))
         add_timing(request, "parse", started)
-        check_image_count(len(classify_request.all_images), key, settings)
+        check_image_count(len(to_classify.sources), key, settings)
     except (ApiError, RequestValidationError):
         await charge(request, key, limiter, 1)
         raise
-    count = len(classify_request.all_images)
+    count = len(to_classify.sources)
     try:
         with batcher.reserve(count):  # before charging: a full server refuses without using up the limit
             await charge(request, key, limiter, count)
             started = time.perf_counter()
-            images = await decode_images(request, classify_request, model.spec, settings.max_image_pixels)
+            images = await decode_images(request, to_classify, model.spec, settings.max_image_pixels)
             add_timing(request, "decode", started)
             answers = await infer(request, batcher, images, deadline)
     except Overloaded:
@@ -270,12 +290,18 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
     response.headers.update(request.state.rate_limit_headers)
     request.state.timings["queue"] = max(answer.queue_ms for answer in answers)
     request.state.timings["model"] = max(answer.model_ms for answer in answers)
-    results = [ImageResult(predictions=top_predictions(answer.probabilities, model.spec.labels, classify_request.top_k),
+    results = [ImageResult(predictions=top_predictions(answer.probabilities, model.spec.labels, to_classify.top_k),
                            inference_ms=round(answer.model_ms, 2), batch_size=answer.batch_size) for answer in answers]
     response_id = f"clf_{uuid.uuid4().hex}"
-    if classify_request.image is not None:
-        return Classification(id=response_id, model=model.spec.name, **results[0].model_dump())
-    return MultiClassification(id=response_id, model=model.spec.name, results=results)
+    if to_classify.is_list:
+        return MultiClassification(id=response_id, model=model.spec.name, results=results)
+    return Classification(id=response_id, model=model.spec.name, **results[0].model_dump())
+
+
+@router.get("/", include_in_schema=False)
+async def home() -> FileResponse:
+    """The web page for trying the model in a browser: static/index.html, its script and style beside it."""
+    return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
 
 @router.get("/v1/usage", response_model=Usage, tags=["usage"], responses={s: ERRORS[s] for s in (400, 401, 422, 500, 503)})
@@ -325,6 +351,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLogMiddleware)
     install_error_handlers(app)
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
 

@@ -30,6 +30,7 @@ from auth import create_key, hash_key  # noqa: E402
 from db import make_engine, make_sessionmaker, create_tables  # noqa: E402
 
 PHOTOS = Path(skimage.__file__).parent / "data"
+CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}  # ImageNet's cats
 START_TIMEOUT_S = 120
 MODEL_CACHE = ROOT / ".cache" / "test-models"  # exported ONNX graphs, kept between runs like a user's cache
 ONE_MEGABYTE = 1024 * 1024

@@ -118,11 +118,6 @@ def test_pixel_limit_is_checked_from_the_header(start_server):
         assert "MAX_IMAGE_PIXELS" in error["message"]
 
 
-def test_multipart_is_refused_with_415(api):
-    response = api.post("/v1/classify", files={"file": ("cat.jpg", cat_jpeg(), "image/jpeg")})
-    assert_error(response, 415, "unsupported_media_type")
-
-
 def test_declared_oversized_body_is_413_before_it_is_sent(server, key):
     head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {64 * ONE_MEGABYTE}\r\n\r\n").encode()

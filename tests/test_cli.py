@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from auth import KEY_PATTERN as KEY
-from conftest import ROOT, b64, photo_path
+from cli import iso_time
+from conftest import ROOT, b64, log_rows, photo_path
 
 
 def cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -39,12 +40,15 @@ def test_create_key_prints_the_key_last_and_list_keys_never_shows_it(database_ur
     cli(database_url, "create-key", "--email", "bob@example.com", DEFAULT_RATE_LIMIT="11", DEFAULT_WINDOW_S="5")
     table = cli(database_url, "list-keys")
     assert table.returncode == 0
-    assert key[:11] in table.stdout and "ada@example.com" in table.stdout and "7/30s" in table.stdout
-    assert "11/5s" in table.stdout
+    header, ada, bob = table.stdout.splitlines()
+    assert header.split() == ["PREFIX", "EMAIL", "LIMIT", "WINDOW", "CREATED", "(UTC)", "LAST", "USED", "REVOKED"]
+    assert ada.split()[:4] == [key[:11], "ada@example.com", "7", "30s"] and ada.split()[-2:] == ["-", "-"]
+    assert bob.split()[2:4] == ["11", "5s"]
     assert key not in table.stdout and key[11:] not in table.stdout
     rows = json.loads(cli(database_url, "list-keys", "--json").stdout)
-    assert [(r["email"], r["rate_limit"], r["window_s"], r["revoked"]) for r in rows] == [
-        ("ada@example.com", 7, 30, None), ("bob@example.com", 11, 5, None)]
+    assert [(r["email"], r["rate_limit"], r["window_s"], r["last_used"], r["revoked"]) for r in rows] == [
+        ("ada@example.com", 7, 30, None, None), ("bob@example.com", 11, 5, None, None)]
+    assert set(rows[0]) == {"prefix", "email", "rate_limit", "window_s", "created", "last_used", "revoked"}
 
 
 def test_revoke_by_prefix_or_key_and_clear_failures(database_url):
@@ -63,7 +67,9 @@ def test_revoke_by_prefix_or_key_and_clear_failures(database_url):
 
 
 @pytest.mark.parametrize("args", [["create-key"], ["create-key", "--email", "x@y.z", "--rate-limit", "0"],
-                                  ["create-key", "--email", "x@y.z", "--window", "soon"], ["fly"], []])
+                                  ["create-key", "--email", "x@y.z", "--window", "soon"], ["fly"], [],
+                                  ["set-limit", "sk-"], ["set-limit", "sk-", "--rate-limit", "-3"],
+                                  ["set-limit", "sk-", "--rate-limit", "5", "--window", "0"], ["rotate-key"]])
 def test_bad_arguments_exit_2(database_url, args):
     assert cli(database_url, *args).returncode == 2
 
@@ -102,3 +108,71 @@ def test_revoking_while_the_server_writes_waits_for_its_turn(database_url):
         writer.join()
     assert [r.returncode for r in revokes] == [0] * 5, [r.stderr for r in revokes]
     assert all(row["revoked"] for row in json.loads(cli(database_url, "list-keys", "--json").stdout))
+
+
+def new_key(database_url: str, email: str = "a@example.com", *options: str) -> str:
+    made = cli(database_url, "create-key", "--email", email, *options)
+    assert made.returncode == 0, made.stderr
+    return made.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", [["set-limit", "--rate-limit", "5"], ["rotate-key"], ["revoke-key"]])
+def test_commands_that_take_a_key_refuse_unknown_and_ambiguous_ones_with_exit_1(database_url, command):
+    first = new_key(database_url, "a@example.com")
+    new_key(database_url, "b@example.com")
+    name, *options = command
+    for given, words in [("sk-", "2 keys match"), ("sk-" + "Z" * 43, "No key matches"), ("sk-ZZZZZZZZ", "No key matches"),
+                         (first[:15], "at most 11 characters")]:
+        failed = cli(database_url, name, given, *options)
+        assert failed.returncode == 1 and words in failed.stderr and not failed.stdout, (given, failed.stderr)
+    rows = json.loads(cli(database_url, "list-keys", "--json").stdout)
+    assert [(r["rate_limit"], r["revoked"]) for r in rows] == [(60, None), (60, None)]  # nothing changed
+
+
+def test_list_keys_shows_when_each_key_was_last_used(server):
+    used = new_key(server.database_url, "used@example.com")
+    idle = new_key(server.database_url, "idle@example.com")
+    with server.client(used) as client:
+        assert client.get("/v1/models").status_code == 200
+        assert client.post("/v1/classify", json={"image": "aGk="}).status_code == 400  # failures count as use too
+    rows = {r["prefix"]: r for r in json.loads(cli(server.database_url, "list-keys", "--json").stdout)}
+    last = log_rows(server.database_url, "key_id = (SELECT id FROM api_keys WHERE prefix = ?)", used[:11])[-1]
+    assert rows[used[:11]]["last_used"] == iso_time(last["created_at_ms"])
+    assert rows[idle[:11]]["last_used"] is None
+    table = cli(server.database_url, "list-keys").stdout
+    line = next(line for line in table.splitlines() if line.startswith(used[:11]))
+    assert line.split()[-2:] == [iso_time(last["created_at_ms"])[11:16], "-"]  # last used hh:mm; not revoked
+
+
+def test_set_limit_applies_from_the_next_request(server):
+    key = new_key(server.database_url, "grow@example.com", "--rate-limit", "1", "--window", "600")
+    with server.client(key) as client:
+        image = {"image": b64(photo_path("coffee.png").read_bytes())}
+        assert client.post("/v1/classify", json=image).status_code == 200
+        assert client.post("/v1/classify", json=image).status_code == 429
+        changed = cli(server.database_url, "set-limit", key[:11], "--rate-limit", "3")
+        assert changed.returncode == 0, changed.stderr
+        assert "3 requests per 600 s (was 1 per 600 s)" in changed.stdout
+        allowed = client.post("/v1/classify", json=image)
+        assert allowed.status_code == 200 and allowed.headers["X-RateLimit-Limit"] == "3"
+    assert cli(server.database_url, "set-limit", key, "--rate-limit", "9", "--window", "30").returncode == 0
+    row = next(r for r in json.loads(cli(server.database_url, "list-keys", "--json").stdout) if r["prefix"] == key[:11])
+    assert (row["rate_limit"], row["window_s"]) == (9, 30)
+
+
+def test_rotate_key_replaces_a_key_with_the_same_owner_and_limit(server):
+    old = new_key(server.database_url, "turn@example.com", "--rate-limit", "17", "--window", "45")
+    rotated = cli(server.database_url, "rotate-key", old[:11])
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.splitlines()[-1]
+    assert KEY.fullmatch(new) and new != old and old not in rotated.stdout
+    with server.client(old) as client:
+        assert client.get("/v1/models").json()["error"]["code"] == "revoked_api_key"
+    with server.client(new) as client:
+        assert client.get("/v1/models").status_code == 200
+    rows = {r["prefix"]: r for r in json.loads(cli(server.database_url, "list-keys", "--json").stdout)}
+    assert rows[old[:11]]["revoked"] and rows[new[:11]]["revoked"] is None
+    assert [(rows[k[:11]]["email"], rows[k[:11]]["rate_limit"], rows[k[:11]]["window_s"]) for k in (old, new)] == [
+        ("turn@example.com", 17, 45)] * 2
+    again = cli(server.database_url, "rotate-key", old)
+    assert again.returncode == 1 and "was revoked" in again.stderr and not again.stdout

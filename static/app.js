@@ -1,0 +1,110 @@
+// The page's only script: sends the picked image to /v1/classify (multipart) and shows the answer.
+// The key stays in this tab unless "Remember" is ticked; then, and only then, it is kept in localStorage.
+"use strict";
+
+const STORAGE_KEY = "classify.apiKey";
+const TOP_K = 5;
+const $ = (id) => document.getElementById(id);
+
+function plainError(status, body, headers) {
+  const code = body && body.error ? body.error.code : "";
+  const serverMessage = body && body.error ? body.error.message : "";
+  if (status === 401 && code === "revoked_api_key") return "This API key has been revoked. Use another key.";
+  if (status === 401) return "This API key was not accepted. Check that you pasted all of it (it starts with sk-), or ask for a new one.";
+  if (status === 429) {
+    const wait = headers.get("Retry-After") || "a few";
+    return `Too many requests with this key. Wait ${wait} seconds, then try again.`;
+  }
+  if (["not_an_image", "corrupt_image", "empty_image"].includes(code)) {
+    return "That file is not an image the server can read. Try a JPEG, PNG, GIF, WEBP, BMP or TIFF file. (" + serverMessage + ")";
+  }
+  if (status === 413) return "That image is too large. " + serverMessage;
+  if (status >= 500) return "The server had a problem (" + status + "). Try again in a moment.";
+  return serverMessage || `The server answered ${status}.`;
+}
+
+function showQuota(headers) {
+  const limit = headers.get("X-RateLimit-Limit");
+  const remaining = headers.get("X-RateLimit-Remaining");
+  const reset = headers.get("X-RateLimit-Reset");
+  if (limit === null || remaining === null) return;
+  $("quota").textContent = `Quota: ${remaining} of ${limit} requests left in this window` +
+    (reset && reset !== "0" ? `; the next one frees up in ${reset} s.` : ".");
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+  $("result").hidden = true;
+}
+
+function showPredictions(answer, roundTripMs) {
+  const list = $("predictions");
+  list.replaceChildren();
+  for (const prediction of answer.predictions) {
+    const percent = (prediction.confidence * 100).toFixed(1);
+    const item = document.createElement("li");
+    item.innerHTML = '<div class="label"><span class="name"></span><span class="percent"></span></div>' +
+                     '<div class="bar"><span></span></div>';
+    item.querySelector(".name").textContent = prediction.label;  // textContent: labels are never parsed as HTML
+    item.querySelector(".percent").textContent = percent + " %";
+    item.querySelector(".bar span").style.width = percent + "%";
+    list.append(item);
+  }
+  $("meta").textContent = `Model ${answer.model}: ${answer.inference_ms.toFixed(1)} ms in the model, ` +
+                          `${Math.round(roundTripMs)} ms round trip.`;
+  $("error").hidden = true;
+  $("result").hidden = false;
+}
+
+async function classify(file) {
+  const key = $("key").value.trim();
+  if (!key) return showError("Paste your API key first: it starts with sk-.");
+  rememberKey();
+  if ($("preview").src) URL.revokeObjectURL($("preview").src);
+  $("preview").src = URL.createObjectURL(file);
+  const form = new FormData();
+  form.append("file", file);
+  form.append("top_k", String(TOP_K));
+  const started = performance.now();
+  let response;
+  try {
+    response = await fetch("/v1/classify", { method: "POST", headers: { Authorization: "Bearer " + key }, body: form });
+  } catch (error) {
+    return showError("Could not reach the server. Is it running?");
+  }
+  const roundTripMs = performance.now() - started;
+  showQuota(response.headers);
+  const body = await response.json().catch(() => null);
+  if (!response.ok) return showError(plainError(response.status, body, response.headers));
+  showPredictions(body, roundTripMs);
+}
+
+function rememberKey() {
+  if ($("remember").checked) localStorage.setItem(STORAGE_KEY, $("key").value.trim());
+  else localStorage.removeItem(STORAGE_KEY);
+}
+
+function setUp() {
+  const saved = localStorage.getItem(STORAGE_KEY);
+  if (saved) {
+    $("key").value = saved;
+    $("remember").checked = true;
+  }
+  $("remember").addEventListener("change", rememberKey);
+  $("file").addEventListener("change", () => {
+    const file = $("file").files[0];
+    $("file").value = "";  // so that picking the same file again sends it again
+    if (file) classify(file);
+  });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    if (event.dataTransfer.files.length) classify(event.dataTransfer.files[0]);
+  });
+}
+
+setUp();

@@ -1,0 +1,217 @@
+"""client.py against a real server: the library (sync and async), its retries, and its command line."""
+
+import asyncio
+import email.utils
+import json
+import os
+import pty
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from client import (AsyncClient, AuthenticationError, Classification, Client, ClientError, InvalidRequest,
+                    RateLimited, Retries, ServerUnreachable, Usage, next_wait_s)
+from conftest import CAT_LABELS, ROOT, free_port, key_id, log_rows, make_key, photo_path
+
+FAST = Retries(max_attempts=3, backoff_s=0.01)
+
+
+def client_cli(*args: str, stderr: int = subprocess.PIPE, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "client.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
+                          text=True, timeout=300, env={"PATH": os.environ["PATH"], **env})
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A cat, a cup whose name says nothing, a broken PNG, and a text file posing as a PNG."""
+    folder = tmp_path / "photos"
+    (folder / "kitchen").mkdir(parents=True)
+    (folder / "cat.png").write_bytes(photo_path("chelsea.png").read_bytes())
+    (folder / "kitchen" / "cup").write_bytes(photo_path("coffee.png").read_bytes())
+    (folder / "broken.png").write_bytes(photo_path("chelsea.png").read_bytes()[:3000])
+    (folder / "notes.png").write_text("not a picture at all")
+    return folder
+
+
+def test_classify_a_path_or_bytes_with_typed_results(server, key, cat_png):
+    with Client(server.url, key) as client:
+        from_path = client.classify(photo_path("chelsea.png"), top_k=3)
+        from_bytes = client.classify(cat_png)
+        usage = client.usage()
+    assert isinstance(from_path, Classification) and len(from_path.predictions) == 3
+    assert from_path.predictions[0].label in CAT_LABELS and from_path.model == "efficientnet_lite0"
+    assert [p.label for p in from_bytes.predictions[:3]] == [p.label for p in from_path.predictions]
+    assert from_bytes.rate_limit is not None and from_bytes.rate_limit.limit == 100_000
+    assert isinstance(usage, Usage) and usage.total_requests == 2 and usage.successful_requests == 2
+
+
+def test_the_async_client_answers_the_same_concurrently(server, key):
+    async def both() -> list[Classification]:
+        async with AsyncClient(server.url, key) as client:
+            return await asyncio.gather(client.classify(photo_path("chelsea.png")), client.classify(photo_path("coffee.png")))
+
+    cat, cup = asyncio.run(both())
+    assert cat.predictions[0].label in CAT_LABELS and cup.predictions[0].label == "espresso"
+
+
+def test_url_and_key_come_from_the_environment(server, key, monkeypatch):
+    monkeypatch.setenv("CLASSIFY_URL", server.url)
+    monkeypatch.setenv("CLASSIFY_API_KEY", key)
+    with Client() as client:
+        assert client.usage().limit == 100_000
+    monkeypatch.delenv("CLASSIFY_API_KEY")
+    with pytest.raises(ClientError, match="CLASSIFY_API_KEY"):
+        Client(server.url)
+
+
+def test_a_client_mistake_is_raised_at_once_not_retried(server, key):
+    with Client(server.url, key) as client, pytest.raises(InvalidRequest) as caught:
+        client.classify(b"not an image")
+    assert (caught.value.status_code, caught.value.code) == (400, "not_an_image")
+    assert len(log_rows(server.database_url, "key_id = ?", key_id(server.database_url, key))) == 1
+    with Client(server.url, "sk-" + "Q" * 43) as client, pytest.raises(AuthenticationError) as refused:
+        client.usage()
+    assert refused.value.code == "invalid_api_key"
+
+
+def test_a_used_up_key_waits_out_429s_then_gives_up_after_max_attempts(server, cat_png):
+    key = make_key(server.database_url, rate_limit=1, window_s=2)
+    with Client(server.url, key) as client:
+        client.classify(cat_png)
+        client.classify(cat_png)  # a 429 first, then admitted after Retry-After
+        assert [row["status_code"] for row in log_rows(server.database_url, "key_id = ?",
+                                                        key_id(server.database_url, key))] == [200, 429, 200]
+    slow = make_key(server.database_url, rate_limit=1, window_s=3600)
+    with Client(server.url, slow, retries=Retries(max_attempts=3)) as client:
+        client.classify(cat_png)
+        with pytest.raises(RateLimited) as caught:
+            client.classify(cat_png)  # an hour's wait is over max_retry_after_s: raised, not slept
+    assert caught.value.retry_after_s > 3000
+
+
+def test_no_server_is_retried_then_reported_clearly():
+    with Client(f"http://127.0.0.1:{free_port()}", "sk-x", retries=FAST) as client:
+        with pytest.raises(ServerUnreachable, match=r"Cannot reach .*3 attempts.*Is the server running"):
+            client.usage()
+
+
+def response(status: int, **headers: str) -> httpx.Response:
+    return httpx.Response(status, headers=headers)
+
+
+@pytest.mark.parametrize("outcome, expected", [
+    (response(429, **{"Retry-After": "7"}), 7.0),
+    (response(503, **{"Retry-After": "2"}), 2.0),
+    (response(503), 1.0),  # no Retry-After: backoff; at attempt 3, half of 0.5 * 2**2 with no jitter
+    (response(502), 1.0),
+    (response(504), 1.0),
+    (httpx.ConnectError("refused"), 1.0),
+    (httpx.ReadTimeout("slow"), 1.0),
+    (response(429, **{"Retry-After": "3600"}), None),  # longer than max_retry_after_s: give up and raise
+    (response(400), None), (response(401), None), (response(404), None), (response(422), None),
+    (response(500), None),  # a bug on the server: trying again gives the same
+    (response(200), None),
+    (httpx.UnsupportedProtocol("ftp://"), None),
+])
+def test_what_is_retried_and_after_how_long(outcome, expected):
+    assert next_wait_s(Retries(), 3, outcome, jitter=0.0) == expected
+
+
+def test_retry_after_may_be_an_http_date():
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 < next_wait_s(Retries(), 1, response(429, **{"Retry-After": in_a_minute}), jitter=0.0) <= 60
+
+
+def test_backoff_grows_with_jitter_and_attempts_are_bounded():
+    retries = Retries(max_attempts=6, backoff_s=1, max_backoff_s=5)
+    lowest = [next_wait_s(retries, attempt, httpx.ConnectError("x"), jitter=0.0) for attempt in range(1, 7)]
+    highest = [next_wait_s(retries, attempt, httpx.ConnectError("x"), jitter=0.999999) for attempt in range(1, 7)]
+    assert lowest == [0.5, 1, 2, 2.5, 2.5, None]  # half of min(5, 2**(n-1)), then no 6th wait: attempts are spent
+    assert [round(w, 3) for w in highest[:5]] == [1, 2, 4, 5, 5]
+
+
+def test_the_command_line_classifies_a_folder_within_a_tiny_limit(server, photos):
+    """Three images (one broken) on a key that admits one request per 3 s: the 429s are waited out, every file
+    gets its line, the broken one with the server's message, and the exit code says one failed."""
+    key = make_key(server.database_url, rate_limit=1, window_s=3)
+    done = client_cli("--url", server.url, "--key", key, "classify", str(photos), "--concurrency", "3")
+    assert done.returncode == 1, done.stderr
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert set(lines) == {str(photos / "cat.png"), str(photos / "kitchen" / "cup"), str(photos / "broken.png")}
+    assert lines[str(photos / "cat.png")].split(" ")[0] in {label.split(" ")[0] for label in CAT_LABELS}
+    assert lines[str(photos / "kitchen" / "cup")].startswith("espresso ")
+    assert lines[str(photos / "broken.png")].startswith("FAILED 400 corrupt_image: ")
+    assert "Skipped 1 file that is not an image" in done.stderr and "2 of 3 files classified" in done.stderr
+    statuses = [row["status_code"] for row in log_rows(server.database_url, "key_id = ? AND endpoint = '/v1/classify'",
+                                                        key_id(server.database_url, key))]
+    assert 429 in statuses and statuses.count(200) == 2 and statuses.count(400) == 1
+    assert "\r[" not in done.stderr  # piped: no progress bar
+
+
+def test_the_command_line_prints_json_lines_and_a_bar_on_a_terminal(server, key, photos):
+    leader, follower = pty.openpty()
+    try:
+        done = client_cli("--url", server.url, "--key", key, "classify", str(photos / "cat.png"),
+                          str(photos / "kitchen"), "--json", "--top-k", "2", stderr=follower)
+        os.close(follower)
+        terminal = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal is closed once everything is read
+                break
+            if not chunk:
+                break
+            terminal += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted(Path(r["path"]).name for r in results) == ["cat.png", "cup"]
+    assert all(r["ok"] and len(r["predictions"]) == 2 and r["model"] == "efficientnet_lite0" for r in results)
+    assert b"\r[" in terminal and b"] 2/2" in terminal
+
+
+def test_the_command_line_shows_usage(server, key):
+    text = client_cli("usage", CLASSIFY_URL=server.url, CLASSIFY_API_KEY=key)
+    assert text.returncode == 0 and f"Key {key[:11]}...: 0 classify requests" in text.stdout
+    assert "Limit: 100000 requests per 60 s" in text.stdout
+    as_json = json.loads(client_cli("usage", "--json", CLASSIFY_URL=server.url, CLASSIFY_API_KEY=key).stdout)
+    assert as_json["key_prefix"] == key[:11] and as_json["remaining"] == 100_000
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["classify", "no/such/folder"], 2, "no such file or folder"),
+    (["classify", "--top-k", "0", "x"], 2, "from 1 to 20"),
+    (["--key", "sk-" + "Q" * 43, "usage"], 4, "refused the key"),
+    (["--url", "http://127.0.0.1:1", "--max-attempts", "1", "usage"], 3, "Cannot reach http://127.0.0.1:1"),
+])
+def test_command_line_exit_codes(server, key, args, code, words):
+    env = {"CLASSIFY_URL": server.url, "CLASSIFY_API_KEY": key}
+    done = client_cli(*args, **env)
+    assert done.returncode == code and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+    no_key = client_cli("usage", CLASSIFY_URL=server.url)
+    assert no_key.returncode == 2 and "CLASSIFY_API_KEY" in no_key.stderr
+
+
+def test_a_server_stopped_mid_run_stops_the_run_with_a_clear_message(start_server, tmp_path):
+    server = start_server()
+    key = make_key(server.database_url, rate_limit=1, window_s=3)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"cup{i}.png").write_bytes(photo_path("coffee.png").read_bytes())
+    run = subprocess.Popen([sys.executable, "client.py", "--url", server.url, "--key", key, "--max-attempts", "3",
+                            "classify", str(folder)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout is not None and run.stderr is not None
+    first = run.stdout.readline()  # one file done; the next is waiting out its 429
+    server.stop()
+    rest, errors = run.communicate(timeout=120)
+    assert first.startswith(str(folder / "cup0.png") + ": espresso")
+    assert run.returncode == 3, errors
+    assert "Stopped: Cannot reach " + server.url in errors and "Is the server running?" in errors
+    assert "not sent" in errors and "Traceback" not in errors

@@ -1,0 +1,147 @@
+"""The web page at / in a real browser: Debian's chromium, driven by Playwright, against the real server.
+
+Locally the tests skip (saying why) when chromium or Playwright is missing; under CI they fail instead.
+`make screenshot` runs the cat test with SCREENSHOT_TO=docs/screenshot.png: the README's picture.
+"""
+
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CAT_LABELS, ROOT, Server, b64, make_key, photo_path
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+WRONG_KEY = "sk-" + "A" * 43  # well formed, but no such key
+ELEMENT_TIMEOUT_MS = 60_000  # a busy CI machine; the test waits for elements, never for a time
+
+
+def find_chromium() -> str | None:
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    chromium = find_chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if chromium is None or sync_playwright is None:
+        reason = ("no chromium on PATH (apt-get install chromium)" if chromium is None
+                  else "Playwright is not installed (pip install -r requirements-dev.txt)")
+        if os.environ.get("CI"):
+            pytest.fail(f"the web page must be tested in CI: {reason}")
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        # Playwright's own browser builds cannot be downloaded here: Debian's chromium, by its path.
+        launched = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: Server) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 900, "height": 720})
+    opened = context.new_page()
+    opened.set_default_timeout(ELEMENT_TIMEOUT_MS)
+    requested: list[str] = []
+    opened.on("request", lambda request: requested.append(request.url))
+    opened.goto(server.url + "/")
+    yield opened
+    context.close()
+    elsewhere = [url for url in requested if not url.startswith((server.url + "/", "blob:", "data:"))]
+    assert not elsewhere, f"the page loaded something from elsewhere: {elsewhere}"
+
+
+def new_key(server: Server, **limits: int) -> str:
+    """make_key in a thread of its own: Playwright's sync API keeps an event loop running in this one."""
+    made: list[str] = []
+    worker = threading.Thread(target=lambda: made.append(make_key(server.database_url, **limits)))
+    worker.start()
+    worker.join()
+    return made[0]
+
+
+def send(page: Any, key: str, path: Path) -> None:
+    page.fill("#key", key)
+    page.set_input_files("#file", str(path))
+
+
+def error_text(page: Any) -> str:
+    page.wait_for_selector("#error", state="visible")
+    return page.text_content("#error")
+
+
+def test_the_page_and_its_files_are_served_with_a_policy_that_keeps_them_local(server):
+    """No browser needed: this one runs everywhere."""
+    with server.client() as client:
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+        linked = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert linked and all(url.startswith("/static/") for url in linked), linked
+        assert all(client.get(url).status_code == 200 for url in linked)
+        assert "/" not in client.get("/openapi.json").json()["paths"]  # a page, not part of the API
+
+
+def test_a_cat_photo_shows_cat_labels_then_a_wrong_key_shows_why(page, server, tmp_path):
+    send(page, new_key(server, rate_limit=100), photo_path("chelsea.png"))
+    page.wait_for_selector("#result", state="visible")
+    labels = page.locator("#predictions .name").all_text_contents()
+    assert len(labels) == 5 and labels[0] in CAT_LABELS, labels
+    assert "efficientnet_lite0" in page.text_content("#meta") and "ms" in page.text_content("#meta")
+    assert page.text_content("#quota").startswith("Quota: 99 of 100 requests left")  # from X-RateLimit-*
+    assert page.evaluate("document.getElementById('preview').naturalWidth") == 451  # the photo itself is shown
+    page.screenshot(path=tmp_path / "cat.png", full_page=True)
+    if target := os.environ.get("SCREENSHOT_TO"):
+        page.screenshot(path=ROOT / target, full_page=True)
+
+    send(page, WRONG_KEY, photo_path("chelsea.png"))
+    assert "API key was not accepted" in error_text(page)
+    assert page.is_hidden("#result")
+    page.screenshot(path=tmp_path / "wrong-key.png", full_page=True)
+
+
+def test_a_used_up_key_says_how_long_to_wait_and_a_text_file_is_not_an_image(page, server, tmp_path):
+    key = new_key(server, rate_limit=2, window_s=600)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("shopping list: milk, eggs")
+    send(page, key, not_an_image)
+    assert "not an image the server can read" in error_text(page)
+    assert page.text_content("#quota").startswith("Quota: 1 of 2")  # a refused image still used its slot
+    page.set_input_files("#file", str(photo_path("coffee.png")))
+    page.wait_for_selector("#result", state="visible")
+    assert page.locator("#predictions .name").first.text_content() == "espresso"
+    page.set_input_files("#file", str(photo_path("coffee.png")))
+    message = error_text(page)
+    assert "Too many requests with this key" in message and "seconds" in message
+    assert any(word.isdigit() and int(word) > 500 for word in message.split()), message  # the window's wait
+
+
+DROP_FILE = """([base64, name]) => {
+    const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+    const dropped = new DataTransfer();
+    dropped.items.add(new File([bytes], name, {type: "image/png"}));
+    document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dropped, bubbles: true}));
+}"""
+
+
+def test_a_dropped_image_is_classified_and_the_key_kept_only_when_the_box_is_ticked(page, server):
+    key = new_key(server)
+    page.fill("#key", key)
+    page.evaluate(DROP_FILE, [b64(photo_path("coffee.png").read_bytes()), "coffee.png"])
+    page.wait_for_selector("#result", state="visible")
+    assert page.locator("#predictions .name").first.text_content() == "espresso"
+    assert page.evaluate("Object.keys(localStorage).length") == 0
+    page.check("#remember")
+    assert page.evaluate("localStorage.getItem('classify.apiKey')") == key
+    page.reload()
+    assert page.input_value("#key") == key and page.is_checked("#remember")
+    page.uncheck("#remember")
+    assert page.evaluate("Object.keys(localStorage).length") == 0

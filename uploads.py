@@ -1,0 +1,145 @@
+"""multipart/form-data bodies for /v1/classify: the `file` part's bytes and an optional `top_k` field.
+
+    $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -F file=@cat.jpg -F top_k=3
+
+The body has already been read whole under MAX_BODY_BYTES (main.read_body), so what is bounded here is what
+multipart itself adds for an attacker to play with: the boundary (at most 70 characters, RFC 2046), the number
+of parts, and the number and size of each part's headers (the parser's own caps; python-multipart >= 0.0.27
+has them, >= 0.0.18 skips preambles and epilogues without per-byte work). Every failure is a 4xx `ApiError`
+that says what to send instead.
+"""
+
+import re
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from errors import ApiError
+from schemas import MAX_TOP_K, ClassifyRequest
+
+FIELDS = ("file", "top_k")
+MAX_PARTS = len(FIELDS)
+MAX_HEADERS_PER_PART = 4  # Content-Disposition, Content-Type, and room for a client's extra one or two
+MAX_HEADER_BYTES = 1024  # one header line; a filename longer than this is no filename
+DEFAULT_TOP_K: int = ClassifyRequest.model_fields["top_k"].default
+MAX_TOP_K_BYTES = 8  # "20" with room for whitespace; a megabyte "number" is refused while it arrives
+BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")  # RFC 2046's bchars
+
+# Both request bodies, as /openapi.json shows them; the route puts this beside the JSON one.
+MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "The image file, as it is on disk."},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": DEFAULT_TOP_K,
+                  "description": "How many labels to return, most likely first."},
+    },
+}
+
+
+def is_multipart(content_type: str) -> bool:
+    return content_type.lower().lstrip().startswith("multipart/")
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_request", f"Fix the request: {message}.")
+
+
+def multipart_boundary(content_type: str) -> bytes:
+    """The boundary of a `multipart/form-data; boundary=...` Content-Type; 415 for other multiparts."""
+    media_type, options = parse_options_header(content_type)
+    if media_type != b"multipart/form-data":
+        raise ApiError(415, "unsupported_media_type",
+                       "Send multipart/form-data with a `file` part, or JSON: {\"image\": \"<base64>\", \"top_k\": 5}.")
+    boundary = options.get(b"boundary", b"")
+    if not BOUNDARY.fullmatch(boundary):
+        raise ApiError(400, "invalid_multipart", "The Content-Type needs a boundary of 1 to 70 characters "
+                                                 "(RFC 2046); let your HTTP library write the multipart body.")
+    return boundary
+
+
+class FormCollector:
+    """The parser's callbacks: keeps `file` and `top_k`, refuses anything else as soon as its name is known."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[bytes]] = {}  # chunks: a file that arrives whole is never copied again
+        self.parts = 0
+        self.is_complete = False
+        self.header_name = bytearray()
+        self.header_value = bytearray()
+        self.current: str | None = None  # the field whose data is arriving
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise invalid(f"send at most {MAX_PARTS} parts: `file` and optionally `top_k`")
+        self.current = None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self.header_name.lower() == b"content-disposition":
+            disposition, options = parse_options_header(self.header_value.decode("latin-1"))
+            name = options.get(b"name", b"").decode("latin-1")
+            if disposition != b"form-data" or not name:
+                raise invalid("each part needs `Content-Disposition: form-data; name=\"...\"`")
+            if name not in FIELDS:
+                raise invalid(f"unknown field `{name[:40]}`: send `file` (the image) and optionally `top_k`")
+            if name in self.values:
+                raise invalid(f"`{name}` is sent twice: send one image per request")
+            self.current = name
+            self.values[name] = []
+        self.header_name.clear()
+        self.header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        if self.current is None:
+            raise invalid("a part has no Content-Disposition header naming its field")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        assert self.current is not None
+        chunks = self.values[self.current]
+        chunks.append(data[start:end])
+        if self.current == "top_k" and sum(map(len, chunks)) > MAX_TOP_K_BYTES:
+            raise invalid(f"`top_k` must be a whole number from 1 to {MAX_TOP_K}")
+
+    def on_end(self) -> None:
+        self.is_complete = True
+
+
+def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, int]:
+    """(the image's bytes, top_k) from a multipart/form-data body; 4xx `ApiError` for anything else."""
+    boundary = multipart_boundary(content_type)
+    form = FormCollector()
+    callbacks = {name: getattr(form, name) for name in (
+        "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
+        "on_part_data", "on_end")}
+    parser = MultipartParser(boundary, callbacks,  # type: ignore[arg-type]
+                             max_header_count=MAX_HEADERS_PER_PART, max_header_size=MAX_HEADER_BYTES)
+    try:
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as exc:
+        raise ApiError(400, "invalid_multipart", f"The multipart body cannot be read ({exc}); "
+                                                 "let your HTTP library write it, e.g. `curl -F file=@photo.jpg`.") from None
+    if not form.is_complete:
+        raise ApiError(400, "invalid_multipart", "The multipart body ends before its closing boundary "
+                                                 "(`--boundary--`): send the whole body.")
+    if "file" not in form.values:
+        raise invalid("the `file` part is missing: send the image as a form field named `file`")
+    image = b"".join(form.values["file"])
+    if not image:
+        raise ApiError(400, "empty_image", "The `file` part is empty: attach the image file's bytes.")
+    top_k = form.values.get("top_k")
+    return image, DEFAULT_TOP_K if top_k is None else parse_top_k(b"".join(top_k))
+
+
+def parse_top_k(raw: bytes) -> int:
+    text = raw.decode("ascii", errors="replace").strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_TOP_K:
+        raise invalid(f"`top_k` must be a whole number from 1 to {MAX_TOP_K}, not {text[:20]!r}")
+    return int(text)
