@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,22 +21,20 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
-from starlette.requests import ClientDisconnect
 
 from auth import CurrentKey
 from backends import load_backend, warm_up
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded, lower_priority
 from db import ApiKey, SessionDep, create_tables, make_engine, make_sessionmaker, ping
 from errors import ApiError, ErrorResponse, install_error_handlers
-from images import decode_base64, decode_for_model
-from inference import LoadedModel, ModelLoadError, ModelSpec, load_model, preprocess, top_predictions
+from inference import LoadedModel, ModelLoadError, load_model, top_predictions
 from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
+from request_body import check_image_count, decode_images, parse_classify_request, read_body
 from requestlog import LogWriter, RequestLogMiddleware, add_timing
 from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ImageResult, ModelInfo, ModelList,
                      MultiClassification, Usage)
 from settings import Settings, usable_cores
-from uploads import MULTIPART_SCHEMA, is_multipart, parse_multipart
+from uploads import MULTIPART_SCHEMA
 from usage import read_usage
 
 logger = logging.getLogger("classify")
@@ -138,76 +135,6 @@ def refuse_if_full(request: Request, key: ApiKey, decision: Decision, cost: int 
                        {"Retry-After": str(decision.retry_after_s)})
 
 
-async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
-    """The body, refused with 413 as soon as it is known to be too big (Content-Length, or while streaming) and
-    with 408 if it has not all arrived within `timeout_s`."""
-    too_large = ApiError(413, "body_too_large", f"The request body is over {max_bytes} bytes (MAX_BODY_BYTES); "
-                                                "send a smaller or more compressed image.")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise too_large
-    except TimeoutError:
-        raise ApiError(408, "body_timeout", f"The body did not arrive within {timeout_s:g} s (BODY_TIMEOUT_S).") from None
-    except ClientDisconnect:
-        raise ApiError(499, "client_closed_request", "The client closed the connection before sending the body.") from None
-    return bytes(body)
-
-
-@dataclass
-class ImagesToClassify:
-    sources: list[str | bytes]  # base64 text from JSON, or a multipart file's bytes
-    top_k: int
-    is_list: bool  # sent as "images": answered as a list, and errors name the image
-
-
-def parse_classify_request(body: bytes, content_type: str) -> ImagesToClassify:
-    """The JSON (or multipart) body, validated; 422 in FastAPI's shape if it is not a ClassifyRequest."""
-    if is_multipart(content_type):
-        data, top_k = parse_multipart(body, content_type)
-        return ImagesToClassify([data], top_k, is_list=False)
-    try:
-        classify_request = ClassifyRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
-    return ImagesToClassify(classify_request.all_images, classify_request.top_k, is_list=classify_request.images is not None)
-
-
-def check_image_count(count: int, key: ApiKey, settings: Settings) -> None:
-    if count > settings.max_images_per_request:
-        raise ApiError(422, "too_many_images", f"A request may carry at most {settings.max_images_per_request} "
-                                               f"images (MAX_IMAGES_PER_REQUEST); this one has {count}. Split it.")
-    if count > key.rate_limit:
-        raise ApiError(422, "too_many_images", f"Each image counts one request, and this key may make only "
-                                               f"{key.rate_limit} per {key.window_s} s; send at most {key.rate_limit}.")
-
-
-def image_array(source: str | bytes, index: int | None, spec: ModelSpec, max_image_pixels: int) -> np.ndarray:
-    """base64 (or the file's bytes) -> (224, 224, 3) uint8. Milliseconds per megabyte: off the event loop."""
-    try:
-        data = decode_base64(source) if isinstance(source, str) else source
-        return preprocess(decode_for_model(data, max_image_pixels, spec.resize, spec.crop, spec.interpolation))
-    except ApiError as exc:
-        if index is not None:
-            exc.message = f"images[{index}]: {exc.message}"
-        raise
-
-
-async def decode_images(request: Request, to_classify: ImagesToClassify, spec: ModelSpec,
-                        max_image_pixels: int) -> list[np.ndarray]:
-    """All of a request's images at once, one decoding thread each; errors name the image in a list."""
-    loop, pool = asyncio.get_running_loop(), request.app.state.decode_pool
-    indexes = range(len(to_classify.sources)) if to_classify.is_list else [None]
-    return list(await asyncio.gather(*(loop.run_in_executor(pool, image_array, source, index, spec, max_image_pixels)
-                                       for index, source in zip(indexes, to_classify.sources))))
-
-
 async def wait_for_disconnect(request: Request) -> None:
     # Once the body is read, the server's next message for this request is http.disconnect: the client left.
     while (await request.receive())["type"] != "http.disconnect":
@@ -281,7 +208,8 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
         with batcher.reserve(count):  # before charging: a full server refuses without using up the limit
             await charge(request, key, limiter, count)
             started = time.perf_counter()
-            images = await decode_images(request, to_classify, model.spec, settings.max_image_pixels)
+            images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
+                                         settings.max_image_pixels)
             add_timing(request, "decode", started)
             answers = await infer(request, batcher, images, deadline)
     except Overloaded:

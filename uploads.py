@@ -2,7 +2,7 @@
 
     $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -F file=@cat.jpg -F top_k=3
 
-The body has already been read whole under MAX_BODY_BYTES (main.read_body), so what is bounded here is what
+The body has already been read whole under MAX_BODY_BYTES (request_body.read_body), so what is bounded here is what
 multipart itself adds for an attacker to play with: the boundary (at most 70 characters, RFC 2046), the number
 of parts, and the number and size of each part's headers (the parser's own caps; python-multipart >= 0.0.27
 has them, >= 0.0.18 skips preambles and epilogues without per-byte work). Every failure is a 4xx `ApiError`

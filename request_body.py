@@ -1,0 +1,95 @@
+"""The /v1/classify body: read under its limits, parsed (JSON or multipart), and decoded into model inputs.
+
+    read_body               413 past MAX_BODY_BYTES (declared or streamed), 408 past BODY_TIMEOUT_S
+    parse_classify_request  JSON {"image"} / {"images"} or a multipart `file` -> ImagesToClassify; 422 otherwise
+    decode_images           base64 -> Pillow -> (224, 224, 3) uint8 per image, in the decoding threads
+"""
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
+
+from db import ApiKey
+from errors import ApiError
+from images import decode_base64, decode_for_model
+from inference import ModelSpec, preprocess
+from schemas import ClassifyRequest
+from settings import Settings
+from uploads import is_multipart, parse_multipart
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to be too big (Content-Length, or while streaming) and
+    with 408 if it has not all arrived within `timeout_s`."""
+    too_large = ApiError(413, "body_too_large", f"The request body is over {max_bytes} bytes (MAX_BODY_BYTES); "
+                                                "send a smaller or more compressed image.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise too_large
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"The body did not arrive within {timeout_s:g} s (BODY_TIMEOUT_S).") from None
+    except ClientDisconnect:
+        raise ApiError(499, "client_closed_request", "The client closed the connection before sending the body.") from None
+    return bytes(body)
+
+
+@dataclass
+class ImagesToClassify:
+    sources: list[str | bytes]  # base64 text from JSON, or a multipart file's bytes
+    top_k: int
+    is_list: bool  # sent as "images": answered as a list, and errors name the image
+
+
+def parse_classify_request(body: bytes, content_type: str) -> ImagesToClassify:
+    """The JSON (or multipart) body, validated; 422 in FastAPI's shape if it is not a ClassifyRequest."""
+    if is_multipart(content_type):
+        data, top_k = parse_multipart(body, content_type)
+        return ImagesToClassify([data], top_k, is_list=False)
+    try:
+        classify_request = ClassifyRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
+    return ImagesToClassify(classify_request.all_images, classify_request.top_k, is_list=classify_request.images is not None)
+
+
+def check_image_count(count: int, key: ApiKey, settings: Settings) -> None:
+    if count > settings.max_images_per_request:
+        raise ApiError(422, "too_many_images", f"A request may carry at most {settings.max_images_per_request} "
+                                               f"images (MAX_IMAGES_PER_REQUEST); this one has {count}. Split it.")
+    if count > key.rate_limit:
+        raise ApiError(422, "too_many_images", f"Each image counts one request, and this key may make only "
+                                               f"{key.rate_limit} per {key.window_s} s; send at most {key.rate_limit}.")
+
+
+def image_array(source: str | bytes, index: int | None, spec: ModelSpec, max_image_pixels: int) -> np.ndarray:
+    """base64 (or the file's bytes) -> (224, 224, 3) uint8. Milliseconds per megabyte: off the event loop."""
+    try:
+        data = decode_base64(source) if isinstance(source, str) else source
+        return preprocess(decode_for_model(data, max_image_pixels, spec.resize, spec.crop, spec.interpolation))
+    except ApiError as exc:
+        if index is not None:
+            exc.message = f"images[{index}]: {exc.message}"
+        raise
+
+
+async def decode_images(pool: Executor, to_classify: ImagesToClassify, spec: ModelSpec,
+                        max_image_pixels: int) -> list[np.ndarray]:
+    """All of a request's images at once, one decoding thread each; errors name the image in a list."""
+    loop = asyncio.get_running_loop()
+    indexes: Sequence[int | None] = range(len(to_classify.sources)) if to_classify.is_list else [None]
+    return list(await asyncio.gather(*(loop.run_in_executor(pool, image_array, source, index, spec, max_image_pixels)
+                                       for index, source in zip(indexes, to_classify.sources))))
