@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db import ApiKey, SessionDep, now_ms
 from errors import ApiError
+from metrics import Counter
 from requestlog import add_timing
 
 KEY_PREFIX = "sk-"
@@ -25,6 +26,8 @@ KEY_BYTES = 32
 KEY_PATTERN = re.compile(KEY_PREFIX + "[A-Za-z0-9_-]{%d}" % math.ceil(KEY_BYTES * 4 / 3))  # base64, no padding
 DISPLAY_CHARS = 8  # random characters kept in the clear, so people can tell their keys apart
 PREFIX_LENGTH = len(KEY_PREFIX) + DISPLAY_CHARS
+
+AUTH_FAILURES = Counter("auth_failures_total", "Requests refused for their key, by error code.", ["code"])
 
 bearer = HTTPBearer(auto_error=False, bearerFormat="sk-...", description="An API key from `python cli.py create-key`.")
 
@@ -60,15 +63,20 @@ async def find_keys(session: AsyncSession, key_or_prefix: str) -> list[ApiKey]:
     return list((await session.scalars(query.order_by(ApiKey.id))).all())
 
 
+def unauthorized(code: str, message: str, headers: dict[str, str]) -> ApiError:
+    AUTH_FAILURES.labels(code).inc()
+    return ApiError(401, code, message, headers)
+
+
 async def get_current_key(request: Request, session: SessionDep,
                           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
     """The calling key, from `Authorization: Bearer sk-...`; 401 for anything else."""
     challenge = {"WWW-Authenticate": 'Bearer realm="api"'}
     if credentials is None:
         if "authorization" in request.headers:
-            raise ApiError(401, "malformed_authorization",
+            raise unauthorized("malformed_authorization",
                            "The Authorization header must be `Bearer <your API key>`.", challenge)
-        raise ApiError(401, "missing_api_key", "Send your API key as `Authorization: Bearer sk-...`.", challenge)
+        raise unauthorized("missing_api_key", "Send your API key as `Authorization: Bearer sk-...`.", challenge)
     token = credentials.credentials
     api_key = None
     if KEY_PATTERN.fullmatch(token):  # anything else (a 5000-character string, SQL) cannot be a key: no lookup
@@ -78,11 +86,12 @@ async def get_current_key(request: Request, session: SessionDep,
         add_timing(request, "auth", started)
     invalid = {"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'}
     if api_key is None:
-        raise ApiError(401, "invalid_api_key",
+        raise unauthorized("invalid_api_key",
                        "The API key is not valid; check it, or create one with `python cli.py create-key`.", invalid)
     request.state.key_id = api_key.id  # the request log records it, revoked or not
+    request.state.key_prefix = api_key.prefix  # the server log's line for the request shows it, never the key
     if api_key.revoked_at_ms is not None:
-        raise ApiError(401, "revoked_api_key", f"The API key {api_key.prefix}... was revoked; use another key.", invalid)
+        raise unauthorized("revoked_api_key", f"The API key {api_key.prefix}... was revoked; use another key.", invalid)
     return api_key
 
 

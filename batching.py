@@ -7,6 +7,10 @@ queueing forever, and every image has a deadline after which it is dropped rathe
 
 Shaped like LitServe's batched loop, simplified: an asyncio queue of small dataclasses, a deadline per image,
 one failed batch answers all its waiters with the error.
+
+Shutdown (SIGTERM, wired in main.py): `stop_by(deadline)` lets the accepted images run until the deadline;
+any still queued then are answered with ShuttingDown (a 503) rather than left to hang, so the server exits
+within SHUTDOWN_TIMEOUT_S however long the queue was.
 """
 
 import asyncio
@@ -24,10 +28,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backends import Backend
+from metrics import Gauge, Histogram
 
 logger = logging.getLogger("classify")
 
 MODEL_NICENESS = 10
+
+INFERENCE_SECONDS = Histogram("inference_seconds", "Duration of one forward pass (a whole batch).",
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+BATCH_SIZE = Histogram("inference_batch_size", "Images in one forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+# livesum: under --workers N, the sum over the workers that are running (a stopped one's queue is gone).
+QUEUE_DEPTH = Gauge("inference_queue_depth", "Images accepted and not yet answered (what MAX_QUEUE bounds).",
+                    multiprocess_mode="livesum")
 
 
 class Overloaded(Exception):
@@ -36,6 +48,10 @@ class Overloaded(Exception):
 
 class DeadlineExceeded(Exception):
     """The image waited past its request's deadline and was not run."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and its shutdown deadline passed before this image was run."""
 
 
 @dataclass(eq=False)
@@ -74,6 +90,7 @@ class Batcher:
         self.accepted = 0  # images reserved and not yet answered: what MAX_QUEUE bounds
         self.batch_sizes: Counter[int] = Counter()  # forward passes by size, since start
         self.is_draining = False
+        self.is_stopped = False  # past the shutdown deadline: nothing more is run
         self._worker: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -85,10 +102,12 @@ class Batcher:
         if self.is_draining or self.accepted + images > self.max_queue:
             raise Overloaded
         self.accepted += images
+        QUEUE_DEPTH.set(self.accepted)
         try:
             yield
         finally:
             self.accepted -= images
+            QUEUE_DEPTH.set(self.accepted)
 
     async def infer(self, images: list[np.ndarray], deadline: float) -> list[Answer]:
         """Probabilities for each image, in order. Call inside `reserve(len(images))`.
@@ -96,6 +115,8 @@ class Batcher:
         Raises DeadlineExceeded if they are still queued at `deadline`; if the caller is cancelled (its client
         went away), the images still queued are dropped, not run.
         """
+        if self.is_stopped:
+            raise ShuttingDown
         loop = asyncio.get_running_loop()
         pendings = [Pending(image, deadline, loop.create_future()) for image in images]
         for pending in pendings:
@@ -136,6 +157,8 @@ class Batcher:
                 continue
             model_ms = (time.monotonic() - started) * 1000
             self.batch_sizes[len(live)] += 1
+            INFERENCE_SECONDS.observe(model_ms / 1000)
+            BATCH_SIZE.observe(len(live))
             for pending, row in zip(live, probabilities):
                 if not pending.future.done():
                     pending.future.set_result(Answer(row, len(live), (started - pending.enqueued) * 1000, model_ms))
@@ -155,6 +178,22 @@ class Batcher:
             except TimeoutError:
                 break
         return batch
+
+    def stop_by(self, deadline: float) -> None:
+        """Run what is queued until `deadline` (time.monotonic()); then answer the rest with ShuttingDown."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(max(0.0, deadline - time.monotonic()), self._refuse_queued)
+
+    def _refuse_queued(self) -> None:
+        self.is_stopped = True
+        refused = 0
+        while not self.queue.empty():
+            pending = self.queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(ShuttingDown())
+                refused += 1
+        if refused:
+            logger.warning("shutdown deadline reached: %d queued images answered 503 unrun", refused)
 
     async def drain(self) -> None:
         """Refuse new work, let what was accepted finish, then stop the worker."""

@@ -51,6 +51,7 @@ class RequestLog(Base):
     latency_ms: Mapped[float]
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     error_code: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the X-Request-ID it was answered with
 
     __table_args__ = (Index("ix_request_log_key_time", "key_id", "created_at_ms"),)
 

@@ -1,6 +1,7 @@
 """The one error body every failure answers with, and the handlers that turn exceptions into it.
 
-    {"error": {"type": "invalid_request_error", "code": "invalid_base64", "message": "... what to fix ..."}}
+    {"error": {"type": "invalid_request_error", "code": "invalid_base64", "message": "... what to fix ...",
+               "request_id": "req_5f2b..."}}
 
 Errors are raised where they are decided, as `ApiError(status, code, message)`; the handlers below also
 shape FastAPI's validation errors, Starlette's 404/405 and database outages the same way. Anything unexpected
@@ -16,6 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from requestid import current_request_id, new_request_id
 
 logger = logging.getLogger("classify")
 
@@ -33,6 +36,8 @@ class ErrorDetail(BaseModel):
     type: str = Field(examples=["invalid_request_error"])
     code: str = Field(examples=["invalid_base64"])
     message: str = Field(examples=["`image` is not valid base64: send the file's bytes base64-encoded."])
+    request_id: str = Field(examples=["req_5f2b0c9e8d7a4b1c9e0f3a2d1b4c6e8f"],
+                            description="Also in the X-Request-ID header and the server's log: quote it when reporting.")
 
 
 class ErrorResponse(BaseModel):
@@ -60,7 +65,9 @@ def internal_error() -> ApiError:
 
 def json_error(error: ApiError, extra_headers: dict[str, str] | None = None) -> JSONResponse:
     error_type = ERROR_TYPES.get(error.status_code, "invalid_request_error")
-    body = ErrorResponse(error=ErrorDetail(type=error_type, code=error.code, message=error.message))
+    request_id = current_request_id.get() or new_request_id()
+    body = ErrorResponse(error=ErrorDetail(type=error_type, code=error.code, message=error.message,
+                                           request_id=request_id))
     return JSONResponse(body.model_dump(), status_code=error.status_code, headers={**(extra_headers or {}), **error.headers})
 
 

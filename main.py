@@ -19,21 +19,29 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+import metrics  # first: it decides where every metric below keeps its numbers
+
 from auth import CurrentKey
 from backends import load_backend, warm_up
-from batching import Answer, Batcher, DeadlineExceeded, Overloaded, lower_priority
+from batching import Answer, Batcher, DeadlineExceeded, Overloaded, ShuttingDown, lower_priority
+from database_file import DatabaseFile
 from db import ApiKey, SessionDep, create_tables, make_engine, make_sessionmaker, ping
 from errors import ApiError, ErrorResponse, install_error_handlers
 from inference import LoadedModel, ModelLoadError, load_model, top_predictions
+from logs import configure_logging
 from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
 from request_body import check_image_count, decode_images, parse_classify_request, read_body
+from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
 from requestlog import LogWriter, RequestLogMiddleware, add_timing
 from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ImageResult, ModelInfo, ModelList,
                      MultiClassification, Usage)
+from security_headers import SecurityHeadersMiddleware
 from settings import Settings, usable_cores
+from shutdown import chain_termination_handlers
 from uploads import MULTIPART_SCHEMA
 from usage import read_usage
 
@@ -42,6 +50,15 @@ logger = logging.getLogger("classify")
 STATIC = Path(__file__).resolve().parent / "static"
 # The page loads nothing from elsewhere; the browser is told so, and enforces it.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; frame-ancestors 'none'"}
+# What a browser script on an allowed origin (CORS_ORIGINS) may send, and read of the answers.
+CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", REQUEST_ID_HEADER]
+CORS_EXPOSED_HEADERS = ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "RateLimit",
+                        "RateLimit-Policy", "Retry-After", REQUEST_ID_HEADER, "Server-Timing"]
+
+RATE_LIMITED = metrics.Counter("rate_limit_rejections_total", "/v1/classify requests refused with 429.")
+# One series, value 1, whose labels say what answers: the Prometheus idiom for build and version info.
+MODEL_INFO = metrics.Gauge("model_info", "The model this server runs.",
+                           ["model", "backend", "precision", "weights_source"], multiprocess_mode="max")
 
 
 @asynccontextmanager
@@ -64,9 +81,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await loop.run_in_executor(model_thread, warm_up, backend, model.spec.crop, settings.max_batch)
     batcher = Batcher(backend, settings.max_batch, settings.batch_wait_ms, settings.max_queue, model_thread)
     batcher.start()
+    MODEL_INFO.labels(model.spec.name, backend.name, backend.precision, model.weights_source).set(1)
+
+    def begin_shutdown() -> None:
+        if app.state.shutdown_deadline is None:
+            app.state.shutdown_deadline = time.monotonic() + settings.shutdown_timeout_s
+            batcher.stop_by(app.state.shutdown_deadline)
+            logger.info("shutting down: admitted requests have %g s (SHUTDOWN_TIMEOUT_S)", settings.shutdown_timeout_s)
+
+    app.state.shutdown_deadline = None
+    chain_termination_handlers(begin_shutdown)
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
     decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
     app.state.engine = engine
+    app.state.database_file = DatabaseFile(engine)
     app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
     app.state.log_writer = LogWriter(engine)
@@ -83,6 +111,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
         await engine.dispose()
+        metrics.process_stopped()
 
 
 def get_settings(request: Request) -> Settings:
@@ -129,6 +158,7 @@ async def charge(request: Request, key: ApiKey, limiter: SlidingWindowLimiter, c
 def refuse_if_full(request: Request, key: ApiKey, decision: Decision, cost: int = 1) -> None:
     request.state.rate_limit_headers = rate_limit_headers(decision, key.window_s)  # on every answer, errors too
     if not decision.allowed:
+        RATE_LIMITED.inc()
         raise ApiError(429, "rate_limit_exceeded",
                        f"This key may make {key.rate_limit} requests per {key.window_s} s"
                        f"{f' (this one counts {cost})' if cost > 1 else ''}; retry in {decision.retry_after_s} s.",
@@ -154,9 +184,16 @@ async def infer(request: Request, batcher: Batcher, images: list[np.ndarray], de
         raise ApiError(499, "client_closed_request", "The client closed the connection before the answer.")
     try:
         return inference.result()
+    except ShuttingDown:
+        raise shutting_down() from None
     except DeadlineExceeded:
         raise ApiError(504, "request_timeout", "The server could not classify this within REQUEST_TIMEOUT_S "
                                                "(it is overloaded); retry later.", {"Retry-After": "1"}) from None
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "shutting_down", "The server is shutting down; retry, and you will reach another "
+                                          "instance or this one once it is back.", {"Retry-After": "1", "Connection": "close"})
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
@@ -168,7 +205,8 @@ ERRORS = {status: {"model": ErrorResponse, "description": description} for statu
     422: "A field is missing or has the wrong type or range, or there are too many images.",
     429: "The key's rate limit is reached; Retry-After says when to retry.",
     500: "A bug: the server failed unexpectedly. The body has the usual error shape.",
-    503: "The server is at capacity (MAX_QUEUE) or the database is unavailable; Retry-After says when to retry.",
+    503: "The server is at capacity (MAX_QUEUE), shutting down, or its database is unavailable; Retry-After says "
+         "when to retry.",
     504: "The request waited for the model longer than REQUEST_TIMEOUT_S.",
 }.items()}
 
@@ -191,6 +229,8 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
     admitted); a request whose body is refused counts one. Answers carry the rate-limit headers.
     """
     deadline = time.monotonic() + settings.request_timeout_s
+    if request.app.state.shutdown_deadline is not None:
+        raise shutting_down()  # a request that arrives after SIGTERM (on a connection already open) joins no queue
     if known_full := limiter.known_full(key.id, key.rate_limit, key.window_s):
         refuse_if_full(request, key, known_full)  # a throttled client's body is not even read
     try:
@@ -218,6 +258,8 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
     response.headers.update(request.state.rate_limit_headers)
     request.state.timings["queue"] = max(answer.queue_ms for answer in answers)
     request.state.timings["model"] = max(answer.model_ms for answer in answers)
+    request.state.model_name = model.spec.name  # for the request's line in the server log
+    request.state.batch_size = max(answer.batch_size for answer in answers)
     results = [ImageResult(predictions=top_predictions(answer.probabilities, model.spec.labels, to_classify.top_k),
                            inference_ms=round(answer.model_ms, 2), batch_size=answer.batch_size) for answer in answers]
     response_id = f"clf_{uuid.uuid4().hex}"
@@ -262,6 +304,8 @@ async def healthz() -> Health:
                   responses={503: ERRORS[503]})
 async def readyz(request: Request) -> Health:
     """Readiness: the model is loaded and the database answers."""
+    if not await request.app.state.database_file.is_usable():
+        raise ApiError(503, "not_ready", "The database file is missing.", {"Retry-After": "1"})
     try:
         await asyncio.wait_for(ping(request.app.state.engine), timeout=2)
     except Exception as exc:
@@ -270,15 +314,36 @@ async def readyz(request: Request) -> Health:
     return Health(status="ready")
 
 
+metrics_router = APIRouter()
+
+
+@metrics_router.get("/metrics", tags=["operations"], response_class=Response,
+                    responses={200: {"description": "Prometheus' text format.",
+                                     "content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def metrics_text() -> Response:
+    """Prometheus metrics: requests and latency by route, inference, batches, queue, refusals, the model."""
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     app = FastAPI(title="Image classification API", version="1.0.0", lifespan=lifespan,
                   description="ImageNet labels for your images: POST a base64 image to /v1/classify with a Bearer key.")
     app.state.settings = settings
+    # Added innermost first: a request meets RequestIdMiddleware first, so every answer (404s, 500s) has an id,
+    # and CORS headers go on the request log's own answers (a 503 for the log) as well.
     app.add_middleware(RequestLogMiddleware)
+    if settings.cors_origin_list:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
+                           allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(router)
+    if settings.metrics_enabled:
+        app.include_router(metrics_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 

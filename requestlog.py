@@ -1,6 +1,8 @@
 """The request log: every /v1 request becomes a `request_log` row, committed before its response starts.
 
 So the log never holds fewer requests than were answered, and `/v1/usage` (usage.py) can be read from it.
+Every HTTP request, /v1 or not, is also counted in the metrics below and gets one line in the server's log
+(logs.py): its id, route, status, latency, key prefix, model and batch size.
 Its response header `Server-Timing` says where the request's time went (auth, limit, parse, decode, queue,
 model, log: milliseconds), so a benchmark can find the next bottleneck.
 """
@@ -18,8 +20,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db import RequestLog, now_ms
 from errors import ApiError, database_unavailable, internal_error, is_database_unavailable, json_error
+from metrics import Counter, Histogram
 
 logger = logging.getLogger("classify")
+access_logger = logging.getLogger("classify.access")
+
+# Labelled by the route's template (/v1/classify), never the raw path, so a scan of random URLs adds no series.
+UNMATCHED_ROUTE = "unmatched"
+REQUESTS = Counter("http_requests_total", "HTTP requests answered, by route and status.", ["route", "status"])
+REQUEST_SECONDS = Histogram("http_request_duration_seconds", "Time from a request's arrival to its answer's start.",
+                            ["route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+QUIET_ROUTES = {"/healthz", "/readyz", "/metrics"}  # probed every few seconds: their lines are DEBUG
 
 
 class LogWriter:
@@ -88,17 +99,27 @@ class RequestLogMiddleware:
             nonlocal is_started, is_replaced
             if message["type"] == "http.response.start":
                 is_started = True
+                error = None
                 if is_recorded:
                     recording = time.perf_counter()
-                    if error := await self.record(scope, state, message["status"], started):
-                        is_replaced = True
-                        await json_error(error, state.get("rate_limit_headers"))(scope, receive, send)
+                    error = await self.record(scope, state, message["status"], started)
                     timings["log"] = (time.perf_counter() - recording) * 1000
-                if timings and not is_replaced:
+                self.report(scope, state, error.status_code if error else message["status"], started)
+                if error:
+                    is_replaced = True
+                    await json_error(error, state.get("rate_limit_headers"))(scope, receive, send)
+                elif timings:
                     MutableHeaders(scope=message).append("Server-Timing", server_timing(timings))
             if not is_replaced:
                 await send(message)
 
+        if is_recorded and not await scope["app"].state.database_file.is_usable():
+            # Its row would go into a deleted file (database_file.py): nothing is done that the log cannot hold.
+            logger.warning("database file missing: answering 503")
+            state["error_code"] = "database_unavailable"
+            self.report(scope, state, 503, started)
+            await json_error(database_unavailable())(scope, receive, send)
+            return
         try:
             await self.app(scope, receive, send_after_recording)
         except Exception as exc:
@@ -109,12 +130,29 @@ class RequestLogMiddleware:
             await json_error(internal_error(), state.get("rate_limit_headers"))(scope, receive, send_after_recording)
 
     @staticmethod
+    def report(scope: Scope, state: dict[str, Any], status_code: int, started: float) -> None:
+        """The request's metrics and its one line in the server log."""
+        latency_s = time.perf_counter() - started
+        route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+        REQUESTS.labels(route, str(status_code)).inc()
+        REQUEST_SECONDS.labels(route).observe(latency_s)
+        fields = {"method": scope["method"], "route": route, "status": status_code,
+                  "latency_ms": round(latency_s * 1000, 2), "key_prefix": state.get("key_prefix"),
+                  "model": state.get("model_name"), "batch_size": state.get("batch_size"),
+                  "error_code": state.get("error_code")}
+        extras = " ".join(f"{name}={fields[name]}" for name in ("key_prefix", "model", "batch_size", "error_code")
+                          if fields[name] is not None)
+        access_logger.log(logging.DEBUG if route in QUIET_ROUTES else logging.INFO, "%s %s %d %.1f ms %s",
+                          scope["method"], route, status_code, latency_s * 1000, extras, extra={"fields": fields})
+
+    @staticmethod
     async def record(scope: Scope, state: dict[str, Any], status_code: int, started: float) -> ApiError | None:
         """Writes the row; if it cannot be written, the error to answer instead."""
         writer: LogWriter = scope["app"].state.log_writer
         row = {"key_id": state.get("key_id"), "endpoint": scope["path"][:64], "method": scope["method"][:8],
                "status_code": status_code, "latency_ms": (time.perf_counter() - started) * 1000,
-               "created_at_ms": now_ms(), "error_code": state.get("error_code")}
+               "created_at_ms": now_ms(), "error_code": state.get("error_code"),
+               "request_id": state.get("request_id")}
         try:
             await writer.write(row)
         except Exception as exc:

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # text: one readable line per record; json: one JSON object per line (logs.py), for log collectors.
+    log_format: Literal["text", "json"] = "text"
+    # GET /metrics in Prometheus' text format; false makes it a 404.
+    metrics_enabled: bool = True
+    # After SIGTERM, admitted requests get this long to be answered; images still queued then get a 503.
+    shutdown_timeout_s: float = Field(20.0, gt=0)
+    # Browser origins allowed to call the API, comma-separated (https://app.example.com); empty: none, no CORS headers.
+    cors_origins: str = ""
+
     @field_validator("database_url")
     @classmethod
     def sqlite_only(cls, value: str) -> str:
@@ -81,6 +90,15 @@ class Settings(BaseSettings):
         if not value.startswith("sqlite"):
             raise ValueError("only SQLite URLs (sqlite:///path.db) are supported so far")
         return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def lower_case_format(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip()]
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -66,8 +66,9 @@ def free_port() -> int:
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "code", "message"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "code", "message", "request_id"}, body
     assert body["error"]["message"]
+    assert body["error"]["request_id"] == response.headers["X-Request-ID"], body
     if code is not None:
         assert body["error"]["code"] == code, body
     return body["error"]

@@ -1,0 +1,76 @@
+"""Prometheus metrics: where their numbers live, and how GET /metrics collects them.
+
+    from metrics import Counter, Histogram   # not from prometheus_client: this module must be imported first
+
+Each metric is defined once, at module level, in the file that updates it (requestlog.py: requests and their
+latency by route; batching.py: forward passes, batch sizes, queue depth; main.py: rate-limit refusals and the
+model's identity; auth.py: refused keys). This module only decides where the numbers are kept.
+
+One process keeps them in memory (prometheus-client's default registry). Under `uvicorn --workers N` each
+worker is a child process with its own memory, and a scrape reaches only one of them; so there every worker
+writes its numbers to files in one directory, and a scrape sums the files of all (prometheus-client's
+multiprocess mode). prometheus-client picks memory or files when it is imported, from PROMETHEUS_MULTIPROC_DIR:
+that is why the variable is set here, before the import, and why other modules import the metric classes
+from here.
+"""
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DIRECTORY_PREFIX = "classify-metrics-"
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _prepare_multiprocess_directory() -> None:
+    """In a worker of `uvicorn --workers N`: one directory for all the workers of this server, named after
+    their parent (the supervisor), emptied of earlier servers' directories whose supervisor is gone."""
+    parent = multiprocessing.parent_process()
+    if parent is None or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return  # one process, or the operator chose the directory (and cleans it between runs)
+    base = Path(tempfile.gettempdir())
+    for stale in base.glob(DIRECTORY_PREFIX + "*"):
+        pid = stale.name.removeprefix(DIRECTORY_PREFIX)
+        if pid.isdigit() and int(pid) != parent.pid and not _is_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    directory = base / f"{DIRECTORY_PREFIX}{parent.pid}"
+    directory.mkdir(exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
+_prepare_multiprocess_directory()
+
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,  # noqa: E402
+                               Histogram, generate_latest, multiprocess)
+
+__all__ = ["Counter", "Gauge", "Histogram", "is_multiprocess", "render", "process_stopped"]
+
+
+def is_multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def render() -> tuple[bytes, str]:
+    """The text exposition of every metric (of every worker, in multiprocess mode), and its content type."""
+    if not is_multiprocess():
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def process_stopped() -> None:
+    """A worker that stops takes its live gauges (queue depth) out of the sums; its counters stay counted."""
+    if is_multiprocess():
+        multiprocess.mark_process_dead(os.getpid())
