@@ -1,0 +1,84 @@
+"""Database trouble (its file gone, its disk full) answers 503 with Retry-After, never a 500, and clears by itself
+once the trouble does. (A write lock held too long: tests/test_usage.py.)
+
+A filesystem turned read-only under the server is not tested: Linux refuses to remount one read-only while
+the server has its files open for writing, and as root no file permission makes SQLite's writes fail. Its
+errors ("attempt to write a readonly database", "disk I/O error") are among the ones errors.py treats as 503."""
+
+import os
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ONE_PIXEL, assert_error, log_rows, make_key, server_env
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of our own, to fill up without touching anything else (needs root)."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(directory)], capture_output=True)
+    if mounted.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs: {mounted.stderr.decode()}")
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode()}")
+    yield directory
+    subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def assert_unavailable(response) -> None:
+    assert_error(response, 503, "database_unavailable")
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_a_removed_database_file_is_503_until_a_file_is_back(start_server, tmp_path):
+    """SQLite would go on writing into the deleted file, and every answer would be logged where nobody can read
+    it: so while no file is at the path, /v1 answers 503 and writes nothing; a restored file is picked up."""
+    running = start_server()
+    key = make_key(running.database_url)
+    path = Path(running.database_url.removeprefix("sqlite:///"))
+    with running.client(key) as client:
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        backup = tmp_path / "backup.db"
+        with sqlite3.connect(path) as source, sqlite3.connect(backup) as copy:
+            source.backup(copy)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        assert_unavailable(client.post("/v1/classify", json={"image": ONE_PIXEL}))
+        assert_unavailable(client.get("/v1/usage"))
+        assert_error(client.get("/readyz"), 503, "not_ready")
+        assert client.get("/healthz").status_code == 200  # alive: a restart would not bring the file back
+        shutil.copy(backup, path)  # restored: a new file (inode) at the path
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/v1/usage").json()["successful_requests"] == 2
+    assert [row["status_code"] for row in log_rows(running.database_url, "endpoint = '/v1/classify'")] == [200, 200]
+    assert "Traceback" not in running.log()
+
+
+def test_a_full_disk_is_503_and_clears_when_space_is_freed(small_filesystem, start_server):
+    running = start_server(server_env(small_filesystem))
+    key = make_key(running.database_url)
+    filler = small_filesystem / "filler"
+    with running.client(key) as client:
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        with open(filler, "wb") as out:  # every free block, until the filesystem refuses
+            try:
+                while True:
+                    out.write(b"\0" * 65536)
+                    out.flush()
+            except OSError:
+                pass
+        # SQLite reuses space its files already have, so some writes may still fit; soon one needs a new block.
+        statuses = [client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code for _ in range(40)]
+        assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+        assert_unavailable(client.post("/v1/classify", json={"image": ONE_PIXEL}))
+        filler.unlink()
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+    assert "Traceback" not in running.log()
+
