@@ -1,0 +1,68 @@
+"""Headers for browsers: CORS only for the origins in CORS_ORIGINS, and security headers on every answer."""
+
+import re
+
+import pytest
+
+from conftest import ONE_PIXEL, make_key
+
+ALLOWED = "https://app.example.com"
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+def preflight(client, origin: str):
+    return client.options("/v1/classify", headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                                   "Access-Control-Request-Headers": "authorization,content-type,x-request-id"})
+
+
+def test_an_allowed_origin_may_call_the_api_and_read_its_headers(start_server):
+    running = start_server({"CORS_ORIGINS": f"{ALLOWED}, https://other.example.org/"})
+    key = make_key(running.database_url)
+    with running.client() as client:
+        allowed = preflight(client, ALLOWED)
+        assert allowed.status_code == 200 and allowed.headers["Access-Control-Allow-Origin"] == ALLOWED
+        assert {"authorization", "content-type", "x-request-id"} <= {
+            name.strip().lower() for name in allowed.headers["Access-Control-Allow-Headers"].split(",")}
+        response = client.post("/v1/classify", json={"image": ONE_PIXEL},
+                               headers={"Origin": ALLOWED, "Authorization": f"Bearer {key}"})
+        assert response.status_code == 200 and response.headers["Access-Control-Allow-Origin"] == ALLOWED
+        exposed = {name.strip().lower() for name in response.headers["Access-Control-Expose-Headers"].split(",")}
+        assert {"x-ratelimit-remaining", "ratelimit", "retry-after", "x-request-id", "server-timing"} <= exposed
+        refused = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers={"Origin": ALLOWED})
+        assert refused.status_code == 401 and refused.headers["Access-Control-Allow-Origin"] == ALLOWED  # readable
+        other = preflight(client, "https://other.example.org")  # the trailing slash in the setting is forgiven
+        assert other.headers["Access-Control-Allow-Origin"] == "https://other.example.org"
+
+        evil = preflight(client, "https://evil.example")
+        assert evil.status_code == 400 and "Access-Control-Allow-Origin" not in evil.headers
+        stolen = client.post("/v1/classify", json={"image": ONE_PIXEL},
+                             headers={"Origin": "https://evil.example", "Authorization": f"Bearer {key}"})
+        assert "Access-Control-Allow-Origin" not in stolen.headers
+
+
+def test_no_origin_is_allowed_by_default(server):
+    with server.client() as client:
+        assert "Access-Control-Allow-Origin" not in preflight(client, ALLOWED).headers
+        response = client.get("/v1/models", headers={"Origin": ALLOWED})
+        assert "Access-Control-Allow-Origin" not in response.headers
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/healthz"), ("GET", "/v1/models"), ("POST", "/v1/classify"),
+                                          ("GET", "/metrics"), ("GET", "/nowhere"), ("GET", "/openapi.json")])
+def test_api_answers_are_not_sniffed_cached_or_framed(server, method, path):
+    with server.client() as client:
+        response = client.request(method, path)
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["Content-Security-Policy"] == API_CSP
+
+
+def test_pages_keep_their_own_policy_and_no_banner_has_a_version(server):
+    with server.client() as client:
+        page, script, docs = client.get("/"), client.get("/static/app.js"), client.get("/docs")
+    for response in (page, script, docs):
+        assert response.status_code == 200 and response.headers["X-Content-Type-Options"] == "nosniff"
+        assert not re.search(r"\d", response.headers.get("server", "")), response.headers["server"]
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'self';")  # main.PAGE_HEADERS
+    assert "Content-Security-Policy" not in docs.headers  # Swagger UI loads its script from a CDN
+    assert "no-store" not in script.headers.get("Cache-Control", "")  # static files may be cached
