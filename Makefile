@@ -9,9 +9,10 @@ PORT ?= 8000
 
 .PHONY: run test install bench clean screenshot
 
+# --timeout-graceful-shutdown: SHUTDOWN_TIMEOUT_S (20) and 5 s, for bodies still arriving at SIGTERM.
 run: $(VENV)/.installed
 	$(BIN)/python cli.py init
-	$(BIN)/uvicorn main:app --http h11 --host $(HOST) --port $(PORT)
+	$(BIN)/uvicorn main:app --http h11 --host $(HOST) --port $(PORT) --no-server-header --timeout-graceful-shutdown 25
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
