@@ -3,7 +3,8 @@
     $ uvicorn main:app --host 127.0.0.1 --port 8000
     $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -d '{"image": "'$(base64 -w0 cat.jpg)'"}'
 
-Start-up loads the model (and warms it) and creates the tables; until that is done the port is not open.
+Start-up loads the model (and warms it) and migrates the database to the schema's head; until that is done
+the port is not open.
 """
 
 import asyncio
@@ -20,12 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from auth import CurrentKey
-from db import SessionDep, create_tables, make_engine, make_sessionmaker, ping
+from auth import CurrentKey, KeyCache
+from db import SessionDep, make_engine, make_sessionmaker, migrate, ping
 from errors import ApiError, ErrorResponse, install_error_handlers
 from images import decode_base64, decode_for_model
 from inference import Classifier, ModelLoadError, ModelSpec, load_model, preprocess
-from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
+from ratelimit import Decision, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis
 from schemas import MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ModelInfo, ModelList, Usage
 from requestlog import RequestLogMiddleware
 from settings import Settings, usable_cores
@@ -37,9 +38,10 @@ logger = logging.getLogger("classify")
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    engine = make_engine(settings.database_url, settings.db_timeout_s)
+    engine = make_engine(settings.database_url, settings.db_timeout_s, settings.db_pool_size, settings.db_max_overflow)
+    redis = make_redis(settings.redis_url, settings.db_timeout_s) if settings.redis_url else None
     try:
-        await create_tables(engine)
+        await migrate(engine)
         model = await asyncio.to_thread(load_model, settings.model_name, settings.model_weights, settings.model_fallback)
     except ModelLoadError as exc:
         logger.critical("cannot start: %s", exc)
@@ -56,17 +58,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
-    app.state.limiter = SlidingWindowLimiter(SqlWindowStorage(engine))
+    app.state.redis = redis
+    storage: WindowStorage = RedisWindowStorage(redis, settings.redis_key_prefix) if redis else SqlWindowStorage(engine)
+    app.state.limiter = SlidingWindowLimiter(storage)
+    app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     app.state.classifier = classifier
-    logger.info("ready: %s (weights: %s), %d model workers x %d torch threads, database %s", model.spec.name,
-                model.weights_source, settings.model_workers, settings.threads_per_worker,
-                engine.url.render_as_string(hide_password=True))
+    logger.info("ready: %s (weights: %s), %d model workers x %d torch threads, database %s, rate limit in %s",
+                model.spec.name, model.weights_source, settings.model_workers, settings.threads_per_worker,
+                engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
     try:
         yield
     finally:
         decode_pool.shutdown(wait=True)
         classifier.close()
         await engine.dispose()
+        if redis is not None:
+            await redis.aclose()
 
 
 def get_settings(request: Request) -> Settings:
@@ -156,7 +163,7 @@ ERRORS = {status: {"model": ErrorResponse, "description": description} for statu
     422: "A field is missing or has the wrong type or range.",
     429: "The key's rate limit is reached; Retry-After says when to retry.",
     500: "A bug: the server failed unexpectedly. The body has the usual error shape.",
-    503: "The database is unavailable; Retry-After says when to retry.",
+    503: "The database or Redis is unavailable; Retry-After says when to retry.",
 }.items()}
 
 router = APIRouter()
@@ -209,12 +216,19 @@ async def healthz() -> Health:
 @router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, tags=["health"],
                   responses={503: ERRORS[503]})
 async def readyz(request: Request) -> Health:
-    """Readiness: the model is loaded and the database answers."""
+    """Readiness: the model is loaded, and the database (and Redis, when the limiter uses it) answer."""
     try:
         await asyncio.wait_for(ping(request.app.state.engine), timeout=2)
     except Exception as exc:
         logger.warning("not ready: database check failed: %r", exc)
         raise ApiError(503, "not_ready", "The database is not reachable.", {"Retry-After": "1"}) from None
+    if request.app.state.redis is not None:
+        try:
+            await asyncio.wait_for(request.app.state.redis.ping(), timeout=2)
+        except Exception as exc:
+            logger.warning("not ready: Redis check failed: %r", exc)
+            raise ApiError(503, "not_ready", "Redis, where the rate limit lives, is not reachable.",
+                           {"Retry-After": "1"}) from None
     return Health(status="ready")
 
 

@@ -42,7 +42,7 @@ def test_revoked_key_is_401(server, cat_png):
         assert revoke.returncode == 0, revoke.stderr
         assert_error(client.post("/v1/classify", json={"image": b64(cat_png)}), 401, "revoked_api_key")
         assert_error(client.get("/v1/usage"), 401, "revoked_api_key")
-    rows = log_rows(server.database_url, "key_id = ?", key_id(server.database_url, key))
+    rows = log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key))
     assert [(row["status_code"], row["error_code"]) for row in rows] == [
         (200, None), (401, "revoked_api_key"), (401, "revoked_api_key")]  # a known key, even revoked
 

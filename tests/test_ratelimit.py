@@ -9,7 +9,7 @@ import httpx
 from sqlalchemy import select
 
 from conftest import ONE_PIXEL, assert_error, make_key
-from db import create_tables, make_engine, write_transaction
+from db import migrate, make_engine, write_transaction
 
 def burst(url: str, key: str, count: int) -> list[httpx.Response]:
     """`count` classify requests at once, each on its own connection."""
@@ -96,7 +96,7 @@ def test_a_write_transaction_holds_the_lock_from_its_first_statement(tmp_path):
 
     async def hold_and_probe() -> str:
         engine = make_engine(f"sqlite:///{path}", timeout_s=1)
-        await create_tables(engine)
+        await migrate(engine)
         async with write_transaction(engine) as connection:
             await connection.execute(select(1))  # a read: a deferred transaction would hold no lock yet
             probe = sqlite3.connect(path, timeout=0, isolation_level=None)

@@ -88,7 +88,7 @@ def test_every_v1_request_is_logged_before_its_answer(server):
         ]:
             assert send().status_code == status
             expected.append((status, code))
-            rows = log_rows(server.database_url, "key_id = ?", own_id)
+            rows = log_rows(server.database_url, "key_id = :key_id", key_id=own_id)
             assert [(row["status_code"], row["error_code"]) for row in rows] == expected  # already there
         assert anonymous.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 401
         assert anonymous.get("/v1/nothing-here").status_code == 404
@@ -140,7 +140,7 @@ def test_an_unexpected_failure_is_a_logged_500_in_the_one_error_shape(start_serv
         assert error["type"] == "server_error" and "Traceback" not in response.text
         assert client.get("/readyz").status_code == 200
     assert "Traceback" in running.log()
-    rows = log_rows(running.database_url, "key_id = ?", key_id(running.database_url, key))
+    rows = log_rows(running.database_url, "key_id = :key_id", key_id=key_id(running.database_url, key))
     assert [(row["status_code"], row["error_code"]) for row in rows] == [(500, "internal_error")]
 
 
