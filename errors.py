@@ -133,7 +133,7 @@ async def handle_database_error(request: Request, exc: Exception) -> JSONRespons
 
 
 async def handle_redis_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.warning("rate limiter unavailable on %s %s: %r", request.method, request.url.path, exc)
+    logger.warning("rate limiter unavailable on %s %s: %s", request.method, request.url.path, exc)
     return await handle_api_error(request, limiter_unavailable())
 
 
