@@ -7,7 +7,8 @@
     $ python cli.py revoke-key sk-Qm3xTz8b                 # the whole key, or a prefix of it
 
 A new key is printed once, alone on the last line of stdout. Exit codes: 0 done, 1 no such key or an
-ambiguous prefix, 2 bad arguments, 3 the database is busy or unreachable.
+ambiguous prefix, 2 bad arguments, 3 the database is busy or unreachable, 4 its tables were not made by this
+server (so they are not migrated).
 """
 
 import argparse
@@ -21,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth import KEY_PATTERN, PREFIX_LENGTH, create_key, find_keys
-from db import ApiKey, make_engine, make_sessionmaker, migrate, now_ms
+from db import ApiKey, ForeignSchemaError, make_engine, make_sessionmaker, migrate, now_ms
 from settings import Settings
 
 
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except OperationalError as exc:
         print(f"The database is busy or unreachable ({exc.orig}); try again.", file=sys.stderr)
         return 3
+    except ForeignSchemaError as exc:
+        print(exc, file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -142,6 +142,10 @@ PRE_ALEMBIC_TABLES = {
 MIGRATION_LOCK_ID = 0x636C6173  # any constant: PostgreSQL's advisory lock that queues concurrent migrations
 
 
+class ForeignSchemaError(RuntimeError):
+    """The database has tables of our names that this server did not make: it will not touch them."""
+
+
 def alembic_config(connection: Connection | None = None) -> Config:
     config = Config(Path(__file__).resolve().parent / "alembic.ini")
     config.set_main_option("script_location", str(MIGRATIONS))
@@ -172,7 +176,7 @@ def _check_pre_alembic_schema(connection: Connection) -> None:
     for table, expected in PRE_ALEMBIC_TABLES.items():
         found = {column["name"] for column in inspector.get_columns(table)} if inspector.has_table(table) else set()
         if found != expected:
-            raise RuntimeError(f"The database's table {table!r} has columns {sorted(found)}, not {sorted(expected)}: "
+            raise ForeignSchemaError(f"The database's table {table!r} has columns {sorted(found)}, not {sorted(expected)}: "
                                "it was not made by this server, so it is not migrated; use another DATABASE_URL.")
 
 
