@@ -57,10 +57,14 @@ def wait_for_port(port: int, what: str, log: Path) -> None:
     raise RuntimeError(f"{what} did not open port {port}:\n{log.read_text(errors='replace') if log.exists() else ''}")
 
 
-class PostgresServer:
-    """A PostgreSQL cluster of its own (initdb), serving 127.0.0.1:port; fsync off, as nothing here must last."""
+NOTHING_TO_KEEP = {"fsync": "off", "full_page_writes": "off"}  # tests: faster, and nothing here must last
 
-    def __init__(self) -> None:
+
+class PostgresServer:
+    """A PostgreSQL cluster of its own (initdb), serving 127.0.0.1:port, with `options` (-c name=value) added."""
+
+    def __init__(self, options: dict[str, str] | None = None) -> None:
+        self.options = NOTHING_TO_KEEP if options is None else options
         initdb = require_binary("initdb", "postgresql")
         self.bin = Path(initdb).resolve().parent
         self.dir = Path(tempfile.mkdtemp(prefix="classify-pg-"))  # not under pytest's root-only temp dir
@@ -77,7 +81,8 @@ class PostgresServer:
         subprocess.run([*self.run_as, *command], check=True, capture_output=True, timeout=120)
 
     def start(self) -> "PostgresServer":
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c full_page_writes=off -c max_connections=200"
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.dir} -c max_connections=200"
+        options += "".join(f" -c {name}={value}" for name, value in self.options.items())
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path), "-o", options, "-w", "start")
         return self
 
