@@ -176,8 +176,9 @@ def _check_pre_alembic_schema(connection: Connection) -> None:
     for table, expected in PRE_ALEMBIC_TABLES.items():
         found = {column["name"] for column in inspector.get_columns(table)} if inspector.has_table(table) else set()
         if found != expected:
-            raise ForeignSchemaError(f"The database's table {table!r} has columns {sorted(found)}, not {sorted(expected)}: "
-                               "it was not made by this server, so it is not migrated; use another DATABASE_URL.")
+            raise ForeignSchemaError(f"The database's table {table!r} has columns {sorted(found)}, not "
+                                     f"{sorted(expected)}: it was not made by this server, so it is not migrated; "
+                                     "use another DATABASE_URL.")
 
 
 async def ping(engine: AsyncEngine) -> None:
