@@ -74,6 +74,13 @@ class Settings(BaseSettings):
             raise ValueError("DATABASE_URL must be sqlite:///path.db or postgresql+psycopg://user:password@host/dbname")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REDIS_URL must be redis://host:6379/0 (rediss:// with TLS, unix:///path for a socket)")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def upper_case_level(cls, value: object) -> object:

@@ -14,6 +14,12 @@ def test_only_databases_the_limiter_can_lock_in_are_accepted():
             Settings(database_url=url)
 
 
+def test_redis_urls_must_name_a_redis_scheme():
+    assert Settings(redis_url="redis://cache:6379/0").redis_url == "redis://cache:6379/0"
+    with pytest.raises(ValidationError, match="REDIS_URL must be"):
+        Settings(redis_url="cache:6379")
+
+
 def test_model_threads_share_the_cores_by_default():
     settings = Settings(model_workers=1)
     assert settings.threads_per_worker >= 1
