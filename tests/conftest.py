@@ -23,7 +23,7 @@ import httpx
 import pytest
 import skimage
 from PIL import Image
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from servers import PostgresServer, RedisServer, free_port
@@ -168,11 +168,16 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, **options)
 
 
-def query(database_url: str, sql: str, **params: object) -> list[dict]:
-    """Runs `sql` (`:name` parameters) on the server's database, SQLite or PostgreSQL, in its own transaction."""
+def sync_engine(database_url: str) -> Engine:
+    """A plain synchronous engine on the server's database (SQLite or PostgreSQL), for the tests' own reads."""
     url = make_url(database_url)
     url = url.set(drivername="postgresql+psycopg" if url.get_backend_name() == "postgresql" else "sqlite")
-    engine = create_engine(url, poolclass=NullPool)
+    return create_engine(url, poolclass=NullPool)
+
+
+def query(database_url: str, sql: str, **params: object) -> list[dict]:
+    """Runs `sql` (`:name` parameters) on the server's database, SQLite or PostgreSQL, in its own transaction."""
+    engine = sync_engine(database_url)
     try:
         with engine.begin() as connection:
             result = connection.execute(text(sql), params)

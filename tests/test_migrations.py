@@ -11,10 +11,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, make_url
-from sqlalchemy.pool import NullPool
 
-from conftest import ROOT, query
+from conftest import ROOT, query, sync_engine
 from db import Base, alembic_config, make_engine, migrate
 
 
@@ -25,9 +23,7 @@ def cli(database_url: str, *args: str) -> subprocess.CompletedProcess:
 
 def differences_from_models(database_url: str) -> list:
     """What `alembic check` reports: how the database's schema differs from the models in db.py."""
-    url = make_url(database_url)
-    url = url.set(drivername="postgresql+psycopg" if url.get_backend_name() == "postgresql" else "sqlite")
-    engine = create_engine(url, poolclass=NullPool)
+    engine = sync_engine(database_url)
     try:
         with engine.connect() as connection:
             return compare_metadata(MigrationContext.configure(connection), Base.metadata)
@@ -72,7 +68,7 @@ def test_a_database_made_before_alembic_is_upgraded_in_place(tmp_path):
     and all, is stamped at the initial revision and brought to head."""
     path = tmp_path / "old.db"
     database_url = f"sqlite:///{path}"
-    engine = create_engine(database_url)
+    engine = sync_engine(database_url)
     Base.metadata.create_all(engine)
     engine.dispose()
     with sqlite3.connect(path) as connection:
