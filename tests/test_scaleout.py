@@ -8,7 +8,9 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
+from sqlalchemy import make_url
 
 from conftest import ONE_PIXEL, ROOT, Server, assert_error, backend_env, make_key
 from servers import PostgresServer, RedisServer
@@ -108,6 +110,23 @@ def test_postgresql_down_is_503_with_retry_after_and_recovers_without_restart(ow
         wait_until_ready(running)
         assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
         assert client.get("/v1/usage").json()["total_requests"] >= 2
+    assert "Traceback" not in running.log()
+
+
+def test_a_lock_held_longer_than_db_timeout_is_a_503_not_a_wait(request, start_server, tmp_path):
+    """PostgreSQL's counterpart of SQLite's busy lock: with the request log locked elsewhere, the row waits
+    DB_TIMEOUT_S (lock_timeout), then the client gets a 503 instead of its answer; afterwards all is well."""
+    running = start_server({**backend_env(request, "postgresql", tmp_path), "DB_TIMEOUT_S": "1"})
+    key = make_key(running.database_url)
+    url = make_url(running.database_url)
+    with running.client(key) as client:
+        assert client.get("/v1/models").status_code == 200
+        with psycopg.connect(host=url.host, port=url.port, user=url.username, dbname=url.database) as blocker:
+            blocker.execute("LOCK TABLE request_log IN ACCESS EXCLUSIVE MODE")
+            refused = client.get("/v1/models")
+        assert_error(refused, 503, "database_unavailable")
+        assert refused.headers["Retry-After"] == "1"
+        assert client.get("/v1/models").status_code == 200
     assert "Traceback" not in running.log()
 
 
