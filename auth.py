@@ -2,6 +2,9 @@
 
 A key is `sk-` and 32 random bytes, url-safe base64 (43 characters). A fast hash is enough for a secret
 with 256 bits of entropy: there is nothing to brute-force, so no bcrypt on the hot path.
+
+Keys found are cached in the process for KEY_CACHE_TTL_S, so a busy key costs the database no read per
+request; a revocation (or any change to a key) therefore reaches every server within that many seconds.
 """
 
 import hashlib
@@ -9,6 +12,7 @@ import math
 import re
 import secrets
 import time
+from collections import OrderedDict
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -30,6 +34,30 @@ PREFIX_LENGTH = len(KEY_PREFIX) + DISPLAY_CHARS
 AUTH_FAILURES = Counter("auth_failures_total", "Requests refused for their key, by error code.", ["code"])
 
 bearer = HTTPBearer(auto_error=False, bearerFormat="sk-...", description="An API key from `python cli.py create-key`.")
+
+
+class KeyCache:
+    """Keys by hash, each trusted for `ttl_s` seconds after it was read; the least recently read go first
+    beyond `max_keys`. Only keys that exist are kept, so random tokens cannot fill it."""
+
+    def __init__(self, ttl_s: float, max_keys: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_keys = max_keys
+        self._keys: OrderedDict[str, tuple[float, ApiKey]] = OrderedDict()
+
+    def get(self, key_hash: str) -> ApiKey | None:
+        found = self._keys.get(key_hash)
+        if found is None or found[0] <= time.monotonic():
+            return None
+        return found[1]
+
+    def put(self, key_hash: str, api_key: ApiKey) -> None:
+        if self.ttl_s <= 0:
+            return
+        self._keys[key_hash] = (time.monotonic() + self.ttl_s, api_key)
+        self._keys.move_to_end(key_hash)
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
 
 
 def generate_key() -> str:
@@ -75,19 +103,25 @@ async def get_current_key(request: Request, session: SessionDep,
     if credentials is None:
         if "authorization" in request.headers:
             raise unauthorized("malformed_authorization",
-                           "The Authorization header must be `Bearer <your API key>`.", challenge)
+                               "The Authorization header must be `Bearer <your API key>`.", challenge)
         raise unauthorized("missing_api_key", "Send your API key as `Authorization: Bearer sk-...`.", challenge)
     token = credentials.credentials
     api_key = None
     if KEY_PATTERN.fullmatch(token):  # anything else (a 5000-character string, SQL) cannot be a key: no lookup
         started = time.perf_counter()
-        async with session.begin():
-            api_key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token)))
+        cache: KeyCache = request.app.state.key_cache
+        key_hash = hash_key(token)
+        api_key = cache.get(key_hash)
+        if api_key is None:
+            async with session.begin():
+                api_key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
+            if api_key is not None:
+                cache.put(key_hash, api_key)  # detached and fully loaded (expire_on_commit=False): safe to share
         add_timing(request, "auth", started)
     invalid = {"WWW-Authenticate": 'Bearer realm="api", error="invalid_token"'}
     if api_key is None:
         raise unauthorized("invalid_api_key",
-                       "The API key is not valid; check it, or create one with `python cli.py create-key`.", invalid)
+                           "The API key is not valid; check it, or create one with `python cli.py create-key`.", invalid)
     request.state.key_id = api_key.id  # the request log records it, revoked or not
     request.state.key_prefix = api_key.prefix  # the server log's line for the request shows it, never the key
     if api_key.revoked_at_ms is not None:

@@ -1,6 +1,7 @@
 """Key administration, against the same DATABASE_URL as the server (safe while it runs).
 
-    $ python cli.py init                                   # create the tables; the first key, if there is none
+    $ python cli.py migrate                                # bring the database's schema to the latest revision
+    $ python cli.py init                                   # migrate; the first key, if there is none
     $ python cli.py create-key --email ada@example.com --rate-limit 100 --window 60
     $ python cli.py list-keys [--json]                     # prefix, email, limit, window, created, last used, revoked
     $ python cli.py set-limit sk-Qm3xTz8b --rate-limit 500 [--window 60]
@@ -15,6 +16,7 @@ Exit codes, for scripts:
     1  no key matches, the prefix matches several keys, or rotate-key was given a revoked key
     2  bad arguments (argparse's own code)
     3  the database is busy or unreachable; try again
+    4  the database's tables were not made by this server, so they are not migrated
 """
 
 import argparse
@@ -28,11 +30,12 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth import KEY_PATTERN, PREFIX_LENGTH, create_key, find_keys
-from db import ApiKey, RequestLog, create_tables, make_engine, make_sessionmaker, now_ms
+from db import ApiKey, ForeignSchemaError, RequestLog, make_engine, make_sessionmaker, migrate, now_ms
 from settings import Settings
 
 EXIT_WRONG_KEY = 1
 EXIT_DATABASE_UNAVAILABLE = 3
+EXIT_FOREIGN_SCHEMA = 4
 
 
 class WrongKey(Exception):
@@ -56,6 +59,11 @@ async def find_one_key(session: AsyncSession, key_or_prefix: str) -> ApiKey:
         problem = "No key matches" if not matches else f"{len(matches)} keys match"
         raise WrongKey(f"{problem} {key_or_prefix!r}; give the whole key or a longer prefix (python cli.py list-keys).")
     return matches[0]
+
+
+async def cmd_migrate(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
+    print("Database schema is at the latest revision.")  # `run` migrated it, as before every command
+    return 0
 
 
 async def cmd_init(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
@@ -142,6 +150,7 @@ async def cmd_revoke_key(session: AsyncSession, args: argparse.Namespace, settin
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python cli.py", description="Manage the API's keys.")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("migrate", help="bring the database's schema to the latest revision").set_defaults(run=cmd_migrate)
     commands.add_parser("init", help="create the tables, and a first key if there is none").set_defaults(run=cmd_init)
     create = commands.add_parser("create-key", help="create a key and print it once")
     create.add_argument("--email", required=True, help="whom the key belongs to")
@@ -173,12 +182,13 @@ def positive_int(text: str) -> int:
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
-    engine = make_engine(settings.database_url, settings.db_timeout_s)
+    engine = make_engine(settings.database_url, settings.db_timeout_s, pool_size=1, max_overflow=1)
     try:
-        await create_tables(engine)
+        await migrate(engine)
         async with make_sessionmaker(engine)() as session:
-            # The write lock first: a running server commits between our read and our write otherwise, and
-            # SQLite refuses to upgrade a read transaction that has gone stale. Each command commits, then prints.
+            # SQLite: the write lock first: a running server commits between our read and our write otherwise, and
+            # SQLite refuses to upgrade a read transaction that has gone stale (PostgreSQL ignores the option).
+            # Each command commits, then prints.
             await session.connection(execution_options={"sqlite_immediate": True})
             return await args.run(session, args, settings)
     finally:
@@ -195,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except OperationalError as exc:
         print(f"The database is busy or unreachable ({exc.orig}); try again.", file=sys.stderr)
         return EXIT_DATABASE_UNAVAILABLE
+    except ForeignSchemaError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_FOREIGN_SCHEMA
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
-"""The database: three tables (keys, the request log, the rate limiter's window) and the async engine.
+"""The database: three tables (keys, the request log, the rate limiter's window), the async engine on SQLite
+(aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to Alembic's head.
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
 integer division in every SQL dialect.
 """
 
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
+from alembic import command
+from alembic.config import Config
 from fastapi import Depends, Request
-
-from sqlalchemy import BigInteger, ForeignKey, Index, String, event, select
+from sqlalchemy import BigInteger, Connection, ForeignKey, Index, Integer, String, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -23,6 +27,11 @@ def now_ms() -> int:
 
 class Base(DeclarativeBase):
     pass
+
+
+# 64-bit ids for the tables that grow with traffic (a 32-bit id runs out after 2^31 requests); on SQLite an
+# INTEGER PRIMARY KEY already is 64-bit, and only that exact type is the auto-numbered rowid.
+BIG_ID = BigInteger().with_variant(Integer, "sqlite")
 
 
 # An API key. Only its SHA-256 and a short display prefix are stored: the key itself is shown once, at creation.
@@ -43,7 +52,7 @@ class ApiKey(Base):
 class RequestLog(Base):
     __tablename__ = "request_log"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(BIG_ID, primary_key=True)
     key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))  # None when no valid key was sent
     endpoint: Mapped[str] = mapped_column(String(64))
     method: Mapped[str] = mapped_column(String(8))
@@ -60,16 +69,23 @@ class RequestLog(Base):
 class RateLimitHit(Base):
     __tablename__ = "rate_limit_hits"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(BIG_ID, primary_key=True)
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
     at_ms: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (Index("ix_rate_limit_hits_key_time", "key_id", "at_ms"),)
 
 
-def make_engine(database_url: str, timeout_s: float) -> AsyncEngine:
-    """An async engine on the SQLite file of `database_url` (aiosqlite), waiting up to `timeout_s` for its lock."""
-    url = make_url(database_url).set(drivername="sqlite+aiosqlite")
+def make_engine(database_url: str, timeout_s: float, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
+    """An async engine on `database_url`, whose calls wait up to `timeout_s` for a lock or a connection."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "postgresql":
+        # A lock wait (a key's admission queue) or a connection attempt longer than the timeout is a 503.
+        lock_timeout = f"-c lock_timeout={int(timeout_s * 1000)}"
+        return create_async_engine(url.set(drivername="postgresql+psycopg"), pool_size=pool_size,
+                                   max_overflow=max_overflow, pool_timeout=timeout_s,
+                                   connect_args={"connect_timeout": max(2, math.ceil(timeout_s)), "options": lock_timeout})
+    url = url.set(drivername="sqlite+aiosqlite")
     engine = create_async_engine(url, connect_args={"timeout": timeout_s}, pool_size=8, max_overflow=8)
     _use_explicit_sqlite_transactions(engine)
     return engine
@@ -95,7 +111,8 @@ def _use_explicit_sqlite_transactions(engine: AsyncEngine) -> None:
 
 @asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A transaction that holds the database's write lock from its first statement (SQLite: BEGIN IMMEDIATE)."""
+    """A transaction that holds the database's write lock from its first statement (SQLite: BEGIN IMMEDIATE;
+    PostgreSQL has no such lock: its writers lock the rows they need, as the limiter locks its key's row)."""
     async with engine.connect() as connection:
         await connection.execution_options(sqlite_immediate=True)
         async with connection.begin():
@@ -115,10 +132,54 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-async def create_tables(engine: AsyncEngine) -> None:
-    # Under the write lock, so two workers starting at once do not both try to create the same table.
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+INITIAL_REVISION = "0001"
+# The columns of the tables made by `metadata.create_all` before Alembic came: such a database is at 0001.
+PRE_ALEMBIC_TABLES = {
+    "api_keys": {"id", "key_hash", "prefix", "email", "rate_limit", "window_s", "created_at_ms", "revoked_at_ms"},
+    "request_log": {"id", "key_id", "endpoint", "method", "status_code", "latency_ms", "created_at_ms", "error_code"},
+    "rate_limit_hits": {"id", "key_id", "at_ms"},
+}
+MIGRATION_LOCK_ID = 0x636C6173  # any constant: PostgreSQL's advisory lock that queues concurrent migrations
+
+
+class ForeignSchemaError(RuntimeError):
+    """The database has tables of our names that this server did not make: it will not touch them."""
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config(Path(__file__).resolve().parent / "alembic.ini")
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection  # migrations/env.py runs on it
+    return config
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Brings the database to Alembic's head, in one transaction that holds the write lock (SQLite) or an
+    advisory lock (PostgreSQL): several servers starting at once migrate one after another."""
     async with write_transaction(engine) as connection:
-        await connection.run_sync(Base.metadata.create_all)
+        if connection.dialect.name == "postgresql":
+            await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        await connection.run_sync(_upgrade_to_head)
+
+
+def _upgrade_to_head(connection: Connection) -> None:
+    config = alembic_config(connection)
+    tables = set(inspect(connection).get_table_names())
+    if "alembic_version" not in tables and tables & PRE_ALEMBIC_TABLES.keys():
+        _check_pre_alembic_schema(connection)
+        command.stamp(config, INITIAL_REVISION)
+    command.upgrade(config, "head")
+
+
+def _check_pre_alembic_schema(connection: Connection) -> None:
+    inspector = inspect(connection)
+    for table, expected in PRE_ALEMBIC_TABLES.items():
+        found = {column["name"] for column in inspector.get_columns(table)} if inspector.has_table(table) else set()
+        if found != expected:
+            raise ForeignSchemaError(f"The database's table {table!r} has columns {sorted(found)}, not "
+                                     f"{sorted(expected)}: it was not made by this server, so it is not migrated; "
+                                     "use another DATABASE_URL.")
 
 
 async def ping(engine: AsyncEngine) -> None:

@@ -15,7 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from requestid import current_request_id, new_request_id
@@ -23,6 +24,11 @@ from requestid import current_request_id, new_request_id
 logger = logging.getLogger("classify")
 
 TRANSIENT_DATABASE_ERRORS = ("locked", "busy", "disk", "unable to open", "readonly", "connection")
+# PostgreSQL's SQLSTATE classes that clear by themselves: connection lost, out of resources (too many
+# connections), operator intervention (shutting down, cancelled), rolled back (deadlock, serialisation);
+# and 55P03, a lock not granted within DB_TIMEOUT_S.
+TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
+LOCK_NOT_AVAILABLE = "55P03"
 ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
@@ -56,6 +62,12 @@ class ApiError(Exception):
 def database_unavailable() -> ApiError:
     return ApiError(503, "database_unavailable",
                     "The server's database is busy or unreachable; retry after the Retry-After seconds.",
+                    {"Retry-After": "1"})
+
+
+def limiter_unavailable() -> ApiError:
+    return ApiError(503, "rate_limiter_unavailable",
+                    "The server's rate limiter (Redis) is unreachable; retry after the Retry-After seconds.",
                     {"Retry-After": "1"})
 
 
@@ -108,10 +120,15 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
 def is_database_unavailable(exc: Exception) -> bool:
     """A database that is there but cannot be used just now (locked, full, unreachable): a 503 that clears by
     itself. Any other database error (a missing table, a bad query) is a bug: a 500."""
-    if isinstance(exc, PoolTimeoutError):
+    if isinstance(exc, PoolTimeoutError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
         return True
-    message = str(getattr(exc, "orig", exc)).lower()
-    return isinstance(exc, OperationalError) and any(word in message for word in TRANSIENT_DATABASE_ERRORS)
+    if not isinstance(exc, OperationalError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)  # PostgreSQL's; None when psycopg failed before an answer
+    if sqlstate is not None:
+        return sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate == LOCK_NOT_AVAILABLE
+    message = str(exc.orig).lower()
+    return any(word in message for word in TRANSIENT_DATABASE_ERRORS)
 
 
 async def handle_database_error(request: Request, exc: Exception) -> JSONResponse:
@@ -122,9 +139,18 @@ async def handle_database_error(request: Request, exc: Exception) -> JSONRespons
     return await handle_api_error(request, database_unavailable())
 
 
+async def handle_redis_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("rate limiter unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return await handle_api_error(request, limiter_unavailable())
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
-    app.add_exception_handler(OperationalError, handle_database_error)
+    app.add_exception_handler(DBAPIError, handle_database_error)
     app.add_exception_handler(PoolTimeoutError, handle_database_error)
+    # Redis being unreachable or slow (ConnectionError covers a Redis still loading its data); its other
+    # errors, a bad script or command, are bugs: 500s.
+    app.add_exception_handler(RedisConnectionError, handle_redis_error)
+    app.add_exception_handler(RedisTimeoutError, handle_redis_error)

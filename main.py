@@ -3,7 +3,8 @@
     $ uvicorn main:app --host 127.0.0.1 --port 8000
     $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -d '{"image": "'$(base64 -w0 cat.jpg)'"}'
 
-Start-up loads the model (and warms it) and creates the tables; until that is done the port is not open.
+Start-up loads the model (and warms it) and migrates the database to the schema's head; until that is done
+the port is not open.
 """
 
 import asyncio
@@ -25,15 +26,15 @@ from fastapi.staticfiles import StaticFiles
 
 import metrics  # first: it decides where every metric below keeps its numbers
 
-from auth import CurrentKey
+from auth import CurrentKey, KeyCache
 from backends import load_backend, warm_up
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded, ShuttingDown, lower_priority
 from database_file import DatabaseFile
-from db import ApiKey, SessionDep, create_tables, make_engine, make_sessionmaker, ping
+from db import ApiKey, SessionDep, make_engine, make_sessionmaker, migrate, ping
 from errors import ApiError, ErrorResponse, install_error_handlers
 from inference import LoadedModel, ModelLoadError, load_model, top_predictions
 from logs import configure_logging
-from ratelimit import Decision, SlidingWindowLimiter, SqlWindowStorage
+from ratelimit import Decision, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis
 from request_body import check_image_count, decode_images, parse_classify_request, read_body
 from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
 from requestlog import LogWriter, RequestLogMiddleware, add_timing
@@ -64,13 +65,16 @@ MODEL_INFO = metrics.Gauge("model_info", "The model this server runs.",
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    engine = make_engine(settings.database_url, settings.db_timeout_s)
+    engine = make_engine(settings.database_url, settings.db_timeout_s, settings.db_pool_size, settings.db_max_overflow)
+    redis = make_redis(settings.redis_url, settings.db_timeout_s) if settings.redis_url else None
     try:
-        await create_tables(engine)
+        await migrate(engine)
         model = await asyncio.to_thread(load_model, settings.model_name, settings.model_weights, settings.model_fallback)
     except ModelLoadError as exc:
         logger.critical("cannot start: %s", exc)
         await engine.dispose()
+        if redis is not None:
+            await redis.aclose()
         raise
     loop = asyncio.get_running_loop()
     # The backend is built and run on this one thread, so the runtime's own threads inherit its lower priority.
@@ -98,12 +102,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
     app.state.log_writer = LogWriter(engine)
-    app.state.limiter = SlidingWindowLimiter(SqlWindowStorage(engine))
+    app.state.redis = redis
+    storage: WindowStorage = RedisWindowStorage(redis, settings.redis_key_prefix) if redis else SqlWindowStorage(engine)
+    app.state.limiter = SlidingWindowLimiter(storage)
+    app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     app.state.model = model
     app.state.batcher = batcher
-    logger.info("ready: %s (weights: %s) on %s %s, %d threads, batches of up to %d, database %s", model.spec.name,
-                model.weights_source, backend.name, backend.precision, settings.inference_threads,
-                settings.max_batch, engine.url.render_as_string(hide_password=True))
+    logger.info("ready: %s (weights: %s) on %s %s, %d threads, batches of up to %d, database %s, rate limit in %s",
+                model.spec.name, model.weights_source, backend.name, backend.precision, settings.inference_threads,
+                settings.max_batch, engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
     try:
         yield
     finally:
@@ -111,6 +118,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
         await engine.dispose()
+        if redis is not None:
+            await redis.aclose()
         metrics.process_stopped()
 
 
@@ -205,8 +214,8 @@ ERRORS = {status: {"model": ErrorResponse, "description": description} for statu
     422: "A field is missing or has the wrong type or range, or there are too many images.",
     429: "The key's rate limit is reached; Retry-After says when to retry.",
     500: "A bug: the server failed unexpectedly. The body has the usual error shape.",
-    503: "The server is at capacity (MAX_QUEUE), shutting down, or its database is unavailable; Retry-After says "
-         "when to retry.",
+    503: "The server is at capacity (MAX_QUEUE), shutting down, or the database or Redis is unavailable; "
+         "Retry-After says when to retry.",
     504: "The request waited for the model longer than REQUEST_TIMEOUT_S.",
 }.items()}
 
@@ -303,7 +312,7 @@ async def healthz() -> Health:
 @router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, tags=["health"],
                   responses={503: ERRORS[503]})
 async def readyz(request: Request) -> Health:
-    """Readiness: the model is loaded and the database answers."""
+    """Readiness: the model is loaded, and the database (and Redis, when the limiter uses it) answer."""
     if not await request.app.state.database_file.is_usable():
         raise ApiError(503, "not_ready", "The database file is missing.", {"Retry-After": "1"})
     try:
@@ -311,6 +320,13 @@ async def readyz(request: Request) -> Health:
     except Exception as exc:
         logger.warning("not ready: database check failed: %r", exc)
         raise ApiError(503, "not_ready", "The database is not reachable.", {"Retry-After": "1"}) from None
+    if request.app.state.redis is not None:
+        try:
+            await asyncio.wait_for(request.app.state.redis.ping(), timeout=2)
+        except Exception as exc:
+            logger.warning("not ready: Redis check failed: %r", exc)
+            raise ApiError(503, "not_ready", "Redis, where the rate limit lives, is not reachable.",
+                           {"Retry-After": "1"}) from None
     return Health(status="ready")
 
 

@@ -6,16 +6,25 @@ into a `Decision`. Nothing here knows about HTTP: a dependency in main.py makes 
 
 A true sliding window, not fixed buckets: every admitted request is a timestamp that counts until exactly
 S seconds later, so no burst at a bucket boundary ever gets 2N through.
+
+Two storages: `SqlWindowStorage` (SQLite or PostgreSQL, the default) and `RedisWindowStorage` (REDIS_URL set).
 """
 
 import math
+import secrets
 import time
 from typing import NamedTuple, Protocol
 
-from sqlalchemy import delete, func, insert, select
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from sqlalchemy import BigInteger, cast, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from db import RateLimitHit, now_ms, write_transaction
+from db import ApiKey, RateLimitHit, now_ms, write_transaction
+
+# PostgreSQL's own clock, in ms: hosts whose clocks disagree still record admissions in one order.
+POSTGRES_NOW_MS = cast(func.floor(func.extract("epoch", func.clock_timestamp()) * 1000), BigInteger)
 
 
 class Decision(NamedTuple):
@@ -50,6 +59,7 @@ class SqlWindowStorage:
     On SQLite that transaction starts with BEGIN IMMEDIATE, so it holds the database's single write lock from
     its first statement to the insert, whatever that statement is: requests racing in one process, or in
     several processes on one file, queue there, and none can count before another has recorded.
+    On PostgreSQL its first statement locks the key's row, so the same holds per key, across every host.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -57,7 +67,7 @@ class SqlWindowStorage:
 
     async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1) -> tuple[bool, WindowState]:
         async with write_transaction(self.engine) as connection:
-            at_ms = now_ms()  # under the lock: admissions are recorded in the order of their times
+            at_ms = await self._lock_key(connection, key_id)  # the clock read under the lock: recorded in order
             # Expired hits are never read again; dropping them keeps each key's rows at most its limit.
             await connection.execute(
                 delete(RateLimitHit).where(RateLimitHit.key_id == key_id, RateLimitHit.at_ms <= at_ms - window_ms))
@@ -69,7 +79,19 @@ class SqlWindowStorage:
 
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState:
         async with self.engine.connect() as connection:
-            return await self._count(connection, key_id, limit, now_ms(), window_ms)
+            at_ms = await connection.scalar(select(POSTGRES_NOW_MS)) if _is_postgres(connection) else now_ms()
+            return await self._count(connection, key_id, limit, at_ms, window_ms)
+
+    @staticmethod
+    async def _lock_key(connection: AsyncConnection, key_id: int) -> int:
+        """Makes the other admissions of this key wait until this transaction ends; the time to record, in ms."""
+        if not _is_postgres(connection):
+            return now_ms()  # BEGIN IMMEDIATE holds SQLite's one write lock already; one host, one clock
+        # FOR NO KEY UPDATE, not FOR UPDATE: request-log inserts, whose foreign key only share-locks the row, pass.
+        at_ms = await connection.scalar(
+            select(POSTGRES_NOW_MS).where(ApiKey.id == key_id).with_for_update(key_share=True))
+        assert at_ms is not None, f"no api_keys row {key_id}: keys are revoked, never deleted"
+        return at_ms
 
     @staticmethod
     async def _count(connection: AsyncConnection, key_id: int, limit: int, at_ms: int, window_ms: int,
@@ -84,6 +106,67 @@ class SqlWindowStorage:
             freeing_ms = await connection.scalar(select(RateLimitHit.at_ms).where(*in_window)
                                                  .order_by(RateLimitHit.at_ms).offset(count + cost - limit - 1).limit(1))
         return WindowState(at_ms, count, oldest_ms, freeing_ms)
+
+
+def _is_postgres(connection: AsyncConnection) -> bool:
+    return connection.dialect.name == "postgresql"
+
+
+# Our own script, not the `limits` library's moving window: that one timestamps with each host's clock (skewed
+# hosts would disagree), keeps only `limit` entries (a lowered limit forgets hits) and reports no freeing hit.
+WINDOW_SCRIPT = """
+local window, limit, window_ms, cost = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local time = redis.call('TIME')  -- Redis's clock, the one every host shares
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', window, '-inf', now_ms - window_ms)
+local count = redis.call('ZCARD', window)
+local function score_at(offset)
+  local hit = redis.call('ZRANGE', window, offset, offset, 'WITHSCORES')
+  return hit[2] and tonumber(hit[2]) or false
+end
+local oldest = score_at(0)
+if count + cost > limit then
+  return {0, now_ms, count, oldest, score_at(count + cost - limit - 1)}
+end
+if ARGV[4] == '1' then
+  local now_us = time[1] .. string.format('%06d', tonumber(time[2]))
+  for i = 1, cost do
+    redis.call('ZADD', window, now_ms, now_us .. '-' .. i .. '-' .. ARGV[5])
+  end
+  redis.call('PEXPIRE', window, window_ms)
+end
+return {1, now_ms, count, oldest, false}
+"""
+
+
+def make_redis(url: str, timeout_s: float) -> Redis:
+    # One retry on a fresh connection (a pooled one is stale after Redis restarts), no more: a Redis that is down
+    # makes a prompt 503, not ten back-offs.
+    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
+
+
+class RedisWindowStorage:
+    """The window as one sorted set per key in Redis (unique members scored by admission time in ms), counted
+    and added by one Lua script. Redis runs one script at a time, so admissions from every host are serialised
+    there; the set expires when the window is empty."""
+
+    def __init__(self, client: Redis, key_prefix: str) -> None:
+        self.client = client
+        self.key_prefix = key_prefix
+        self.script = client.register_script(WINDOW_SCRIPT)  # EVALSHA, and EVAL again after Redis restarts
+
+    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1) -> tuple[bool, WindowState]:
+        return await self._run(key_id, limit, window_ms, cost, is_recording=True)
+
+    async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState:
+        return (await self._run(key_id, limit, window_ms, 1, is_recording=False))[1]
+
+    async def _run(self, key_id: int, limit: int, window_ms: int, cost: int,
+                   is_recording: bool) -> tuple[bool, WindowState]:
+        allowed, at_ms, count, oldest_ms, freeing_ms = await self.script(
+            keys=[f"{self.key_prefix}:window:{key_id}"],
+            args=[limit, window_ms, cost, int(is_recording), secrets.token_hex(8)])
+        return bool(allowed), WindowState(int(at_ms), int(count), oldest_ms, freeing_ms)
 
 
 def _whole_seconds(ms: int) -> int:

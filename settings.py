@@ -32,9 +32,10 @@ def default_backend() -> BackendName:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore", protected_namespaces=())
 
-    # Where keys, the request log and the rate-limit state live. A relative SQLite path is relative to the cwd.
+    # Where keys, the request log and the rate-limit state live: sqlite:///path.db (relative to the cwd) or
+    # postgresql+psycopg://user:password@host/dbname for several server processes on several hosts.
     database_url: str = "sqlite:///classify.db"
-    # How long a database write waits for SQLite's lock before the request gets a 503.
+    # How long a database (or Redis) call may wait for a lock, a connection or a pooled connection before a 503.
     db_timeout_s: float = Field(10.0, gt=0)
 
     # The model that answers. resnet18 falls back to efficientnet_lite0 when its weights cannot be had.
@@ -74,6 +75,16 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # PostgreSQL connections each server process keeps open, and how many more it may open under bursts.
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(10, ge=0)
+    # With it (redis://host:6379/0) the rate limiter's windows live in Redis, shared by every server process.
+    redis_url: str | None = None
+    # Prepended to every Redis key, so several deployments can share one Redis.
+    redis_key_prefix: str = "classify"
+    # How long a looked-up API key is trusted before it is read again: a revocation takes up to this long.
+    key_cache_ttl_s: float = Field(5.0, ge=0)
+
     # text: one readable line per record; json: one JSON object per line (logs.py), for log collectors.
     log_format: Literal["text", "json"] = "text"
     # GET /metrics in Prometheus' text format; false makes it a 404.
@@ -85,10 +96,17 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def sqlite_only(cls, value: str) -> str:
-        # The limiter's exactness rests on SQLite's single write lock; other databases need their own locking.
-        if not value.startswith("sqlite"):
-            raise ValueError("only SQLite URLs (sqlite:///path.db) are supported so far")
+    def supported_database(cls, value: str) -> str:
+        # The limiter locks per key in these two (SQLite's write lock, PostgreSQL's row lock); no others.
+        if not value.startswith(("sqlite:", "sqlite+aiosqlite:", "postgresql:", "postgresql+psycopg:")):
+            raise ValueError("DATABASE_URL must be sqlite:///path.db or postgresql+psycopg://user:password@host/dbname")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REDIS_URL must be redis://host:6379/0 (rediss:// with TLS, unix:///path for a socket)")
         return value
 
     @field_validator("log_format", mode="before")

@@ -34,6 +34,7 @@ import httpx
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,7 +42,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from backends import Backend, OnnxBackend, TorchBackend, onnx_file  # noqa: E402
 from conftest import Server, make_key, photo  # noqa: E402  (the tests' real-server harness)
-from inference import SPECS, LoadedModel  # noqa: E402
+from images import decode_base64  # noqa: E402
+from inference import SPECS, LoadedModel, preprocess  # noqa: E402
+from schemas import ClassifyRequest  # noqa: E402
 from settings import Settings, usable_cores  # noqa: E402
 
 STAGES = ("auth", "parse", "limit", "decode", "queue", "model", "log")
@@ -56,6 +59,44 @@ def images_per_second(backend: Backend, batch: int, seconds: float) -> float:
         backend.run(x)
         done += batch
     return done / (time.perf_counter() - started)
+
+
+def request_path_ms(body: bytes, model: LoadedModel, repeats: int = 200) -> dict[str, float]:
+    """Each step a request's image goes through, timed alone in this process (ms, mean of `repeats`). Decode and
+    resize are split here as decode_for_model does them (draft, load, then one box resize)."""
+    spec = model.spec
+    text = ClassifyRequest.model_validate_json(body).image
+    data = decode_base64(text)
+
+    def decode() -> Image.Image:
+        image = Image.open(io.BytesIO(data))
+        scale = spec.resize / min(image.size)
+        image.draft(None, (int(image.width * scale), int(image.height * scale)))
+        image.load()
+        return image
+
+    decoded = decode()
+    side = spec.crop * min(decoded.size) / spec.resize
+    left, top = (decoded.width - side) / 2, (decoded.height - side) / 2
+    crop = decoded.resize((spec.crop, spec.crop), spec.interpolation, box=(left, top, left + side, top + side))
+    mean, std = np.array(spec.mean, dtype=np.float32), np.array(spec.std, dtype=np.float32)
+    steps = {
+        "json": lambda: ClassifyRequest.model_validate_json(body),
+        "base64": lambda: decode_base64(text),
+        "decode": decode,
+        "resize": lambda: decoded.resize((spec.crop, spec.crop), spec.interpolation,
+                                         box=(left, top, left + side, top + side)),
+        "to uint8 (what the server does)": lambda: preprocess(crop),
+        "float normalise (what it no longer does)": lambda: ((np.asarray(crop, dtype=np.float32) / 255 - mean) / std
+                                                             ).transpose(2, 0, 1).copy(),
+    }
+    timings = {}
+    for name, step in steps.items():
+        started = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        timings[name] = (time.perf_counter() - started) / repeats * 1000
+    return timings
 
 
 def parse_wrk(output: str) -> dict[str, float]:
@@ -167,6 +208,7 @@ def main() -> None:
     photo("chelsea.png").convert("RGB").save(jpeg, "JPEG", quality=90)
     body = tmp / "body.json"
     body.write_text(json.dumps({"image": base64.b64encode(jpeg.getvalue()).decode()}))
+    steps = request_path_ms(body.read_bytes(), model)
     env = {"MODEL_NAME": "resnet18", "MODEL_WEIGHTS": str(weights)}
     fp32_runs = serve(tmp / "fp32", env, body, args.seconds, [8, 32])
     int8_runs = serve(tmp / "int8", {**env, "INFERENCE_PRECISION": "int8"}, body, args.seconds, [8])
@@ -179,7 +221,7 @@ def main() -> None:
 
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **machine(),
               "inference_threads": threads, "seconds": args.seconds, "raw_images_per_s": raw, "server": runs,
-              "ratios": ratios}
+              "request_path_steps_ms": steps, "ratios": ratios}
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     (results / "latest.json").write_text(json.dumps(report, indent=2))
@@ -206,6 +248,9 @@ def print_tables(report: dict) -> None:
     for run in report["server"]:
         print(f"| {run['server']} | {run['connections']} | "
               + " | ".join(f"{run['stages_ms'][stage]:.2f}" for stage in STAGES) + " |")
+    print("\n| one image's steps, alone (ms) | " + " | ".join(report["request_path_steps_ms"]) + " |")
+    print("| --- | " + " | ".join("---" for _ in report["request_path_steps_ms"]) + " |")
+    print("| 451x300 JPEG | " + " | ".join(f"{ms:.3f}" for ms in report["request_path_steps_ms"].values()) + " |")
     print("\n| ratio | value |\n| --- | --- |")
     for name, value in report["ratios"].items():
         print(f"| {name} | {value:.2f} |")

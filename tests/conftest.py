@@ -1,7 +1,9 @@
-"""Fixtures: real uvicorn servers on loopback, real SQLite files, real photos from scikit-image.
+"""Fixtures: real uvicorn servers on loopback, real SQLite files, real PostgreSQL and Redis servers
+(tests/servers.py), real photos from scikit-image.
 
 Servers are started the way users start them (`uvicorn main:app`, settings in env vars) and talked to over
-HTTP with httpx. Keys are made by the same code the CLI uses, straight into the server's database file.
+HTTP with httpx. Keys are made by the same code the CLI uses, straight into the server's database.
+`backend_server` runs a test on each of SQLite and PostgreSQL, with and without Redis.
 """
 
 import asyncio
@@ -11,7 +13,6 @@ import os
 import select
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,12 +23,16 @@ import httpx
 import pytest
 import skimage
 from PIL import Image
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.pool import NullPool
+
+from servers import PostgresServer, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from auth import create_key, hash_key  # noqa: E402
-from db import make_engine, make_sessionmaker, create_tables  # noqa: E402
+from db import make_engine, make_sessionmaker, migrate  # noqa: E402
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}  # ImageNet's cats
@@ -55,12 +60,6 @@ def b64(data: bytes) -> str:
 
 
 ONE_PIXEL = b64(encode(Image.new("RGB", (1, 1)), "PNG"))  # the cheapest valid image
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -111,6 +110,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.database_url = env["DATABASE_URL"]
+        self.backend_env = {name: env[name] for name in ("DATABASE_URL", "REDIS_URL", "REDIS_KEY_PREFIX") if name in env}
         self.log_path = tmp / f"server-{self.port}.log"
         self.env = {**os.environ, "LOG_LEVEL": "INFO", **env}
         self.workers = workers
@@ -171,28 +171,38 @@ class Server:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, **options)
 
 
-def log_rows(database_url: str, where: str, *params: object) -> list[sqlite3.Row]:
-    connection = sqlite3.connect(database_url.removeprefix("sqlite:///"))
-    connection.row_factory = sqlite3.Row
+def sync_engine(database_url: str) -> Engine:
+    """A plain synchronous engine on the server's database (SQLite or PostgreSQL), for the tests' own reads."""
+    url = make_url(database_url)
+    url = url.set(drivername="postgresql+psycopg" if url.get_backend_name() == "postgresql" else "sqlite")
+    return create_engine(url, poolclass=NullPool)
+
+
+def query(database_url: str, sql: str, **params: object) -> list[dict]:
+    """Runs `sql` (`:name` parameters) on the server's database, SQLite or PostgreSQL, in its own transaction."""
+    engine = sync_engine(database_url)
     try:
-        return connection.execute(f"SELECT * FROM request_log WHERE {where} ORDER BY id", params).fetchall()
+        with engine.begin() as connection:
+            result = connection.execute(text(sql), params)
+            return [dict(row._mapping) for row in result] if result.returns_rows else []
     finally:
-        connection.close()
+        engine.dispose()
+
+
+def log_rows(database_url: str, where: str, **params: object) -> list[dict]:
+    """The request log's rows that match `where` (`:name` parameters), oldest first."""
+    return query(database_url, f"SELECT * FROM request_log WHERE {where} ORDER BY id", **params)
 
 
 def key_id(database_url: str, key: str) -> int:
-    connection = sqlite3.connect(database_url.removeprefix("sqlite:///"))
-    try:
-        return connection.execute("SELECT id FROM api_keys WHERE key_hash = ?", (hash_key(key),)).fetchone()[0]
-    finally:
-        connection.close()
+    return query(database_url, "SELECT id FROM api_keys WHERE key_hash = :hash", hash=hash_key(key))[0]["id"]
 
 
 def make_key(database_url: str, rate_limit: int = 1000, window_s: int = 60, email: str = "test@example.com") -> str:
     async def create() -> str:
         engine = make_engine(database_url, timeout_s=10)
         try:
-            await create_tables(engine)
+            await migrate(engine)
             async with make_sessionmaker(engine)() as session:
                 key, _ = await create_key(session, email, rate_limit, window_s)
                 await session.commit()
@@ -207,6 +217,48 @@ def server_env(tmp: Path, **settings: str) -> dict[str, str]:
     """Env for a server on its own SQLite file, running the offline model unless told otherwise."""
     return {"DATABASE_URL": f"sqlite:///{tmp / 'classify.db'}", "MODEL_NAME": "efficientnet_lite0",
             "MODEL_CACHE_DIR": str(MODEL_CACHE), **settings}
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session; each test server gets a database of its own on it."""
+    running = PostgresServer().start()
+    yield running
+    running.remove()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One Redis for the session; each test server gets a key prefix of its own on it."""
+    running = RedisServer().start()
+    yield running
+    running.remove()
+
+
+BACKENDS = ["sqlite", "sqlite+redis", "postgresql", "postgresql+redis"]
+
+
+def backend_env(request: pytest.FixtureRequest, backend: str, tmp: Path) -> dict[str, str]:
+    """Settings for a server on `backend`: a fresh SQLite file or PostgreSQL database, and Redis if named."""
+    env = server_env(tmp)
+    if backend.startswith("postgresql"):
+        env["DATABASE_URL"] = request.getfixturevalue("postgres").create_database()
+    if backend.endswith("+redis"):
+        env["REDIS_URL"] = request.getfixturevalue("redis_server").url
+        env["REDIS_KEY_PREFIX"] = f"test-{tmp.name}"
+    return env
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A shared server on each backend in turn (SQLite alone is the `server` fixture)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("server")
+        return
+    tmp = tmp_path_factory.mktemp(request.param.replace("+", "-"))
+    running = Server(tmp, backend_env(request, request.param, tmp)).start()
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="session")

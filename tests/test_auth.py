@@ -2,10 +2,12 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import ROOT, assert_error, b64, key_id, log_rows, make_key, photo_path, raw_http
+from settings import Settings
 
 VALID_LOOKING_UNKNOWN = "sk-" + "A" * 43
 
@@ -33,16 +35,19 @@ def test_no_valid_key_is_401_with_a_bearer_challenge(server, cat_png, case, meth
     assert "x-ratelimit-limit" not in response.headers
 
 
-def test_revoked_key_is_401(server, cat_png):
+@pytest.mark.parametrize("backend_server", ["sqlite", "postgresql"], indirect=True)
+def test_revoked_key_is_401_once_its_cached_lookup_expires(backend_server, cat_png):
+    server = backend_server  # SQLite or PostgreSQL
     key = make_key(server.database_url)
     with server.client(key) as client:
         assert client.post("/v1/classify", json={"image": b64(cat_png)}).status_code == 200
         revoke = subprocess.run([sys.executable, "cli.py", "revoke-key", key], cwd=ROOT, capture_output=True, text=True,
                                 env={"DATABASE_URL": server.database_url, "PATH": "/usr/bin:/bin"})
         assert revoke.returncode == 0, revoke.stderr
+        time.sleep(Settings.model_fields["key_cache_ttl_s"].default)  # the key was read, so it is cached that long
         assert_error(client.post("/v1/classify", json={"image": b64(cat_png)}), 401, "revoked_api_key")
         assert_error(client.get("/v1/usage"), 401, "revoked_api_key")
-    rows = log_rows(server.database_url, "key_id = ?", key_id(server.database_url, key))
+    rows = log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key))
     assert [(row["status_code"], row["error_code"]) for row in rows] == [
         (200, None), (401, "revoked_api_key"), (401, "revoked_api_key")]  # a known key, even revoked
 

@@ -1,4 +1,5 @@
-"""python cli.py: keys made, listed and revoked from the shell, with exit codes scripts can rely on."""
+"""python cli.py: keys made, listed and revoked from the shell, with exit codes scripts can rely on; on SQLite
+and on PostgreSQL."""
 
 import json
 import sqlite3
@@ -12,6 +13,7 @@ import pytest
 from auth import KEY_PATTERN as KEY
 from cli import iso_time
 from conftest import ROOT, b64, log_rows, photo_path
+from servers import free_port
 
 
 def cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -19,8 +21,10 @@ def cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProces
                           env={"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url, **env})
 
 
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres").create_database()
     return f"sqlite:///{tmp_path / 'keys.db'}"
 
 
@@ -66,26 +70,34 @@ def test_revoke_by_prefix_or_key_and_clear_failures(database_url):
     assert all(row["revoked"] for row in rows)
 
 
+def test_an_unreachable_database_exits_3():
+    nowhere = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/classify"  # nothing listens there
+    done = cli(nowhere, "list-keys", DB_TIMEOUT_S="2")
+    assert done.returncode == 3 and "busy or unreachable" in done.stderr
+
+
 @pytest.mark.parametrize("args", [["create-key"], ["create-key", "--email", "x@y.z", "--rate-limit", "0"],
                                   ["create-key", "--email", "x@y.z", "--window", "soon"], ["fly"], [],
                                   ["set-limit", "sk-"], ["set-limit", "sk-", "--rate-limit", "-3"],
                                   ["set-limit", "sk-", "--rate-limit", "5", "--window", "0"], ["rotate-key"]])
-def test_bad_arguments_exit_2(database_url, args):
+def test_bad_arguments_exit_2(tmp_path, args):
+    database_url = f"sqlite:///{tmp_path / 'keys.db'}"
     assert cli(database_url, *args).returncode == 2
 
 
-def test_a_key_created_while_the_server_runs_works_at_once(server):
-    made = cli(server.database_url, "create-key", "--email", "live@example.com", "--rate-limit", "1")
+def test_a_key_created_while_the_server_runs_works_at_once(backend_server):
+    made = cli(backend_server.database_url, "create-key", "--email", "live@example.com", "--rate-limit", "1")
     key = made.stdout.splitlines()[-1]
-    with server.client(key) as client:
+    with backend_server.client(key) as client:
         image = {"image": b64(photo_path("coffee.png").read_bytes())}
         assert client.post("/v1/classify", json=image).status_code == 200
         assert client.post("/v1/classify", json=image).status_code == 429  # its own limit, from the CLI
 
 
-def test_revoking_while_the_server_writes_waits_for_its_turn(database_url):
+def test_revoking_while_the_server_writes_waits_for_its_turn(tmp_path):
     """A server commits its log rows all the time: the CLI must queue for the write lock before it reads, or
     SQLite refuses its write on a stale read ("database is locked") as soon as a commit falls in between."""
+    database_url = f"sqlite:///{tmp_path / 'keys.db'}"
     keys = [cli(database_url, "create-key", "--email", f"busy{i}@example.com").stdout.splitlines()[-1] for i in range(5)]
     stop = threading.Event()
 

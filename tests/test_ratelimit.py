@@ -1,4 +1,5 @@
-"""The per-key sliding window: exact under concurrency, across processes and restarts; honest headers."""
+"""The per-key sliding window: exact under concurrency, across processes and restarts; honest headers.
+The rules are checked on every backend: SQLite and PostgreSQL, each with and without Redis."""
 
 import asyncio
 import sqlite3
@@ -9,7 +10,7 @@ import httpx
 from sqlalchemy import select
 
 from conftest import ONE_PIXEL, assert_error, make_key, raw_http
-from db import create_tables, make_engine, write_transaction
+from db import migrate, make_engine, write_transaction
 
 def burst(url: str, key: str, count: int) -> list[httpx.Response]:
     """`count` classify requests at once, each on its own connection."""
@@ -26,9 +27,9 @@ def statuses(responses: list[httpx.Response]) -> list[int]:
     return sorted(response.status_code for response in responses)
 
 
-def test_a_burst_of_20_against_a_limit_of_5_admits_exactly_5(server):
-    key = make_key(server.database_url, rate_limit=5, window_s=60)
-    responses = burst(server.url, key, 20)
+def test_a_burst_of_20_against_a_limit_of_5_admits_exactly_5(backend_server):
+    key = make_key(backend_server.database_url, rate_limit=5, window_s=60)
+    responses = burst(backend_server.url, key, 20)
     assert statuses(responses) == [200] * 5 + [429] * 15
     admitted = [r for r in responses if r.status_code == 200]
     assert sorted(int(r.headers["X-RateLimit-Remaining"]) for r in admitted) == [0, 1, 2, 3, 4]
@@ -38,9 +39,9 @@ def test_a_burst_of_20_against_a_limit_of_5_admits_exactly_5(server):
         assert refused.headers["X-RateLimit-Remaining"] == "0"
 
 
-def test_every_answer_carries_the_rate_limit_headers(server):
-    key = make_key(server.database_url, rate_limit=10, window_s=30)
-    with server.client(key) as client:
+def test_every_answer_carries_the_rate_limit_headers(backend_server):
+    key = make_key(backend_server.database_url, rate_limit=10, window_s=30)
+    with backend_server.client(key) as client:
         ok = client.post("/v1/classify", json={"image": ONE_PIXEL})
         assert ok.headers["X-RateLimit-Limit"] == "10"
         assert ok.headers["X-RateLimit-Remaining"] == "9"
@@ -52,11 +53,11 @@ def test_every_answer_carries_the_rate_limit_headers(server):
         assert bad_image.headers["X-RateLimit-Remaining"] == "8"  # admitted, so it counted, and it says so
 
 
-def test_the_window_slides_instead_of_resetting_in_fixed_buckets(server):
+def test_the_window_slides_instead_of_resetting_in_fixed_buckets(backend_server):
     """3 per 6 s: one request at t=0, two at t=3. At t=6.5 only the first has left the window, so exactly one
     more is admitted; any fixed 6 s bucket would either have refused at t=3 or admitted three at t=6.5."""
-    key = make_key(server.database_url, rate_limit=3, window_s=6)
-    with server.client(key) as client:
+    key = make_key(backend_server.database_url, rate_limit=3, window_s=6)
+    with backend_server.client(key) as client:
         def post() -> httpx.Response:
             return client.post("/v1/classify", json={"image": ONE_PIXEL})
 
@@ -74,11 +75,11 @@ def test_the_window_slides_instead_of_resetting_in_fixed_buckets(server):
         assert 1 <= int(refused.headers["Retry-After"]) <= 3  # the t=3 requests leave at t=9
 
 
-def test_refused_requests_do_not_use_up_the_window(server):
+def test_refused_requests_do_not_use_up_the_window(backend_server):
     """2 per 3 s: two at t=0, refusals at t=2; at t=3.3 the first two have left the window, and the refusals
     (still inside it, were they counted) must not stop two more."""
-    key = make_key(server.database_url, rate_limit=2, window_s=3)
-    with server.client(key) as client:
+    key = make_key(backend_server.database_url, rate_limit=2, window_s=3)
+    with backend_server.client(key) as client:
         def statuses_of(count: int) -> list[int]:
             return [client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code for _ in range(count)]
 
@@ -90,7 +91,8 @@ def test_refused_requests_do_not_use_up_the_window(server):
         assert statuses_of(3) == [200, 200, 429]
 
 
-def test_a_throttled_client_is_refused_before_its_body_is_read(server):
+def test_a_throttled_client_is_refused_before_its_body_is_read(backend_server):
+    server = backend_server
     key = make_key(server.database_url, rate_limit=1, window_s=60)
     with server.client(key) as client:
         assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
@@ -108,7 +110,7 @@ def test_a_write_transaction_holds_the_lock_from_its_first_statement(tmp_path):
 
     async def hold_and_probe() -> str:
         engine = make_engine(f"sqlite:///{path}", timeout_s=1)
-        await create_tables(engine)
+        await migrate(engine)
         async with write_transaction(engine) as connection:
             await connection.execute(select(1))  # a read: a deferred transaction would hold no lock yet
             probe = sqlite3.connect(path, timeout=0, isolation_level=None)

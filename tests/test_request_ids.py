@@ -1,6 +1,7 @@
 """X-Request-ID: echoed when sane, generated otherwise; on every answer, error body, log row and log line."""
 
 import re
+import sqlite3
 
 import pytest
 
@@ -16,7 +17,7 @@ def test_a_sane_client_id_is_echoed_and_lands_in_the_error_body_the_log_row_and_
         refused = client.post("/v1/classify", json={"image": "%%%"}, headers={"X-Request-ID": "trace-43"})
     assert ok.status_code == 200 and ok.headers["X-Request-ID"] == "trace-42.a:b_C"
     assert assert_error(refused, 400)["request_id"] == "trace-43"
-    rows = log_rows(server.database_url, "key_id = ?", key_id(server.database_url, key))
+    rows = log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key))
     assert [row["request_id"] for row in rows] == ["trace-42.a:b_C", "trace-43"]
     assert re.search(r"\[trace-42\.a:b_C\]: POST /v1/classify 200", server.log())
 
@@ -41,8 +42,6 @@ def test_an_insane_client_id_is_replaced_not_echoed(server, sent):
 
 
 def test_an_unexpected_failure_carries_the_id_in_its_body_and_its_logged_traceback(start_server):
-    import sqlite3
-
     running = start_server()
     key = make_key(running.database_url)
     broken = sqlite3.connect(running.database_url.removeprefix("sqlite:///"))

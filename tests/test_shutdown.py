@@ -112,5 +112,5 @@ def test_past_the_shutdown_timeout_queued_images_are_answered_503_and_the_server
             assert assert_error(response, 503, "shutting_down") and response.headers["Retry-After"] == "1"
     assert server.wait_exit(60) == -signal.SIGTERM
     assert "queued images answered 503 unrun" in server.log()
-    rows = log_rows(server.database_url, "key_id = ?", key_id(server.database_url, key))
+    rows = log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key))
     assert sorted(row["status_code"] for row in rows) == sorted(statuses + ([503] if late is not None else []))

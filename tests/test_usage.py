@@ -1,4 +1,6 @@
-"""GET /v1/usage and the request log behind it: every /v1 request is a row before its answer arrives."""
+"""GET /v1/usage and the request log behind it: every /v1 request is a row before its answer arrives.
+The counting rules are checked on every backend; the failure modes below are SQLite's (test_scaleout.py has
+PostgreSQL's and Redis's)."""
 
 import sqlite3
 import time
@@ -9,10 +11,10 @@ from PIL import Image
 from conftest import ONE_PIXEL, assert_error, b64, encode, key_id, log_rows, make_key
 
 
-def test_usage_counts_this_keys_classify_requests_of_every_outcome(server):
-    key = make_key(server.database_url, rate_limit=6, window_s=60)
-    other = make_key(server.database_url)
-    with server.client(key) as client, server.client(other) as other_client:
+def test_usage_counts_this_keys_classify_requests_of_every_outcome(backend_server):
+    key = make_key(backend_server.database_url, rate_limit=6, window_s=60)
+    other = make_key(backend_server.database_url)
+    with backend_server.client(key) as client, backend_server.client(other) as other_client:
         fresh = client.get("/v1/usage").json()
         assert (fresh["total_requests"], fresh["successful_requests"], fresh["success_rate"]) == (0, 0, 0.0)
         assert (fresh["limit"], fresh["window_seconds"], fresh["remaining"], fresh["reset_seconds"]) == (6, 60, 6, 0)
@@ -32,11 +34,11 @@ def test_usage_counts_this_keys_classify_requests_of_every_outcome(server):
     assert usage["buckets"] is None
 
 
-def test_usage_buckets_count_per_minute_hour_and_day(server):
-    key = make_key(server.database_url)
+def test_usage_buckets_count_per_minute_hour_and_day(backend_server):
+    key = make_key(backend_server.database_url)
     now = int(time.time())  # every request below is at or after `now`, so in each range's last bucket
     end = now + 60
-    with server.client(key) as client:
+    with backend_server.client(key) as client:
         for _ in range(3):
             client.post("/v1/classify", json={"image": ONE_PIXEL}).raise_for_status()
         client.post("/v1/classify", json={"image": "nope"})
@@ -72,12 +74,12 @@ def test_usage_refuses_bad_ranges(api, params, status, code):
     assert_error(api.get("/v1/usage", params=params), status, code)
 
 
-def test_every_v1_request_is_logged_before_its_answer(server):
-    key = make_key(server.database_url, rate_limit=2, window_s=60)
-    own_id = key_id(server.database_url, key)
+def test_every_v1_request_is_logged_before_its_answer(backend_server):
+    key = make_key(backend_server.database_url, rate_limit=2, window_s=60)
+    own_id = key_id(backend_server.database_url, key)
     too_big = encode(Image.new("RGB", (6000, 6000)), "JPEG")
-    with server.client(key) as client, server.client() as anonymous:
-        anonymous_before = len(log_rows(server.database_url, "key_id IS NULL"))
+    with backend_server.client(key) as client, backend_server.client() as anonymous:
+        anonymous_before = len(log_rows(backend_server.database_url, "key_id IS NULL"))
         expected = []
         for send, status, code in [
             (lambda: client.post("/v1/classify", json={"image": ONE_PIXEL}), 200, None),
@@ -88,12 +90,12 @@ def test_every_v1_request_is_logged_before_its_answer(server):
         ]:
             assert send().status_code == status
             expected.append((status, code))
-            rows = log_rows(server.database_url, "key_id = ?", own_id)
+            rows = log_rows(backend_server.database_url, "key_id = :key_id", key_id=own_id)
             assert [(row["status_code"], row["error_code"]) for row in rows] == expected  # already there
         assert anonymous.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 401
         assert anonymous.get("/v1/nothing-here").status_code == 404
         assert anonymous.get("/v1").status_code == 404
-        anonymous_rows = log_rows(server.database_url, "key_id IS NULL")[anonymous_before:]
+        anonymous_rows = log_rows(backend_server.database_url, "key_id IS NULL")[anonymous_before:]
     assert [(r["endpoint"], r["status_code"], r["error_code"]) for r in anonymous_rows] == [
         ("/v1/classify", 401, "missing_api_key"), ("/v1/nothing-here", 404, "not_found"), ("/v1", 404, "not_found")]
     row = rows[0]
@@ -140,7 +142,7 @@ def test_an_unexpected_failure_is_a_logged_500_in_the_one_error_shape(start_serv
         assert error["type"] == "server_error" and "Traceback" not in response.text
         assert client.get("/readyz").status_code == 200
     assert "Traceback" in running.log()
-    rows = log_rows(running.database_url, "key_id = ?", key_id(running.database_url, key))
+    rows = log_rows(running.database_url, "key_id = :key_id", key_id=key_id(running.database_url, key))
     assert [(row["status_code"], row["error_code"]) for row in rows] == [(500, "internal_error")]
 
 

@@ -1,0 +1,131 @@
+"""Benchmark: admissions per second of the rate limiter alone, on SQLite, PostgreSQL and Redis.
+
+    $ .venv/bin/python bench/limiter.py                  # starts its own PostgreSQL and Redis (tests/servers.py)
+    $ .venv/bin/python bench/limiter.py --seconds 10 --concurrency 32
+
+One process, one event loop, `--concurrency` tasks each calling `SlidingWindowLimiter.hit` in a loop for
+`--seconds`, as one server process's requests would. Two loads: "1000 keys" (each hit on a random key of
+1000, never refused: independent keys) and "1 key" (every hit on the same key: admissions of one key queue
+behind its lock). The database servers run on the same cores as the benchmark. Also counts what each
+admission sends: SQL statements with BEGIN and COMMIT (each a round trip on PostgreSQL), or Redis calls.
+"""
+
+import argparse
+import asyncio
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from sqlalchemy import event  # noqa: E402
+from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
+
+from auth import create_key  # noqa: E402
+from db import make_engine, make_sessionmaker, migrate  # noqa: E402
+from ratelimit import RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis  # noqa: E402
+from servers import PostgresServer, RedisServer  # noqa: E402  (the tests' throwaway servers)
+
+KEYS = 1000
+NEVER_REACHED = 10**9
+
+
+async def make_keys(engine: AsyncEngine, count: int) -> list[int]:
+    await migrate(engine)
+    async with make_sessionmaker(engine)() as session:
+        ids = [(await create_key(session, f"bench{i}@example.com", NEVER_REACHED, 60))[1].id for i in range(count)]
+        await session.commit()
+    return ids
+
+
+def count_round_trips(engine: AsyncEngine) -> list[int]:
+    """A one-item list that grows by one for each statement, BEGIN, COMMIT and ROLLBACK the engine sends."""
+    counter = [0]
+
+    def bump(*_: Any, **__: Any) -> None:
+        counter[0] += 1
+
+    for name in ("before_cursor_execute", "begin", "commit", "rollback"):
+        event.listen(engine.sync_engine, name, bump)
+    return counter
+
+
+async def run_load(limiter: SlidingWindowLimiter, key_ids: list[int], seconds: float, concurrency: int) -> dict:
+    latencies_ms: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            decision = await limiter.hit(random.choice(key_ids), NEVER_REACHED, 60)
+            assert decision.allowed
+            latencies_ms.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    elapsed = time.perf_counter() - started
+    quantiles = statistics.quantiles(latencies_ms, n=100)
+    return {"admissions_per_s": len(latencies_ms) / elapsed, "p50_ms": quantiles[49], "p99_ms": quantiles[98]}
+
+
+async def measure(name: str, storage: WindowStorage, key_ids: list[int], args: argparse.Namespace,
+                  round_trips: list[int] | None) -> None:
+    limiter = SlidingWindowLimiter(storage)
+    await run_load(limiter, key_ids, 1, args.concurrency)  # warm the pools
+    if round_trips is not None:
+        before = round_trips[0]
+        await limiter.hit(key_ids[0], NEVER_REACHED, 60)
+        per_admission = f"{round_trips[0] - before} statements, BEGIN and COMMIT included"
+    else:
+        per_admission = "1 EVALSHA (one script)"
+    for load, keys in (("1000 keys", key_ids), ("1 key", key_ids[:1])):
+        result = await run_load(limiter, keys, args.seconds, args.concurrency)
+        print(f"| {name} | {load} | {result['admissions_per_s']:,.0f} | {result['p50_ms']:.1f} | "
+              f"{result['p99_ms']:.1f} | {per_admission} |", flush=True)
+
+
+async def main(args: argparse.Namespace) -> None:
+    model = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1]
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d}, {model.strip()}, {args.concurrency} concurrent callers, "
+          f"{args.seconds:g} s per row\n")
+    print("| storage | load | admissions/s | p50 ms | p99 ms | per admission |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite = make_engine(f"sqlite:///{tmp}/bench.db", timeout_s=30)
+        await measure("SQLite (WAL, synchronous=NORMAL)", SqlWindowStorage(sqlite), await make_keys(sqlite, KEYS),
+                      args, count_round_trips(sqlite))
+        await sqlite.dispose()
+
+    for label, options in (("PostgreSQL 15 (defaults: commits fsync'd)", {}),
+                           ("PostgreSQL 15 (synchronous_commit=off)", {"synchronous_commit": "off"})):
+        postgres = PostgresServer(options).start()
+        try:
+            engine = make_engine(postgres.create_database(), timeout_s=30, pool_size=args.concurrency)
+            key_ids = await make_keys(engine, KEYS)
+            await measure(label, SqlWindowStorage(engine), key_ids, args, count_round_trips(engine))
+            await engine.dispose()
+        finally:
+            postgres.remove()
+
+    redis_server = RedisServer().start()
+    try:
+        redis = make_redis(redis_server.url, timeout_s=30)
+        await measure("Redis 7 (Lua script)", RedisWindowStorage(redis, "bench"), list(range(1, KEYS + 1)), args, None)
+        await redis.aclose()
+    finally:
+        redis_server.remove()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each measured load")
+    parser.add_argument("--concurrency", type=int, default=16, help="callers admitting at once")
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,90 @@
+"""The storage contract every window storage keeps (SQLite, PostgreSQL, Redis): `admit` records `cost` hits
+all or none, and reports the window as it was before (count, oldest hit, and, when full, the hit whose
+expiry makes room); `peek` records nothing. Called directly on the real backends, outside any server."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import key_id, make_key
+from db import make_engine
+from ratelimit import RedisWindowStorage, SqlWindowStorage, WindowStorage, make_redis
+
+WINDOW_MS = 60_000
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "redis"])
+def storage_factory(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Callable[[], WindowStorage], int]:
+    """Makes the storage inside the test's event loop; the key's id (a real api_keys row for the SQL ones)."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_server").url
+        return (lambda: RedisWindowStorage(make_redis(url, timeout_s=5), f"contract-{tmp_path.name}")), 1
+    if request.param == "postgresql":
+        database_url = request.getfixturevalue("postgres").create_database()
+    else:
+        database_url = f"sqlite:///{tmp_path / 'window.db'}"
+    key = make_key(database_url)
+    return (lambda: SqlWindowStorage(make_engine(database_url, timeout_s=5))), key_id(database_url, key)
+
+
+def run(storage_factory: tuple[Callable[[], WindowStorage], int],
+        steps: Callable[[WindowStorage, int], Awaitable[None]]) -> None:
+    make, key = storage_factory
+
+    async def go() -> None:
+        storage = make()
+        try:
+            await steps(storage, key)
+        finally:
+            if isinstance(storage, SqlWindowStorage):
+                await storage.engine.dispose()
+            else:
+                await storage.client.aclose()
+
+    asyncio.run(go())
+
+
+def test_cost_is_admitted_all_or_none_and_the_state_is_what_came_before(storage_factory):
+    async def steps(storage: WindowStorage, key: int) -> None:
+        allowed, first = await storage.admit(key, 5, WINDOW_MS, cost=3)
+        assert allowed and (first.count, first.oldest_ms, first.freeing_ms) == (0, None, None)
+        time.sleep(0.01)  # the next hits get a later millisecond
+        allowed, second = await storage.admit(key, 5, WINDOW_MS, cost=3)  # 3 + 3 > 5: none of them
+        assert not allowed and (second.count, second.oldest_ms) == (3, first.now_ms)
+        assert second.freeing_ms == first.now_ms  # offset 3 + 3 - 5 - 1 = 0
+        allowed, third = await storage.admit(key, 5, WINDOW_MS, cost=2)
+        assert allowed and third.count == 3 and third.now_ms > first.now_ms
+        peeked = await storage.peek(key, 5, WINDOW_MS)
+        assert (peeked.count, peeked.oldest_ms) == (5, first.now_ms)
+        assert (await storage.peek(key, 5, WINDOW_MS)).count == 5  # peeking recorded nothing
+
+    run(storage_factory, steps)
+
+
+def test_a_lowered_limit_frees_room_at_the_right_hit(storage_factory):
+    """Hits at t1, t1, t1, t2, t2 and the limit lowered to 2: room for 2 more comes only when the hit at
+    offset 5 + 2 - 2 - 1 = 4 (a t2 one) expires; room for 1 at offset 3 (also t2); a limit of 4 frees at t1."""
+    async def steps(storage: WindowStorage, key: int) -> None:
+        _, at_t1 = await storage.admit(key, 5, WINDOW_MS, cost=3)
+        time.sleep(0.01)
+        _, at_t2 = await storage.admit(key, 5, WINDOW_MS, cost=2)
+        t1, t2 = at_t1.now_ms, at_t2.now_ms
+        for limit, cost, freeing in ((2, 2, t2), (2, 1, t2), (4, 1, t1), (4, 2, t1)):
+            allowed, state = await storage.admit(key, limit, WINDOW_MS, cost)
+            assert not allowed and state.count == 5 and state.freeing_ms == freeing, (limit, cost, state)
+
+    run(storage_factory, steps)
+
+
+def test_hits_leave_the_window_exactly_when_it_has_passed(storage_factory):
+    async def steps(storage: WindowStorage, key: int) -> None:
+        _, first = await storage.admit(key, 1, 200)
+        while (state := await storage.peek(key, 1, 200)).now_ms < first.now_ms + 200:
+            assert state.count == 1  # inside (now - 200 ms, now]: counted
+            await asyncio.sleep(0.02)
+        assert state.count == 0 and (await storage.admit(key, 1, 200))[0]
+
+    run(storage_factory, steps)
