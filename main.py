@@ -330,18 +330,6 @@ async def readyz(request: Request) -> Health:
     return Health(status="ready")
 
 
-metrics_router = APIRouter()
-
-
-@metrics_router.get("/metrics", tags=["operations"], response_class=Response,
-                    responses={200: {"description": "Prometheus' text format.",
-                                     "content": {"text/plain": {"schema": {"type": "string"}}}}})
-async def metrics_text() -> Response:
-    """Prometheus metrics: requests and latency by route, inference, batches, queue, refusals, the model."""
-    body, content_type = metrics.render()
-    return Response(body, media_type=content_type)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -359,7 +347,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     if settings.metrics_enabled:
-        app.include_router(metrics_router)
+        app.include_router(metrics.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 

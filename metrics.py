@@ -1,4 +1,4 @@
-"""Prometheus metrics: where their numbers live, and how GET /metrics collects them.
+"""Prometheus metrics: where their numbers live, and the GET /metrics route that reports them.
 
     from metrics import Counter, Histogram   # not from prometheus_client: this module must be imported first
 
@@ -51,10 +51,11 @@ def _prepare_multiprocess_directory() -> None:
 
 _prepare_multiprocess_directory()
 
+from fastapi import APIRouter, Response  # noqa: E402
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,  # noqa: E402
                                Histogram, generate_latest, multiprocess)
 
-__all__ = ["Counter", "Gauge", "Histogram", "is_multiprocess", "render", "process_stopped"]
+__all__ = ["Counter", "Gauge", "Histogram", "is_multiprocess", "render", "process_stopped", "router"]
 
 
 def is_multiprocess() -> bool:
@@ -74,3 +75,14 @@ def process_stopped() -> None:
     """A worker that stops takes its live gauges (queue depth) out of the sums; its counters stay counted."""
     if is_multiprocess():
         multiprocess.mark_process_dead(os.getpid())
+
+
+router = APIRouter()  # main.create_app includes it unless METRICS_ENABLED=false
+
+
+@router.get("/metrics", tags=["operations"], response_class=Response,
+            responses={200: {"description": "Prometheus' text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def metrics_text() -> Response:
+    """Prometheus metrics: requests and latency by route, inference, batches, queue, refusals, the model."""
+    body, content_type = render()
+    return Response(body, media_type=content_type)
