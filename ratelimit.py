@@ -199,11 +199,12 @@ class SlidingWindowLimiter:
         `cost` must be at most `limit`: a larger one could never be admitted.
         """
         assert 1 <= cost <= limit
+        asked_at = time.monotonic()  # before the storage read its clock: a full window is never assumed too long
         is_allowed, state = await self.storage.admit(key_id, limit, window_s * 1000, cost)
         if not is_allowed:
             if cost == 1 and state.freeing_ms is not None:  # full even for one: nothing fits until a hit expires
                 frees_in_s = (state.freeing_ms + window_s * 1000 - state.now_ms) / 1000
-                self._full_until[key_id] = (limit, window_s, time.monotonic() + frees_in_s)
+                self._full_until[key_id] = (limit, window_s, asked_at + frees_in_s)
             return _full(limit, window_s * 1000, state)
         oldest_ms = state.now_ms if state.oldest_ms is None else state.oldest_ms  # an empty window: this one
         return _open(limit, window_s * 1000, state.now_ms, state.count + cost, oldest_ms)
