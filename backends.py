@@ -23,15 +23,16 @@ import torch
 
 from images import decode_for_model
 from inference import LoadedModel, preprocess
-from settings import BackendName, Precision
+from settings import BackendName, Precision, Settings
 
 logger = logging.getLogger("classify")
 
-EXPORT_VERSION = "1"  # bump when the exported graph changes, so cached files are not reused
+EXPORT_VERSION = "2"  # bump when the exported graph (or int8's calibration) changes, so cached files are not reused
+MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default  # what the API allows
 MAX_EXPORTED_BATCH = 1024
 
-# Real photos (not drawings or test patterns) in scikit-image's data folder: calibration for int8, and the set
-# its agreement with fp32 is measured on.
+# Real photos (not drawings or test patterns) in scikit-image's data folder: int8's calibration (the even-numbered
+# ones, zoomed and mirrored) and the set its agreement with fp32 is measured on (all of them, as served).
 PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
           "coins.png", "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg", "ihc.png",
           "microaneurysms.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png",
@@ -76,19 +77,32 @@ class OnnxBackend:
         return self.session.run(None, {"image": x})[0]
 
 
-def load_backend(model: LoadedModel, name: BackendName, precision: Precision, threads: int,
-                 cache_dir: Path) -> Backend:
-    """The backend asked for; torch if ONNX Runtime cannot be had, with a warning that says why."""
-    if name == "torch":
-        if precision != "fp32":
-            logger.warning("INFERENCE_PRECISION=%s needs ONNX Runtime; torch runs fp32", precision)
-        return TorchBackend(model, threads)
+def load_backend(model: LoadedModel, name: BackendName, precision: Precision, threads: int, cache_dir: Path,
+                 max_batch: int) -> Backend:
+    """The backend asked for, warmed up; torch if ONNX Runtime cannot be had, with a warning that says why."""
+    if name == "onnxruntime":
+        try:
+            return onnx_backend(model, precision, threads, cache_dir, max_batch)
+        except Exception:
+            logger.warning("ONNX Runtime is unavailable for %s (%s); torch answers instead", model.spec.name,
+                           precision, exc_info=True)
+    elif precision != "fp32":
+        logger.warning("INFERENCE_PRECISION=%s needs ONNX Runtime; torch runs fp32", precision)
+    backend = TorchBackend(model, threads)
+    warm_up(backend, model.spec.crop, max_batch)
+    return backend
+
+
+def onnx_backend(model: LoadedModel, precision: Precision, threads: int, cache_dir: Path, max_batch: int) -> Backend:
+    path = onnx_file(model, precision, cache_dir)
     try:
-        return OnnxBackend(onnx_file(model, precision, cache_dir), precision, threads)
-    except Exception:
-        logger.warning("ONNX Runtime is unavailable for %s (%s); torch answers instead", model.spec.name, precision,
-                       exc_info=True)
-        return TorchBackend(model, threads)
+        backend = OnnxBackend(path, precision, threads)
+    except Exception:  # a cached file this ONNX Runtime cannot read (another version made it?): make it anew
+        logger.warning("cannot load %s; exporting it again", path, exc_info=True)
+        path.unlink()
+        backend = OnnxBackend(onnx_file(model, precision, cache_dir), precision, threads)
+    warm_up(backend, model.spec.crop, max_batch)  # a session that loads but cannot run falls back here too
+    return backend
 
 
 def warm_up(backend: Backend, side: int, max_batch: int, passes: int = 3) -> None:
@@ -150,20 +164,21 @@ def photo_paths() -> list[Path]:
     return [Path(skimage.__file__).parent / "data" / name for name in PHOTOS]
 
 
-def photo_inputs(model: LoadedModel) -> list[np.ndarray]:
-    """Each photo as the model sees it from the API: (224, 224, 3) uint8."""
+def photo_inputs(model: LoadedModel, paths: list[Path] | None = None, resize: int | None = None) -> list[np.ndarray]:
+    """Each photo as the model sees it from the API (or zoomed to another `resize`): (224, 224, 3) uint8."""
     spec = model.spec
-    return [preprocess(decode_for_model(path.read_bytes(), 25_000_000, spec.resize, spec.crop, spec.interpolation))
-            for path in photo_paths()]
+    return [preprocess(decode_for_model(path.read_bytes(), MAX_PIXELS, resize or spec.resize, spec.crop,
+                                        spec.interpolation)) for path in paths or photo_paths()]
 
 
 def calibration_inputs(model: LoadedModel) -> Iterator[np.ndarray]:
-    """The photos as served, mirrored, and shifted: 84 inputs with the pixel statistics of real use."""
-    for x in photo_inputs(model):
-        yield x
-        yield x[:, ::-1].copy()
-        yield np.ascontiguousarray(np.roll(x, (16, 16), axis=(0, 1)))
-        yield np.ascontiguousarray(np.roll(x, (-16, -16), axis=(0, 1)))
+    """44 inputs with the pixel statistics of real use, none of them an input the agreement is measured on: the
+    even-numbered photos zoomed out and in, and mirrored (the odd-numbered ones are never seen)."""
+    calibration_photos = photo_paths()[::2]
+    for resize in (model.spec.crop, model.spec.resize + 64):
+        for x in photo_inputs(model, calibration_photos, resize):
+            yield x
+            yield x[:, ::-1].copy()
 
 
 @contextmanager

@@ -15,11 +15,11 @@ within SHUTDOWN_TIMEOUT_S however long the queue was.
 
 import asyncio
 import logging
+import math
 import os
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,14 +32,14 @@ from metrics import Gauge, Histogram
 
 logger = logging.getLogger("classify")
 
-MODEL_NICENESS = 10
-
 INFERENCE_SECONDS = Histogram("inference_seconds", "Duration of one forward pass (a whole batch).",
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 BATCH_SIZE = Histogram("inference_batch_size", "Images in one forward pass.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 # livesum: under --workers N, the sum over the workers that are running (a stopped one's queue is gone).
 QUEUE_DEPTH = Gauge("inference_queue_depth", "Images accepted and not yet answered (what MAX_QUEUE bounds).",
                     multiprocess_mode="livesum")
+
+MODEL_NICENESS = 10
 
 
 class Overloaded(Exception):
@@ -54,12 +54,17 @@ class ShuttingDown(Exception):
     """The server is stopping and its shutdown deadline passed before this image was run."""
 
 
+class InferenceFailed(Exception):
+    """The forward pass that held the image failed (the server log has why): a bug, so a 500."""
+
+
 @dataclass(eq=False)
 class Pending:
     image: np.ndarray  # (224, 224, 3) uint8
     deadline: float  # time.monotonic() after which it is not worth running
     future: asyncio.Future["Answer"]
     enqueued: float = field(default_factory=time.monotonic)
+    is_started: bool = False  # a forward pass has taken it: the deadline no longer applies
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ def lower_priority() -> None:
 
 
 class Batcher:
+    """Owns the model's thread: requests queue their images with `infer`, inside `reserve`, and await them."""
+
     def __init__(self, backend: Backend, max_batch: int, batch_wait_ms: float, max_queue: int,
                  model_thread: ThreadPoolExecutor) -> None:
         self.backend = backend
@@ -88,44 +95,58 @@ class Batcher:
         self.model_thread = model_thread  # one thread: the backend is built and run only there
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.accepted = 0  # images reserved and not yet answered: what MAX_QUEUE bounds
-        self.batch_sizes: Counter[int] = Counter()  # forward passes by size, since start
-        self.is_draining = False
         self.is_stopped = False  # past the shutdown deadline: nothing more is run
         self._worker: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="batching-worker")
+        self._worker.add_done_callback(_log_if_failed)
+
+    @property
+    def is_running(self) -> bool:
+        """False once the worker has stopped: every request would wait for nothing, so /readyz says so."""
+        return self._worker is not None and not self._worker.done()
+
+    def has_room(self, image_count: int = 1) -> bool:
+        return self.accepted + image_count <= self.max_queue
 
     @contextmanager
-    def reserve(self, images: int) -> Iterator[None]:
-        """Room for `images` until the block ends, or Overloaded now: a full queue never makes anyone wait."""
-        if self.is_draining or self.accepted + images > self.max_queue:
+    def reserve(self, image_count: int) -> Iterator[None]:
+        """Room for `image_count` images until the block ends, or Overloaded now: a full queue makes no one wait."""
+        if not self.has_room(image_count):
             raise Overloaded
-        self.accepted += images
+        self.accepted += image_count
         QUEUE_DEPTH.set(self.accepted)
         try:
             yield
         finally:
-            self.accepted -= images
+            self.accepted -= image_count
             QUEUE_DEPTH.set(self.accepted)
 
     async def infer(self, images: list[np.ndarray], deadline: float) -> list[Answer]:
         """Probabilities for each image, in order. Call inside `reserve(len(images))`.
 
-        Raises DeadlineExceeded if they are still queued at `deadline`; if the caller is cancelled (its client
-        went away), the images still queued are dropped, not run.
+        Raises DeadlineExceeded if an image is still queued at `deadline` (one already in a forward pass is
+        waited for: that takes one pass at most). If the caller is cancelled (its client went away), the images
+        still queued are dropped, not run.
         """
         if self.is_stopped:
             raise ShuttingDown
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded
         loop = asyncio.get_running_loop()
         pendings = [Pending(image, deadline, loop.create_future()) for image in images]
         for pending in pendings:
             self.queue.put_nowait(pending)
+        answers = asyncio.gather(*(pending.future for pending in pendings))
         try:
-            async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
-                return list(await asyncio.gather(*(pending.future for pending in pendings)))
-        except TimeoutError:
-            raise DeadlineExceeded from None
+            try:
+                async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
+                    return list(await asyncio.shield(answers))
+            except TimeoutError:
+                if not any(pending.is_started for pending in pendings):
+                    raise DeadlineExceeded from None
+                return list(await answers)  # the worker fails the ones still queued: they are past the deadline
         finally:
             for pending in pendings:
                 # Cancelled ones are skipped by the worker; a failed one's error is marked as seen, or asyncio
@@ -134,49 +155,60 @@ class Batcher:
                     pending.future.exception()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            now = time.monotonic()
-            live = [p for p in batch if not p.future.done() and p.deadline > now]
-            for expired in (p for p in batch if not p.future.done() and p.deadline <= now):
-                expired.future.set_exception(DeadlineExceeded())
-            if not live:
-                continue
-            x = np.stack([p.image for p in live])  # (B, 224, 224, 3)
-            started = time.monotonic()
             try:
-                probabilities = await loop.run_in_executor(self.model_thread, self.backend.run, x)  # (B, 1000)
-                if len(probabilities) != len(live):
-                    raise RuntimeError(f"the model returned {len(probabilities)} rows for {len(live)} images")
-            except Exception as exc:
-                logger.exception("forward pass of %d images failed", len(live))
-                for pending in live:
+                await self._run_batch(batch)
+            except Exception:  # a bug here must not stop the worker, or every later request would wait in vain
+                logger.exception("a batch of %d images failed", len(batch))
+                for pending in batch:
                     if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
-            model_ms = (time.monotonic() - started) * 1000
-            self.batch_sizes[len(live)] += 1
-            INFERENCE_SECONDS.observe(model_ms / 1000)
-            BATCH_SIZE.observe(len(live))
-            for pending, row in zip(live, probabilities):
-                if not pending.future.done():
-                    pending.future.set_result(Answer(row, len(live), (started - pending.enqueued) * 1000, model_ms))
+                        # One exception each: a shared one would collect every waiter's frames in its traceback.
+                        pending.future.set_exception(InferenceFailed("the forward pass failed"))
+
+    async def _run_batch(self, batch: list[Pending]) -> None:
+        now = time.monotonic()
+        live = [pending for pending in batch if not pending.future.done() and pending.deadline > now]
+        for expired in (pending for pending in batch if not pending.future.done() and pending.deadline <= now):
+            expired.future.set_exception(DeadlineExceeded())
+        if not live:
+            return
+        for pending in live:
+            pending.is_started = True
+        x = np.stack([pending.image for pending in live])  # (B, 224, 224, 3)
+        started = time.monotonic()
+        probabilities = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.backend.run, x)
+        if len(probabilities) != len(live):  # (B, 1000)
+            raise RuntimeError(f"the model returned {len(probabilities)} rows for {len(live)} images")
+        model_ms = (time.monotonic() - started) * 1000
+        INFERENCE_SECONDS.observe(model_ms / 1000)
+        BATCH_SIZE.observe(len(live))
+        for pending, row in zip(live, probabilities):
+            if not pending.future.done():
+                pending.future.set_result(Answer(row, len(live), (started - pending.enqueued) * 1000, model_ms))
 
     async def _next_batch(self) -> list[Pending]:
-        batch = [await self.queue.get()]
-        wait_until = time.monotonic() + self.batch_wait_s
+        """Up to max_batch live images: waits for one, then at most batch_wait_s for more. Images whose request
+        has gone (cancelled futures) are skipped here, so they never take a place in a batch."""
+        batch: list[Pending] = []
+        wait_until = math.inf
         while len(batch) < self.max_batch:
             if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                continue
-            remaining = wait_until - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
-                break
+                pending = self.queue.get_nowait()
+            elif not batch:
+                pending = await self.queue.get()
+            else:
+                remaining = wait_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    pending = await asyncio.wait_for(self.queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if not pending.future.done():
+                if not batch:
+                    wait_until = time.monotonic() + self.batch_wait_s
+                batch.append(pending)
         return batch
 
     def stop_by(self, deadline: float) -> None:
@@ -195,11 +227,18 @@ class Batcher:
         if refused:
             logger.warning("shutdown deadline reached: %d queued images answered 503 unrun", refused)
 
-    async def drain(self) -> None:
-        """Refuse new work, let what was accepted finish, then stop the worker."""
-        self.is_draining = True
-        while self.accepted:
-            await asyncio.sleep(0.01)
+    async def stop(self) -> None:
+        """Stops the worker; anything still queued (uvicorn waits for requests first, so normally nothing) is
+        answered with InferenceFailed rather than left waiting."""
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
+        while not self.queue.empty():
+            pending = self.queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(InferenceFailed("the server stopped before the forward pass"))
+
+
+def _log_if_failed(worker: asyncio.Task[None]) -> None:
+    if not worker.cancelled() and (exc := worker.exception()) is not None:
+        logger.critical("the batching worker stopped; /readyz answers 503 from now on", exc_info=exc)

@@ -35,7 +35,9 @@ ERROR_TYPES = {
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
+    504: "timeout_error",
 }
+MAX_LISTED_PROBLEMS = 10  # a list of a million wrong items gets a short answer, not a megabyte one
 
 
 class ErrorDetail(BaseModel):
@@ -110,10 +112,13 @@ async def handle_http_exception(request: Request, exc: Exception) -> JSONRespons
 
 async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
     problems = []
-    for error in exc.errors():
+    for error in errors[:MAX_LISTED_PROBLEMS]:
         where = ".".join(str(part) for part in error["loc"])
         problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    if len(errors) > MAX_LISTED_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_LISTED_PROBLEMS} more")
     return error_response(request, 422, "invalid_request", "Fix the request: " + "; ".join(problems) + ".")
 
 

@@ -27,7 +27,7 @@ from fastapi.staticfiles import StaticFiles
 import metrics  # first: it decides where every metric below keeps its numbers
 
 from auth import CurrentKey, KeyCache
-from backends import load_backend, warm_up
+from backends import load_backend
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded, ShuttingDown, lower_priority
 from database_file import DatabaseFile
 from db import ApiKey, SessionDep, make_engine, make_sessionmaker, migrate, ping
@@ -35,7 +35,7 @@ from errors import ApiError, ErrorResponse, install_error_handlers
 from inference import LoadedModel, ModelLoadError, load_model, top_predictions
 from logs import configure_logging
 from ratelimit import Decision, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis
-from request_body import check_image_count, decode_images, parse_classify_request, read_body
+from request_body import ImagesToClassify, decode_images, parse_classify_request, read_body
 from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
 from requestlog import LogWriter, RequestLogMiddleware, add_timing
 from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ImageResult, ModelInfo, ModelList,
@@ -81,8 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=lower_priority)
     backend = await loop.run_in_executor(model_thread, load_backend, model, settings.inference_backend,
                                          settings.inference_precision, settings.inference_threads,
-                                         settings.model_cache_dir)
-    await loop.run_in_executor(model_thread, warm_up, backend, model.spec.crop, settings.max_batch)
+                                         settings.model_cache_dir, settings.max_batch)
     batcher = Batcher(backend, settings.max_batch, settings.batch_wait_ms, settings.max_queue, model_thread)
     batcher.start()
     MODEL_INFO.labels(model.spec.name, backend.name, backend.precision, model.weights_source).set(1)
@@ -114,7 +113,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await batcher.drain()
+        await batcher.stop()
         model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
         await engine.dispose()
@@ -185,11 +184,12 @@ async def infer(request: Request, batcher: Batcher, images: list[np.ndarray], de
     inference = asyncio.ensure_future(batcher.infer(images, deadline))
     disconnect = asyncio.ensure_future(wait_for_disconnect(request))
     try:
-        await asyncio.wait({inference, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({inference, disconnect}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         disconnect.cancel()
-    if not inference.done():
-        inference.cancel()  # its images leave the queue unrun
+        if not inference.done():
+            inference.cancel()  # the client has gone, or this request was cancelled: its images leave the queue
+    if inference not in done:
         raise ApiError(499, "client_closed_request", "The client closed the connection before the answer.")
     try:
         return inference.result()
@@ -203,6 +203,36 @@ async def infer(request: Request, batcher: Batcher, images: list[np.ndarray], de
 def shutting_down() -> ApiError:
     return ApiError(503, "shutting_down", "The server is shutting down; retry, and you will reach another "
                                           "instance or this one once it is back.", {"Retry-After": "1", "Connection": "close"})
+
+
+def overloaded(max_queue: int) -> ApiError:
+    return ApiError(503, "overloaded", f"The server is classifying as fast as it can and has {max_queue} images "
+                                       "waiting (MAX_QUEUE); retry shortly.", {"Retry-After": "1"})
+
+
+def check_image_count(count: int, key: ApiKey, settings: Settings) -> None:
+    if count > settings.max_images_per_request:
+        raise ApiError(422, "too_many_images", f"A request may carry at most {settings.max_images_per_request} "
+                                               f"images (MAX_IMAGES_PER_REQUEST); this one has {count}. Split it.")
+    if count > key.rate_limit:
+        raise ApiError(422, "too_many_images", f"Each image counts one request, and this key may make only "
+                                               f"{key.rate_limit} per {key.window_s} s; send at most {key.rate_limit}.")
+
+
+async def read_classify_request(request: Request, key: ApiKey, settings: Settings,
+                                limiter: SlidingWindowLimiter) -> ImagesToClassify:
+    """The body, read, parsed and checked; a request refused here still counts once against the limit."""
+    try:
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        started = time.perf_counter()
+        to_classify = await asyncio.get_running_loop().run_in_executor(
+            request.app.state.decode_pool, parse_classify_request, body, request.headers.get("content-type", ""))
+        add_timing(request, "parse", started)
+        check_image_count(len(to_classify.sources), key, settings)
+    except (ApiError, RequestValidationError):
+        await charge(request, key, limiter, 1)
+        raise
+    return to_classify
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
@@ -235,35 +265,28 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
     Send `{"image": "<base64>", "top_k": 5}`, or `{"images": ["<base64>", ...]}` for several, or
     multipart/form-data with the file in a `file` part and an optional `top_k` part, with
     `Authorization: Bearer <key>`. Each image counts one request against the key's rate limit (all or none are
-    admitted); a request whose body is refused counts one. Answers carry the rate-limit headers.
+    admitted), even if one then turns out corrupt; a request whose body is refused counts one. Answers carry
+    the rate-limit headers.
     """
     deadline = time.monotonic() + settings.request_timeout_s
     if request.app.state.shutdown_deadline is not None:
         raise shutting_down()  # a request that arrives after SIGTERM (on a connection already open) joins no queue
-    if known_full := limiter.known_full(key.id, key.rate_limit, key.window_s):
-        refuse_if_full(request, key, known_full)  # a throttled client's body is not even read
+    # Refusals that need no body, so none is read: a window this server saw full, a queue with no room at all.
+    if (known_full := limiter.known_full(key.id, key.rate_limit, key.window_s)) is not None:
+        refuse_if_full(request, key, known_full)
+    if not batcher.has_room():
+        raise overloaded(settings.max_queue)
+    to_classify = await read_classify_request(request, key, settings, limiter)
     try:
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-        started = time.perf_counter()
-        to_classify = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.decode_pool, parse_classify_request, body, request.headers.get("content-type", ""))
-        add_timing(request, "parse", started)
-        check_image_count(len(to_classify.sources), key, settings)
-    except (ApiError, RequestValidationError):
-        await charge(request, key, limiter, 1)
-        raise
-    count = len(to_classify.sources)
-    try:
-        with batcher.reserve(count):  # before charging: a full server refuses without using up the limit
-            await charge(request, key, limiter, count)
+        with batcher.reserve(len(to_classify.sources)):  # before charging: a full server does not use up the limit
+            await charge(request, key, limiter, len(to_classify.sources))
             started = time.perf_counter()
             images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
                                          settings.max_image_pixels)
             add_timing(request, "decode", started)
             answers = await infer(request, batcher, images, deadline)
     except Overloaded:
-        raise ApiError(503, "overloaded", f"The server is classifying as fast as it can and has {settings.max_queue} "
-                                          "images waiting (MAX_QUEUE); retry shortly.", {"Retry-After": "1"}) from None
+        raise overloaded(settings.max_queue) from None
     response.headers.update(request.state.rate_limit_headers)
     request.state.timings["queue"] = max(answer.queue_ms for answer in answers)
     request.state.timings["model"] = max(answer.model_ms for answer in answers)
@@ -312,7 +335,10 @@ async def healthz() -> Health:
 @router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, tags=["health"],
                   responses={503: ERRORS[503]})
 async def readyz(request: Request) -> Health:
-    """Readiness: the model is loaded, and the database (and Redis, when the limiter uses it) answer."""
+    """Readiness: the model's worker runs, and the database (and Redis, when the limiter uses it) answer."""
+    if not request.app.state.batcher.is_running:
+        raise ApiError(503, "not_ready", "The model's worker has stopped (the server log says why); restart the "
+                                         "server.", {"Retry-After": "1"})
     if not await request.app.state.database_file.is_usable():
         raise ApiError(503, "not_ready", "The database file is missing.", {"Retry-After": "1"})
     try:

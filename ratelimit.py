@@ -88,8 +88,11 @@ class SqlWindowStorage:
         if not _is_postgres(connection):
             return now_ms()  # BEGIN IMMEDIATE holds SQLite's one write lock already; one host, one clock
         # FOR NO KEY UPDATE, not FOR UPDATE: request-log inserts, whose foreign key only share-locks the row, pass.
-        at_ms = await connection.scalar(
-            select(POSTGRES_NOW_MS).where(ApiKey.id == key_id).with_for_update(key_share=True))
+        # The clock is read by the outer query, after the CTE holds the lock: in one SELECT ... FOR UPDATE it
+        # would be read when the row is first met, before the wait, and a hit stamped early leaves early.
+        locked = (select(ApiKey.id).where(ApiKey.id == key_id).with_for_update(key_share=True)
+                  .cte("locked").prefix_with("MATERIALIZED"))
+        at_ms = await connection.scalar(select(POSTGRES_NOW_MS).select_from(locked))
         assert at_ms is not None, f"no api_keys row {key_id}: keys are revoked, never deleted"
         return at_ms
 
@@ -125,13 +128,18 @@ local function score_at(offset)
   return hit[2] and tonumber(hit[2]) or false
 end
 local oldest = score_at(0)
+if ARGV[4] == '1' then
+  local recorded = redis.call('ZSCORE', window, ARGV[5] .. '-1')
+  if recorded then  -- the client's retry of a call whose reply was lost: admitted then, not to be counted twice
+    return {1, tonumber(recorded), count - cost, score_at(0), false}
+  end
+end
 if count + cost > limit then
   return {0, now_ms, count, oldest, score_at(count + cost - limit - 1)}
 end
 if ARGV[4] == '1' then
-  local now_us = time[1] .. string.format('%06d', tonumber(time[2]))
   for i = 1, cost do
-    redis.call('ZADD', window, now_ms, now_us .. '-' .. i .. '-' .. ARGV[5])
+    redis.call('ZADD', window, now_ms, ARGV[5] .. '-' .. i)  -- ARGV[5]: random per call, the same on a retry
   end
   redis.call('PEXPIRE', window, window_ms)
 end
@@ -199,11 +207,12 @@ class SlidingWindowLimiter:
         `cost` must be at most `limit`: a larger one could never be admitted.
         """
         assert 1 <= cost <= limit
+        asked_at = time.monotonic()  # before the storage read its clock: a full window is never assumed too long
         is_allowed, state = await self.storage.admit(key_id, limit, window_s * 1000, cost)
         if not is_allowed:
             if cost == 1 and state.freeing_ms is not None:  # full even for one: nothing fits until a hit expires
                 frees_in_s = (state.freeing_ms + window_s * 1000 - state.now_ms) / 1000
-                self._full_until[key_id] = (limit, window_s, time.monotonic() + frees_in_s)
+                self._full_until[key_id] = (limit, window_s, asked_at + frees_in_s)
             return _full(limit, window_s * 1000, state)
         oldest_ms = state.now_ms if state.oldest_ms is None else state.oldest_ms  # an empty window: this one
         return _open(limit, window_s * 1000, state.now_ms, state.count + cost, oldest_ms)

@@ -16,12 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from db import ApiKey
 from errors import ApiError
 from images import decode_base64, decode_for_model
 from inference import ModelSpec, preprocess
 from schemas import ClassifyRequest
-from settings import Settings
 from uploads import is_multipart, parse_multipart
 
 
@@ -66,15 +64,6 @@ def parse_classify_request(body: bytes, content_type: str) -> ImagesToClassify:
     return ImagesToClassify(classify_request.all_images, classify_request.top_k, is_list=classify_request.images is not None)
 
 
-def check_image_count(count: int, key: ApiKey, settings: Settings) -> None:
-    if count > settings.max_images_per_request:
-        raise ApiError(422, "too_many_images", f"A request may carry at most {settings.max_images_per_request} "
-                                               f"images (MAX_IMAGES_PER_REQUEST); this one has {count}. Split it.")
-    if count > key.rate_limit:
-        raise ApiError(422, "too_many_images", f"Each image counts one request, and this key may make only "
-                                               f"{key.rate_limit} per {key.window_s} s; send at most {key.rate_limit}.")
-
-
 def image_array(source: str | bytes, index: int | None, spec: ModelSpec, max_image_pixels: int) -> np.ndarray:
     """base64 (or the file's bytes) -> (224, 224, 3) uint8. Milliseconds per megabyte: off the event loop."""
     try:
@@ -91,5 +80,10 @@ async def decode_images(pool: Executor, to_classify: ImagesToClassify, spec: Mod
     """All of a request's images at once, one decoding thread each; errors name the image in a list."""
     loop = asyncio.get_running_loop()
     indexes: Sequence[int | None] = range(len(to_classify.sources)) if to_classify.is_list else [None]
-    return list(await asyncio.gather(*(loop.run_in_executor(pool, image_array, source, index, spec, max_image_pixels)
-                                       for index, source in zip(indexes, to_classify.sources))))
+    # Every decode finishes before the answer (none runs on unaccounted for), and the first broken image is named.
+    decoded = await asyncio.gather(*(loop.run_in_executor(pool, image_array, source, index, spec, max_image_pixels)
+                                     for index, source in zip(indexes, to_classify.sources)), return_exceptions=True)
+    for result in decoded:
+        if isinstance(result, BaseException):
+            raise result
+    return decoded  # type: ignore[return-value]

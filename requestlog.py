@@ -56,12 +56,19 @@ class LogWriter:
             try:
                 async with self.engine.begin() as connection:
                     await connection.execute(insert(RequestLog), [row for row, _ in group])
-            except Exception as exc:
+            except BaseException as exc:  # cancelled too: no caller may be left waiting
                 for _, future in group:
-                    future.set_exception(exc)
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the log write was cancelled"))
+                    future.add_done_callback(_mark_seen)
+                if not isinstance(exc, Exception):
+                    raise
             else:
                 for _, future in group:
                     future.set_result(None)
+
+
+def _mark_seen(future: asyncio.Future[None]) -> None:
+    future.exception()  # a caller cancelled meanwhile never reads it; asyncio would log it as lost
 
 
 def add_timing(request: Request, stage: str, started: float) -> None:

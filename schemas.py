@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TOP_K = 20
+MAX_IMAGES = 256  # the most MAX_IMAGES_PER_REQUEST may be; the schema stops at it, before validating every item
 WeightsSource = Literal["file", "cache", "download", "fallback package"]
 BUCKET_WIDTHS_S = {"1m": 60, "1h": 3600, "1d": 86400}
 MAX_UNIX_TIME_S = 32_503_680_000  # year 3000: keeps millisecond times inside a 64-bit integer
@@ -21,7 +22,7 @@ class ClassifyRequest(BaseModel):
                               description="The image file's bytes, base64-encoded, or a `data:image/...;base64,` URL. "
                                           "JPEG, PNG, GIF, WEBP, BMP or TIFF; animated images use their first frame.")
     images: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None, min_length=1, description="Several images, each as `image`; up to MAX_IMAGES_PER_REQUEST, and each "
+        None, min_length=1, max_length=MAX_IMAGES, description="Several images, each as `image`; up to MAX_IMAGES_PER_REQUEST, and each "
                                         "counts one request against the rate limit.")
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="How many labels to return, most likely first.")
 

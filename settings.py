@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas import MAX_IMAGES
+
 ModelName = Literal["resnet18", "efficientnet_lite0"]
 BackendName = Literal["onnxruntime", "torch"]
 Precision = Literal["fp32", "int8"]
@@ -60,7 +62,7 @@ class Settings(BaseSettings):
     # A request still waiting for the model this long after it arrived is dropped and answered 504.
     request_timeout_s: float = Field(30.0, gt=0)
     # Images in one {"images": [...]} request; each counts one against the rate limit.
-    max_images_per_request: int = Field(16, ge=1)
+    max_images_per_request: int = Field(16, ge=1, le=MAX_IMAGES)
 
     # Limits given to keys created without --rate-limit / --window.
     default_rate_limit: int = Field(60, ge=1)

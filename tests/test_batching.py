@@ -4,7 +4,6 @@ import concurrent.futures
 import json
 import signal
 import socket
-import sqlite3
 import threading
 import time
 
@@ -15,10 +14,10 @@ import torch
 import torchvision
 
 from backends import OnnxBackend, TorchBackend, onnx_file, photo_inputs
-from conftest import assert_error, b64, encode, key_id, log_rows, make_key, photo, photo_path
+from conftest import CAT_LABELS, assert_error, b64, encode, key_id, log_rows, make_key, photo, photo_path, query
 from inference import SPECS, LoadedModel, load_efficientnet_lite0, top_predictions
 
-CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
+
 
 
 def post_all(url: str, key: str, bodies: list[dict], timeout: float = 120) -> list[httpx.Response]:
@@ -135,7 +134,7 @@ def test_a_request_still_queued_past_its_deadline_gets_504(start_server, cat):
     assert set(statuses) <= {200, 504} and 504 in statuses, statuses
     timed_out = next(response for response in responses if response.status_code == 504)
     assert "REQUEST_TIMEOUT_S" in assert_error(timed_out, 504, "request_timeout")["message"]
-    rows = log_rows(server.database_url, "key_id = ?", key_id(server.database_url, key))
+    rows = log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key))
     assert sorted(row["status_code"] for row in rows) == sorted(statuses)
     with server.client(key) as client:  # the server is none the worse
         assert client.post("/v1/classify", json={"image": cat}, timeout=30).status_code in (200, 504)
@@ -238,18 +237,16 @@ def test_sigterm_answers_and_logs_every_admitted_request_then_exits(start_server
     key = make_key(server.database_url)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = [pool.submit(post_all, server.url, key, [{"images": [cat] * 16}]) for _ in range(8)]
-        database = sqlite3.connect(server.database_url.removeprefix("sqlite:///"))
         deadline = time.monotonic() + 60
-        while database.execute("SELECT COUNT(*) FROM rate_limit_hits").fetchone()[0] < 128:  # all admitted
-            assert time.monotonic() < deadline
+        while query(server.database_url, "SELECT COUNT(*) AS hits FROM rate_limit_hits")[0]["hits"] < 128:
+            assert time.monotonic() < deadline  # not yet all admitted
             time.sleep(0.01)
-        database.close()
         server.process.send_signal(signal.SIGTERM)
         statuses = [future.result()[0].status_code for future in answers]
     assert statuses == [200] * 8
     assert server.wait_exit(60) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down cleanly
     assert "Application shutdown complete" in server.log()
-    rows = log_rows(server.database_url, "key_id = ?", key_id(server.database_url, key))
+    rows = log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key))
     assert [row["status_code"] for row in rows] == [200] * 8
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/healthz")

@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,8 @@ def test_list_keys_shows_when_each_key_was_last_used(server):
         assert client.get("/v1/models").status_code == 200
         assert client.post("/v1/classify", json={"image": "aGk="}).status_code == 400  # failures count as use too
     rows = {r["prefix"]: r for r in json.loads(cli(server.database_url, "list-keys", "--json").stdout)}
-    last = log_rows(server.database_url, "key_id = (SELECT id FROM api_keys WHERE prefix = ?)", used[:11])[-1]
+    last = log_rows(server.database_url, "key_id = (SELECT id FROM api_keys WHERE prefix = :prefix)",
+                    prefix=used[:11])[-1]
     assert rows[used[:11]]["last_used"] == iso_time(last["created_at_ms"])
     assert rows[idle[:11]]["last_used"] is None
     table = cli(server.database_url, "list-keys").stdout
@@ -156,7 +158,8 @@ def test_list_keys_shows_when_each_key_was_last_used(server):
     assert line.split()[-2:] == [iso_time(last["created_at_ms"])[11:16], "-"]  # last used hh:mm; not revoked
 
 
-def test_set_limit_applies_from_the_next_request(server):
+def test_set_limit_applies_once_the_servers_key_cache_expires(start_server):
+    server = start_server({"KEY_CACHE_TTL_S": "1"})
     key = new_key(server.database_url, "grow@example.com", "--rate-limit", "1", "--window", "600")
     with server.client(key) as client:
         image = {"image": b64(photo_path("coffee.png").read_bytes())}
@@ -165,6 +168,7 @@ def test_set_limit_applies_from_the_next_request(server):
         changed = cli(server.database_url, "set-limit", key[:11], "--rate-limit", "3")
         assert changed.returncode == 0, changed.stderr
         assert "3 requests per 600 s (was 1 per 600 s)" in changed.stdout
+        time.sleep(1.2)  # KEY_CACHE_TTL_S: until then the server may use the key as it read it
         allowed = client.post("/v1/classify", json=image)
         assert allowed.status_code == 200 and allowed.headers["X-RateLimit-Limit"] == "3"
     assert cli(server.database_url, "set-limit", key, "--rate-limit", "9", "--window", "30").returncode == 0

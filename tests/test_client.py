@@ -72,7 +72,7 @@ def test_a_client_mistake_is_raised_at_once_not_retried(server, key):
     with Client(server.url, key) as client, pytest.raises(InvalidRequest) as caught:
         client.classify(b"not an image")
     assert (caught.value.status_code, caught.value.code) == (400, "not_an_image")
-    assert len(log_rows(server.database_url, "key_id = ?", key_id(server.database_url, key))) == 1
+    assert len(log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key))) == 1
     with Client(server.url, "sk-" + "Q" * 43) as client, pytest.raises(AuthenticationError) as refused:
         client.usage()
     assert refused.value.code == "invalid_api_key"
@@ -83,8 +83,8 @@ def test_a_used_up_key_waits_out_429s_then_gives_up_after_max_attempts(server, c
     with Client(server.url, key) as client:
         client.classify(cat_png)
         client.classify(cat_png)  # a 429 first, then admitted after Retry-After
-        assert [row["status_code"] for row in log_rows(server.database_url, "key_id = ?",
-                                                        key_id(server.database_url, key))] == [200, 429, 200]
+        assert [row["status_code"] for row in log_rows(server.database_url, "key_id = :key_id",
+                                                        key_id=key_id(server.database_url, key))] == [200, 429, 200]
     slow = make_key(server.database_url, rate_limit=1, window_s=3600)
     with Client(server.url, slow, retries=Retries(max_attempts=3)) as client:
         client.classify(cat_png)
@@ -146,8 +146,8 @@ def test_the_command_line_classifies_a_folder_within_a_tiny_limit(server, photos
     assert lines[str(photos / "kitchen" / "cup")].startswith("espresso ")
     assert lines[str(photos / "broken.png")].startswith("FAILED 400 corrupt_image: ")
     assert "Skipped 1 file that is not an image" in done.stderr and "2 of 3 files classified" in done.stderr
-    statuses = [row["status_code"] for row in log_rows(server.database_url, "key_id = ? AND endpoint = '/v1/classify'",
-                                                        key_id(server.database_url, key))]
+    statuses = [row["status_code"] for row in log_rows(server.database_url, "key_id = :key_id AND endpoint = '/v1/classify'",
+                                                        key_id=key_id(server.database_url, key))]
     assert 429 in statuses and statuses.count(200) == 2 and statuses.count(400) == 1
     assert "\r[" not in done.stderr  # piped: no progress bar
 

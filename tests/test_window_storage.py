@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from conftest import key_id, make_key
 from db import make_engine
@@ -88,3 +89,41 @@ def test_hits_leave_the_window_exactly_when_it_has_passed(storage_factory):
         assert state.count == 0 and (await storage.admit(key, 1, 200))[0]
 
     run(storage_factory, steps)
+
+
+def test_on_postgresql_a_hit_is_stamped_after_its_wait_for_the_key_lock(postgres):
+    """A hit stamped when the admission started, not when it got the lock, would leave the window early."""
+    database_url = postgres.create_database()
+    key = key_id(database_url, make_key(database_url))
+
+    async def go() -> None:
+        holder, storage = make_engine(database_url, timeout_s=5), SqlWindowStorage(make_engine(database_url, timeout_s=5))
+        try:
+            async with holder.begin() as connection:
+                await connection.execute(text("SELECT id FROM api_keys WHERE id = :id FOR NO KEY UPDATE"), {"id": key})
+                admission = asyncio.create_task(storage.admit(key, 5, WINDOW_MS))
+                await asyncio.sleep(1.0)  # the admission waits for this transaction's lock
+                released_ms = await connection.scalar(text("SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)"))
+            allowed, state = await admission
+            assert allowed and state.now_ms >= released_ms
+        finally:
+            await holder.dispose()
+            await storage.engine.dispose()
+
+    asyncio.run(go())
+
+
+def test_on_redis_a_retried_script_call_is_not_counted_twice(redis_server, tmp_path):
+    """redis-py retries a call whose reply was lost; the script must know its own hits when it runs again."""
+    async def go() -> None:
+        storage = RedisWindowStorage(make_redis(redis_server.url, timeout_s=5), f"retry-{tmp_path.name}")
+        try:
+            window = [f"retry-{tmp_path.name}:window:1"]
+            first = await storage.script(keys=window, args=[5, WINDOW_MS, 2, 1, "same-call"])
+            again = await storage.script(keys=window, args=[5, WINDOW_MS, 2, 1, "same-call"])  # as a retry sends it
+            assert first[0] == again[0] == 1 and again[2] == 0  # admitted once; the window held nothing before
+            assert (await storage.peek(1, 5, WINDOW_MS)).count == 2
+        finally:
+            await storage.client.aclose()
+
+    asyncio.run(go())
