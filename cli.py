@@ -17,12 +17,14 @@ Exit codes, for scripts:
     2  bad arguments (argparse's own code)
     3  the database is busy or unreachable; try again
     4  the database's tables were not made by this server, so they are not migrated
+    5  anything unexpected (a bug, a permission the database refuses): the traceback is printed
 """
 
 import argparse
 import asyncio
 import json
 import sys
+import traceback
 from datetime import datetime, timezone
 
 from sqlalchemy import func, select
@@ -36,6 +38,7 @@ from settings import Settings
 EXIT_WRONG_KEY = 1
 EXIT_DATABASE_UNAVAILABLE = 3
 EXIT_FOREIGN_SCHEMA = 4
+EXIT_UNEXPECTED = 5
 
 
 class WrongKey(Exception):
@@ -214,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     except ForeignSchemaError as exc:
         print(exc, file=sys.stderr)
         return EXIT_FOREIGN_SCHEMA
+    except Exception:  # anything else must not look like exit 1 ("no such key") to a script
+        traceback.print_exc()
+        print("Unexpected error (the traceback is above); nothing was changed unless the output says so.",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":
