@@ -17,12 +17,14 @@ Exit codes, for scripts:
     2  bad arguments (argparse's own code)
     3  the database is busy or unreachable; try again
     4  the database's tables were not made by this server, so they are not migrated
+    5  anything unexpected (a bug, a permission the database refuses): the traceback is printed
 """
 
 import argparse
 import asyncio
 import json
 import sys
+import traceback
 from datetime import datetime, timezone
 
 from sqlalchemy import func, select
@@ -36,6 +38,7 @@ from settings import Settings
 EXIT_WRONG_KEY = 1
 EXIT_DATABASE_UNAVAILABLE = 3
 EXIT_FOREIGN_SCHEMA = 4
+EXIT_UNEXPECTED = 5
 
 
 class WrongKey(Exception):
@@ -50,7 +53,13 @@ def table_time(ms: int | None) -> str:
     return "-" if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
+MIN_PREFIX_LENGTH = len("sk-") + 4  # an empty or bare "sk-" argument (an unset variable) must not match every key
+
+
 async def find_one_key(session: AsyncSession, key_or_prefix: str) -> ApiKey:
+    if len(key_or_prefix) < MIN_PREFIX_LENGTH:
+        raise WrongKey(f"{key_or_prefix!r} is too short to name a key: give the whole key or a prefix of at least "
+                       f"{MIN_PREFIX_LENGTH} characters, as list-keys shows them.")
     if len(key_or_prefix) > PREFIX_LENGTH and not KEY_PATTERN.fullmatch(key_or_prefix):
         raise WrongKey(f"{key_or_prefix!r} is neither a whole key nor a prefix: a prefix has at most {PREFIX_LENGTH} "
                        "characters, as list-keys shows them.")
@@ -160,7 +169,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     listing = commands.add_parser("list-keys", help="show every key's prefix, owner, limit and state")
     listing.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     listing.set_defaults(run=cmd_list_keys)
-    set_limit = commands.add_parser("set-limit", help="change a key's rate limit (and window), from its next request")
+    set_limit = commands.add_parser("set-limit", help="change a key's rate limit (and window); servers apply it within KEY_CACHE_TTL_S")
     set_limit.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
     set_limit.add_argument("--rate-limit", type=positive_int, required=True, help="requests per window")
     set_limit.add_argument("--window", type=positive_int, help="window in seconds (default: unchanged)")
@@ -168,7 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     rotate = commands.add_parser("rotate-key", help="replace a key: a new one printed once, the old one revoked")
     rotate.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
     rotate.set_defaults(run=cmd_rotate_key)
-    revoke = commands.add_parser("revoke-key", help="stop a key working at once")
+    revoke = commands.add_parser("revoke-key", help="stop a key working; servers refuse it within KEY_CACHE_TTL_S")
     revoke.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
     revoke.set_defaults(run=cmd_revoke_key)
     return parser.parse_args(argv)
@@ -208,6 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     except ForeignSchemaError as exc:
         print(exc, file=sys.stderr)
         return EXIT_FOREIGN_SCHEMA
+    except Exception:  # anything else must not look like exit 1 ("no such key") to a script
+        traceback.print_exc()
+        print("Unexpected error (the traceback is above); nothing was changed unless the output says so.",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -117,9 +119,10 @@ class Classification:
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> "Classification":
-        body = response.json()
-        return cls(body["id"], body["model"], [Prediction(**p) for p in body["predictions"]], body["inference_ms"],
-                   RateLimit.from_headers(response.headers))
+        with unexpected_answer(response):
+            body = response.json()
+            return cls(body["id"], body["model"], [Prediction(**p) for p in body["predictions"]],
+                       body["inference_ms"], RateLimit.from_headers(response.headers))
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,19 @@ class Usage:
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> "Usage":
-        body = response.json()
-        return cls(**{field.name: body[field.name] for field in fields(cls)})  # newer servers may add fields
+        with unexpected_answer(response):
+            body = response.json()
+            return cls(**{field.name: body[field.name] for field in fields(cls)})  # newer servers may add fields
+
+
+@contextmanager
+def unexpected_answer(response: httpx.Response) -> Iterator[None]:
+    """A 200 that is not this API's answer (a wrong URL, a proxy's page) is a ServerError, not a traceback."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ServerError(response.status_code, "unexpected_answer",
+                          f"the answer is not this API's ({type(exc).__name__}: {exc}); check the URL") from None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import TextIO
 import httpx
 
 from client import (DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT, DEFAULT_TOP_K, DEFAULT_URL, AsyncClient, AuthenticationError,
-                    Classification, ClientError, ResponseError, Retries, ServerUnreachable)
+                    Classification, ClientError, ResponseError, Retries, ServerError, ServerUnreachable)
 
 DEFAULT_CONCURRENCY = 4
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -123,7 +123,7 @@ async def classify_files(client: AsyncClient, files: list[Path], top_k: int, con
                 return
             try:
                 show(path, await client.classify(path, top_k))
-            except (ServerUnreachable, AuthenticationError) as exc:
+            except (ServerUnreachable, AuthenticationError, ServerError) as exc:  # no other file would fare better
                 stopped.append(exc)
                 show(path, exc)
             except ResponseError as exc:

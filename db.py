@@ -159,6 +159,8 @@ async def migrate(engine: AsyncEngine) -> None:
     advisory lock (PostgreSQL): several servers starting at once migrate one after another."""
     async with write_transaction(engine) as connection:
         if connection.dialect.name == "postgresql":
+            # Waiting for another server's migration is not a request's lock wait: no DB_TIMEOUT_S here.
+            await connection.execute(text("SET LOCAL lock_timeout = 0"))
             await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
         await connection.run_sync(_upgrade_to_head)
 

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError
 from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -157,5 +158,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeoutError, handle_database_error)
     # Redis being unreachable or slow (ConnectionError covers a Redis still loading its data); its other
     # errors, a bad script or command, are bugs: 500s.
-    app.add_exception_handler(RedisConnectionError, handle_redis_error)
-    app.add_exception_handler(RedisTimeoutError, handle_redis_error)
+    # Down, or up but unable to take writes just now (a failover's read-only replica, maxmemory): all pass.
+    for redis_trouble in (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError, MasterDownError,
+                          TryAgainError):
+        app.add_exception_handler(redis_trouble, handle_redis_error)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -332,6 +332,15 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
+async def check_dependency(check: Awaitable[object], message: str) -> None:
+    """503 `not_ready` unless `check` succeeds within 2 s; what failed goes to the log, `message` to the client."""
+    try:
+        await asyncio.wait_for(check, timeout=2)
+    except Exception as exc:  # whatever the failure, the answer is the same: not ready
+        logger.warning("not ready: %s (%r)", message, exc)
+        raise ApiError(503, "not_ready", message, {"Retry-After": "1"}) from None
+
+
 @router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, tags=["health"],
                   responses={503: ERRORS[503]})
 async def readyz(request: Request) -> Health:
@@ -341,18 +350,9 @@ async def readyz(request: Request) -> Health:
                                          "server.", {"Retry-After": "1"})
     if not await request.app.state.database_file.is_usable():
         raise ApiError(503, "not_ready", "The database file is missing.", {"Retry-After": "1"})
-    try:
-        await asyncio.wait_for(ping(request.app.state.engine), timeout=2)
-    except Exception as exc:
-        logger.warning("not ready: database check failed: %r", exc)
-        raise ApiError(503, "not_ready", "The database is not reachable.", {"Retry-After": "1"}) from None
+    await check_dependency(ping(request.app.state.engine), "The database is not reachable.")
     if request.app.state.redis is not None:
-        try:
-            await asyncio.wait_for(request.app.state.redis.ping(), timeout=2)
-        except Exception as exc:
-            logger.warning("not ready: Redis check failed: %r", exc)
-            raise ApiError(503, "not_ready", "Redis, where the rate limit lives, is not reachable.",
-                           {"Retry-After": "1"}) from None
+        await check_dependency(request.app.state.redis.ping(), "Redis, where the rate limit lives, is not reachable.")
     return Health(status="ready")
 
 

@@ -32,7 +32,9 @@ def default_backend() -> BackendName:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore", protected_namespaces=())
+    # hide_input_in_errors: a refused DATABASE_URL or REDIS_URL must not print its password in the error.
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore", protected_namespaces=(),
+                                      hide_input_in_errors=True)
 
     # Where keys, the request log and the rate-limit state live: sqlite:///path.db (relative to the cwd) or
     # postgresql+psycopg://user:password@host/dbname for several server processes on several hosts.
@@ -100,6 +102,8 @@ class Settings(BaseSettings):
     @classmethod
     def supported_database(cls, value: str) -> str:
         # The limiter locks per key in these two (SQLite's write lock, PostgreSQL's row lock); no others.
+        if value.startswith("postgres://"):  # what Heroku and many hosts hand out: the same database
+            value = "postgresql://" + value.removeprefix("postgres://")
         if not value.startswith(("sqlite:", "sqlite+aiosqlite:", "postgresql:", "postgresql+psycopg:")):
             raise ValueError("DATABASE_URL must be sqlite:///path.db or postgresql+psycopg://user:password@host/dbname")
         return value

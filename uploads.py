@@ -83,6 +83,8 @@ class FormCollector:
 
     def on_header_end(self) -> None:
         if self.header_name.lower() == b"content-disposition":
+            if self.current is not None:
+                raise invalid("a part has two Content-Disposition headers: send one per part")
             disposition, options = parse_options_header(self.header_value.decode("latin-1"))
             name = options.get(b"name", b"").decode("latin-1")
             if disposition != b"form-data" or not name:

@@ -4,6 +4,7 @@
 
 const STORAGE_KEY = "classify.apiKey";
 const TOP_K = 5;
+const KEY_SHAPE = /^sk-[A-Za-z0-9_-]{43}$/;  // what the server issues (auth.KEY_PATTERN)
 const $ = (id) => document.getElementById(id);
 
 function plainError(status, body, headers) {
@@ -27,7 +28,10 @@ function showQuota(headers) {
   const limit = headers.get("X-RateLimit-Limit");
   const remaining = headers.get("X-RateLimit-Remaining");
   const reset = headers.get("X-RateLimit-Reset");
-  if (limit === null || remaining === null) return;
+  if (limit === null || remaining === null) {
+    $("quota").textContent = "";  // a refused key has no quota: do not leave the last key's on show
+    return;
+  }
   $("quota").textContent = `Quota: ${remaining} of ${limit} requests left in this window` +
     (reset && reset !== "0" ? `; the next one frees up in ${reset} s.` : ".");
 }
@@ -60,6 +64,9 @@ function showPredictions(answer, roundTripMs) {
 async function classify(file) {
   const key = $("key").value.trim();
   if (!key) return showError("Paste your API key first: it starts with sk-.");
+  // A key pasted with an invisible or curly character would make fetch throw, and look like a dead server.
+  if (!KEY_SHAPE.test(key)) return showError("That does not look like a whole API key: sk- and 43 letters, " +
+                                             "digits, - or _. Paste it again.");
   rememberKey();
   if ($("preview").src) URL.revokeObjectURL($("preview").src);
   $("preview").src = URL.createObjectURL(file);

@@ -13,7 +13,7 @@ import pytest
 
 from auth import KEY_PATTERN as KEY
 from cli import iso_time
-from conftest import ROOT, b64, log_rows, photo_path
+from conftest import ROOT, b64, log_rows, photo_path, query
 from servers import free_port
 
 
@@ -59,8 +59,8 @@ def test_create_key_prints_the_key_last_and_list_keys_never_shows_it(database_ur
 def test_revoke_by_prefix_or_key_and_clear_failures(database_url):
     first = cli(database_url, "create-key", "--email", "a@example.com").stdout.splitlines()[-1]
     second = cli(database_url, "create-key", "--email", "b@example.com").stdout.splitlines()[-1]
-    ambiguous = cli(database_url, "revoke-key", "sk-")
-    assert ambiguous.returncode == 1 and "2 keys match" in ambiguous.stderr
+    too_short = cli(database_url, "revoke-key", "sk-")  # say, an unset $KEY: it must not match every key
+    assert too_short.returncode == 1 and "too short" in too_short.stderr
     unknown = cli(database_url, "revoke-key", "sk-" + "Z" * 43)
     assert unknown.returncode == 1 and "No key matches" in unknown.stderr
     too_long = cli(database_url, "revoke-key", first[:15])
@@ -133,8 +133,11 @@ def new_key(database_url: str, email: str = "a@example.com", *options: str) -> s
 def test_commands_that_take_a_key_refuse_unknown_and_ambiguous_ones_with_exit_1(database_url, command):
     first = new_key(database_url, "a@example.com")
     new_key(database_url, "b@example.com")
+    # Two display prefixes that share their first 7 characters, as random ones rarely do.
+    query(database_url, "UPDATE api_keys SET prefix = 'sk-Ambg' || substr(prefix, 8)")
     name, *options = command
-    for given, words in [("sk-", "2 keys match"), ("sk-" + "Z" * 43, "No key matches"), ("sk-ZZZZZZZZ", "No key matches"),
+    for given, words in [("sk-Ambg", "2 keys match"), ("", "too short"), ("sk-", "too short"),
+                         ("sk-" + "Z" * 43, "No key matches"), ("sk-ZZZZZZZZ", "No key matches"),
                          (first[:15], "at most 11 characters")]:
         failed = cli(database_url, name, given, *options)
         assert failed.returncode == 1 and words in failed.stderr and not failed.stdout, (given, failed.stderr)

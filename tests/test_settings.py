@@ -14,6 +14,13 @@ def test_only_databases_the_limiter_can_lock_in_are_accepted():
             Settings(database_url=url)
 
 
+def test_a_refused_url_never_shows_its_password_and_postgres_scheme_is_understood():
+    with pytest.raises(ValidationError) as refused:
+        Settings(database_url="mysql://app:hunter2@db/classify")
+    assert "hunter2" not in str(refused.value)
+    assert Settings(database_url="postgres://app:pw@db/classify").database_url == "postgresql://app:pw@db/classify"
+
+
 def test_redis_urls_must_name_a_redis_scheme():
     assert Settings(redis_url="redis://cache:6379/0").redis_url == "redis://cache:6379/0"
     with pytest.raises(ValidationError, match="REDIS_URL must be"):

@@ -66,6 +66,8 @@ CASES = {
     "not an image": ([file_part(b"just some text, not a picture")], 400, "not_an_image", None),
     "a huge part header": ([(f'Content-Disposition: form-data; name="file"; filename="{"a" * 5000}"', b"x")],
                            400, "invalid_multipart", "cannot be read"),
+    "two dispositions": ([('Content-Disposition: form-data; name="file"\r\nContent-Disposition: form-data; name="top_k"',
+                           b"3")], 422, "invalid_request", "two Content-Disposition headers"),
     "too many part headers": ([(file_part(b"")[0] + "\r\nX-A: 1" * 10, b"x")], 400, "invalid_multipart", "cannot be read"),
 }
 

@@ -105,7 +105,11 @@ def test_a_cat_photo_shows_cat_labels_then_a_wrong_key_shows_why(page, server, t
     send(page, WRONG_KEY, photo_path("chelsea.png"))
     assert "API key was not accepted" in error_text(page)
     assert page.is_hidden("#result")
+    assert page.text_content("#quota") == ""  # the last key's quota is not left on show
     page.screenshot(path=tmp_path / "wrong-key.png", full_page=True)
+
+    send(page, "sk-\u200b" + "A" * 43, photo_path("chelsea.png"))  # a zero-width space, pasted along with a key
+    assert "does not look like a whole API key" in error_text(page)
 
 
 def test_a_used_up_key_says_how_long_to_wait_and_a_text_file_is_not_an_image(page, server, tmp_path):
