@@ -27,7 +27,7 @@ from settings import BackendName, Precision, Settings
 
 logger = logging.getLogger("classify")
 
-EXPORT_VERSION = "2"  # bump when the exported graph (or int8's calibration) changes, so cached files are not reused
+EXPORT_VERSION = "4"  # bump when the exported graph (or int8's calibration) changes, so cached files are not reused
 MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default  # what the API allows
 MAX_EXPORTED_BATCH = 1024
 
@@ -140,7 +140,8 @@ def export_onnx(model: LoadedModel, path: Path) -> None:
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, model: LoadedModel) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quant_pre_process, quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_static)
 
     class Photos(CalibrationDataReader):
         def __init__(self) -> None:
@@ -152,10 +153,23 @@ def quantize_int8(fp32_path: Path, int8_path: Path, model: LoadedModel) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # folds and fuses first, so fewer tensors are quantized
-        # Only the arithmetic-heavy ops: the softmax stays float, so probabilities keep their precision.
+        # Activations uint8 and weights int8 (U8S8): x86's fast int8 path. Measured on 2 cores with AVX-512 VNNI,
+        # batch 1: ResNet-18 133 images/s against 43 for S8S8 and 55 for fp32; EfficientNet-Lite0 294 against 169
+        # for fp32, with top-1 equal to fp32's on 19 of 21 photos (convolutions alone: 9 of 21, so the adds,
+        # activations and pools are quantized too). The softmax stays float: probabilities keep their precision.
+        # Without VNNI, U8S8 products can saturate unless weights use 7 bits (reduce_range), as ORT's docs say.
         quantize_static(str(prepared), str(int8_path), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=not has_vnni(),
                         op_types_to_quantize=["Conv", "Gemm", "MatMul", "Add", "Relu", "Clip", "MaxPool",
                                               "GlobalAveragePool"])
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has VNNI (AVX-512 or AVX), with which int8 products cannot saturate."""
+    try:
+        return "vnni" in Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume the worst case, which costs a little accuracy, never correctness
+        return False
 
 
 def photo_paths() -> list[Path]:
