@@ -213,6 +213,20 @@ def make_key(database_url: str, rate_limit: int = 1000, window_s: int = 60, emai
     return asyncio.run(create())
 
 
+def run_cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python cli.py ARGS` as a user runs it, against `database_url`, with only the env it needs."""
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url, **env})
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty database: a SQLite file, then a PostgreSQL database (the tests' own server)."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres").create_database()
+    return f"sqlite:///{tmp_path / 'classify.db'}"
+
+
 def server_env(tmp: Path, **settings: str) -> dict[str, str]:
     """Env for a server on its own SQLite file, running the offline model unless told otherwise."""
     return {"DATABASE_URL": f"sqlite:///{tmp / 'classify.db'}", "MODEL_NAME": "efficientnet_lite0",

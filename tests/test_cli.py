@@ -3,30 +3,18 @@ and on PostgreSQL."""
 
 import json
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from auth import KEY_PATTERN as KEY
 from cli import iso_time
-from conftest import ROOT, b64, log_rows, photo_path, query
+from conftest import b64, log_rows, photo_path, query, run_cli
 from servers import free_port
 
 
-def cli(database_url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url, **env})
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        return request.getfixturevalue("postgres").create_database()
-    return f"sqlite:///{tmp_path / 'keys.db'}"
+cli = run_cli
 
 
 def test_init_creates_the_database_and_one_first_key(database_url):

@@ -3,22 +3,13 @@ before Alembic upgrade in place; servers starting together migrate one after ano
 
 import asyncio
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from conftest import ROOT, query, sync_engine
+from conftest import query, run_cli, sync_engine
 from db import Base, alembic_config, make_engine, migrate
-
-
-def cli(database_url: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url})
 
 
 def differences_from_models(database_url: str) -> list:
@@ -35,24 +26,17 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        return request.getfixturevalue("postgres").create_database()
-    return f"sqlite:///{tmp_path / 'empty.db'}"
-
-
-def test_migrations_on_an_empty_database_build_exactly_the_models(empty_database):
-    done = cli(empty_database, "migrate")
+def test_migrations_on_an_empty_database_build_exactly_the_models(database_url):
+    done = run_cli(database_url, "migrate")
     assert done.returncode == 0, done.stderr
-    assert differences_from_models(empty_database) == []
-    assert query(empty_database, "SELECT version_num FROM alembic_version") == [{"version_num": head_revision()}]
-    assert cli(empty_database, "migrate").returncode == 0  # at head already: nothing to do
+    assert differences_from_models(database_url) == []
+    assert query(database_url, "SELECT version_num FROM alembic_version") == [{"version_num": head_revision()}]
+    assert run_cli(database_url, "migrate").returncode == 0  # at head already: nothing to do
 
 
-def test_servers_starting_together_migrate_one_after_another(empty_database):
+def test_servers_starting_together_migrate_one_after_another(database_url):
     async def migrate_at_once(count: int) -> None:
-        engines = [make_engine(empty_database, timeout_s=30) for _ in range(count)]
+        engines = [make_engine(database_url, timeout_s=30) for _ in range(count)]
         try:
             await asyncio.gather(*[migrate(engine) for engine in engines])
         finally:
@@ -60,7 +44,7 @@ def test_servers_starting_together_migrate_one_after_another(empty_database):
                 await engine.dispose()
 
     asyncio.run(migrate_at_once(4))
-    assert differences_from_models(empty_database) == []
+    assert differences_from_models(database_url) == []
 
 
 def test_a_database_made_before_alembic_is_upgraded_in_place(tmp_path):
@@ -75,7 +59,7 @@ def test_a_database_made_before_alembic_is_upgraded_in_place(tmp_path):
         connection.execute("ALTER TABLE request_log DROP COLUMN request_id")  # added by 0002, after the core server
         connection.execute("INSERT INTO api_keys VALUES (1, 'x', 'sk-old', 'old@example.com', 5, 60, 0, NULL)")
     connection.close()
-    done = cli(database_url, "migrate")
+    done = run_cli(database_url, "migrate")
     assert done.returncode == 0, done.stderr
     assert query(database_url, "SELECT version_num FROM alembic_version") == [{"version_num": head_revision()}]
     assert [row["email"] for row in query(database_url, "SELECT email FROM api_keys")] == ["old@example.com"]
@@ -87,6 +71,6 @@ def test_a_database_with_other_tables_of_these_names_is_refused(tmp_path):
     connection = sqlite3.connect(path)
     connection.execute("CREATE TABLE api_keys (id INTEGER PRIMARY KEY, secret TEXT)")
     connection.close()
-    done = cli(f"sqlite:///{path}", "migrate")
+    done = run_cli(f"sqlite:///{path}", "migrate")
     assert done.returncode == 4
     assert "api_keys" in done.stderr and "use another DATABASE_URL" in done.stderr

@@ -2,8 +2,6 @@
 still get revoked everywhere, and 503s (never 500s, never unlimited admission) while a backend is down."""
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -12,7 +10,7 @@ import psycopg
 import pytest
 from sqlalchemy import make_url
 
-from conftest import ONE_PIXEL, ROOT, Server, assert_error, backend_env, make_key
+from conftest import ONE_PIXEL, Server, assert_error, backend_env, make_key, run_cli
 from servers import PostgresServer, RedisServer
 from settings import Settings
 
@@ -36,8 +34,7 @@ def split_burst(servers: list[Server], key: str, count: int) -> list[httpx.Respo
 
 
 def revoke(database_url: str, key: str) -> None:
-    done = subprocess.run([sys.executable, "cli.py", "revoke-key", key], cwd=ROOT, capture_output=True, text=True,
-                          env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}, timeout=60)
+    done = run_cli(database_url, "revoke-key", key)
     assert done.returncode == 0, done.stderr
 
 
