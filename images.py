@@ -1,9 +1,10 @@
 """From what a client sends to the picture the model sees: base64 text -> bytes -> the upright RGB centre crop.
 
-This is where hostile input meets the C parsers, so each check comes as early and as cheaply as it can:
-the size and the structure that make decoding expensive (pixels, sides, JPEG scans, TIFF strips) are read
-from the header before a pixel is decoded, only common photo formats are parsed at all, and every failure is
-an `ApiError` (4xx) whose message says what to send instead.
+This is where hostile input meets the parsers, so each check comes as early and as cheaply as it can: the
+size and the structure that make decoding expensive (pixels, sides, JPEG scans, TIFF strips, and the
+segments, chunks and blocks Pillow walks in Python) are read from the bytes before Pillow reads them, only
+common photo formats are parsed at all, and every failure is an `ApiError` (4xx) whose message says what to
+send instead.
 """
 
 import base64
@@ -16,6 +17,7 @@ import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from PIL.TiffImagePlugin import PREFIXES as PILLOW_TIFF_PREFIXES
 
 from errors import ApiError
 
@@ -26,6 +28,22 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 MAX_SIDE = 65_535  # the JPEG and GIF maximum; taller images cost Pillow bytes per row whatever their width
 MAX_JPEG_SCANS = 100  # progressive JPEGs have about 10; thousands of tiny scans cost seconds each
 MAX_TIFF_CHUNKS = 100_000  # strips or tiles; Pillow builds a Python object per entry when it opens the file
+MAX_TIFF_ENTRIES = 65_535  # per directory: classic TIFF's most; a BigTIFF may declare billions
+MAX_TIFF_DIRECTORIES = 1_000  # followed along the chain; decoding reads only the first
+# JPEG segments before the image data, PNG chunks, GIF blocks before the first image, and stray bytes between
+# them: Pillow goes once round a Python loop for each (and keeps JPEG's APP and COM segments, PNG's private
+# chunks, GIF's comments), so millions of empty ones cost seconds and hundreds of MB. Photos have dozens; a
+# 20 MB PNG in libpng's 8 KB chunks has 2,600.
+MAX_PARSED_PARTS = 10_000
+
+# How Pillow tells its parsers apart: by these first bytes, not by name (an MPO is JPEG frames; Pillow also
+# opens TIFFs whose header mixes up its byte order).
+TIFF_PREFIXES = tuple(PILLOW_TIFF_PREFIXES)
+JPEG_START = b"\xff\xd8\xff"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
+TIFF_CHUNK_TAGS = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+JPEG_MARKERS_WITHOUT_LENGTH = {0x00, 0xC8, *range(0xD0, 0xDA), *range(0xF0, 0xFE)}  # as Pillow's MARKER table has them
 
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*(?P<base64>;base64)?,", re.IGNORECASE)
 WHITESPACE = re.compile(r"\s+")
@@ -100,9 +118,7 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     """The image with only its header read, refused if decoding it would cost too much memory or time."""
     if not data:
         raise ApiError(400, "empty_image", "`image` decodes to zero bytes: send the image file's bytes, base64-encoded.")
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+") and tiff_chunk_count(data) > MAX_TIFF_CHUNKS:
-        raise ApiError(400, "image_too_complex", f"This TIFF is split into more than {MAX_TIFF_CHUNKS} strips or tiles; "
-                                                 "save it with larger strips, or as PNG or JPEG.")
+    check_structure(data)
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
@@ -115,29 +131,133 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width * height > max_pixels or max(width, height) > MAX_SIDE:
         raise too_many_pixels(f"{width}x{height} ({width * height / 1e6:.1f} MP)", max_pixels)
-    if image.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-        raise ApiError(400, "image_too_complex", f"This JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted "
-                                                 "(a progressive JPEG has about 10). Save it again as a baseline JPEG.")
     return image
 
 
-def tiff_chunk_count(data: bytes) -> int:
-    """The largest strip or tile count in a TIFF's first directory, read without Pillow (which builds them all)."""
+def check_structure(data: bytes) -> None:
+    """Refuses, from the bytes alone, a file whose structure would cost Pillow seconds or hundreds of MB to walk
+    before a pixel is decoded. Each walk below stops once past its cap, so it costs little itself."""
+    if data.startswith(TIFF_PREFIXES):
+        entries, chunks = tiff_costs(data)
+        if entries > MAX_TIFF_ENTRIES:
+            raise too_complex(f"This TIFF has a directory of {entries} entries; at most {MAX_TIFF_ENTRIES} are "
+                              "accepted. Save it again, or as PNG or JPEG.")
+        if chunks > MAX_TIFF_CHUNKS:
+            raise too_complex(f"This TIFF is split into more than {MAX_TIFF_CHUNKS} strips or tiles; "
+                              "save it with larger strips, or as PNG or JPEG.")
+    elif data.startswith(JPEG_START):
+        if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise too_complex(f"This JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted "
+                              "(a progressive JPEG has about 10). Save it again as a baseline JPEG.")
+        if jpeg_header_parts(data) > MAX_PARSED_PARTS:
+            raise too_complex(f"This JPEG has more than {MAX_PARSED_PARTS} segments (or stray bytes) before its "
+                              "image data; a photo has a few dozen. Save it again without the extra metadata.")
+    elif data.startswith(PNG_SIGNATURE):
+        if png_chunk_count(data) > MAX_PARSED_PARTS:
+            raise too_complex(f"This PNG has more than {MAX_PARSED_PARTS} chunks; a photo has a few dozen. "
+                              "Save it again without the extra metadata.")
+    elif data.startswith(GIF_SIGNATURES):
+        if gif_block_count(data) > MAX_PARSED_PARTS:
+            raise too_complex(f"This GIF has more than {MAX_PARSED_PARTS} blocks before its first image; "
+                              "save it again without the extra metadata.")
+
+
+def tiff_costs(data: bytes) -> tuple[int, int]:
+    """(the most entries a directory declares, the most strips or tiles one lists), over every directory Pillow
+    may read: the chain of next-directory offsets from the header, read by Pillow's rules (byte order from the
+    first two bytes, BigTIFF only when the third is 0x2B, every entry of a directory, a directory cut short by
+    the end of the file ends the chain, and so does a loop)."""
+    order = "<" if data[:2] == b"II" else ">"
+    is_big = data[2] == 0x2B
+    count_format, offset_format = ("Q", "Q") if is_big else ("H", "I")
+    entry = np.dtype([("tag", order + "u2"), ("type", order + "u2"), ("count", order + ("u8" if is_big else "u4")),
+                      ("value", "V8" if is_big else "V4")])
+    most_entries = most_chunks = 0
+    seen: set[int] = set()
     try:
-        order = "<" if data[:2] == b"II" else ">"
-        if data[2:4] in (b"*\x00", b"\x00*"):  # classic TIFF: 16-bit entry count, 12-byte entries
-            (offset,) = struct.unpack_from(order + "I", data, 4)
-            count_format, entry_format, entry_size = "H", "HHI", 12
-        else:  # BigTIFF
-            (offset,) = struct.unpack_from(order + "Q", data, 8)
-            count_format, entry_format, entry_size = "Q", "HHQ", 20
-        (entries,) = struct.unpack_from(order + count_format, data, offset)
-        first = offset + struct.calcsize(count_format)
-        counts = [struct.unpack_from(order + entry_format, data, first + i * entry_size)
-                  for i in range(min(entries, 1000))]
+        (offset,) = struct.unpack_from(order + offset_format, data, 8 if is_big else 4)
+        while offset and offset not in seen and len(seen) < MAX_TIFF_DIRECTORIES:
+            seen.add(offset)
+            (declared,) = struct.unpack_from(order + count_format, data, offset)
+            most_entries = max(most_entries, declared)
+            first = offset + struct.calcsize(count_format)
+            present = min(declared, MAX_TIFF_ENTRIES, max(0, len(data) - first) // entry.itemsize)
+            if present:
+                entries = np.frombuffer(data, entry, count=present, offset=first)
+                chunks = entries["count"][np.isin(entries["tag"], TIFF_CHUNK_TAGS)]
+                most_chunks = max(most_chunks, int(chunks.max(initial=0)))
+            if present < declared:
+                break
+            (offset,) = struct.unpack_from(order + offset_format, data, first + declared * entry.itemsize)
     except struct.error:
-        return 0  # too short to say: Pillow will refuse it
-    return max((count for tag, _, count in counts if tag in (273, 279, 324, 325)), default=0)  # offsets, byte counts
+        pass  # the file ends before the next directory: so does Pillow's reading
+    return most_entries, most_chunks
+
+
+def jpeg_header_parts(data: bytes) -> int:
+    """How often Pillow's JPEG parser goes round its Python loop before the first scan (once per segment,
+    fill byte or stray byte, as `JpegImageFile._open` walks them), counted up to just past the cap. After the
+    first scan libjpeg reads the file, in C."""
+    parts, at = 0, 2  # Pillow starts at the 0xFF after the SOI marker
+    while parts <= MAX_PARSED_PARTS and at + 1 < len(data):
+        if data[at] != 0xFF:  # stray bytes, skipped one at a time
+            next_marker = data.find(b"\xff", at)
+            if next_marker < 0:
+                return parts + len(data) - at
+            parts, at = parts + next_marker - at, next_marker
+            continue
+        parts += 1
+        marker = data[at + 1]
+        if marker == 0xDA:  # start of scan
+            break
+        if marker == 0xFF:  # a fill byte
+            at += 1
+        elif marker in JPEG_MARKERS_WITHOUT_LENGTH:
+            at += 2
+        elif marker >= 0xC0:
+            at += 2 + max(2, int.from_bytes(data[at + 2:at + 4], "big"))
+        else:
+            break  # not a marker: Pillow gives up here
+    return parts
+
+
+def png_chunk_count(data: bytes) -> int:
+    """The chunks Pillow reads, each in Python, to decode the first frame: up to IEND, or to the next frame's
+    fcTL in an animated PNG. Counted up to just past the cap."""
+    chunks, at, is_animated, has_image_data = 0, len(PNG_SIGNATURE), False, False
+    while chunks <= MAX_PARSED_PARTS and at + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, at)
+        chunks += 1
+        if kind == b"IEND" or (kind == b"fcTL" and is_animated and has_image_data):
+            break
+        if kind == b"acTL":
+            is_animated = int.from_bytes(data[at + 8:at + 12], "big") > 1  # Pillow's rule: more than one frame
+        has_image_data = has_image_data or kind == b"IDAT"
+        at += 12 + length  # length, type, data, CRC
+    return chunks
+
+
+def gif_block_count(data: bytes) -> int:
+    """The blocks Pillow reads, each in Python, before the first image: extensions, each of their sub-blocks,
+    and stray bytes. Counted up to just past the cap; the image's own data is read in C."""
+    flags = data[10] if len(data) > 10 else 0
+    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the screen descriptor and global palette
+    blocks = 0
+    while blocks <= MAX_PARSED_PARTS and at < len(data):
+        blocks += 1
+        if data[at] in b",;":  # the first image, or the end
+            break
+        if data[at] != ord("!"):  # a stray byte
+            at += 1
+            continue
+        at += 2  # the extension's introducer and label, then its sub-blocks up to an empty one
+        while blocks <= MAX_PARSED_PARTS and at < len(data):
+            blocks += 1
+            size = data[at]
+            at += 1 + size
+            if size == 0:
+                break
+    return blocks
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -161,6 +281,10 @@ def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
     elif mode == "F" and values.max(initial=0) <= 1.0:
         values = values * 255  # float images are usually 0..1
     return np.clip(values, 0, 255).astype(np.uint8)
+
+
+def too_complex(message: str) -> ApiError:
+    return ApiError(400, "image_too_complex", message)
 
 
 def too_many_pixels(size: str, max_pixels: int) -> ApiError:

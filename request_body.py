@@ -2,6 +2,7 @@
 
     read_body               413 past MAX_BODY_BYTES (declared or streamed), 408 past BODY_TIMEOUT_S
     parse_classify_request  JSON {"image"} / {"images"} or a multipart `file` -> ImagesToClassify; 422 otherwise
+                            (and before parsing, for JSON with more values than a valid body can hold)
     decode_images           base64 -> Pillow -> (224, 224, 3) uint8 per image, in the decoding threads
 """
 
@@ -19,8 +20,13 @@ from starlette.requests import ClientDisconnect
 from errors import ApiError
 from images import decode_base64, decode_for_model
 from inference import ModelSpec, preprocess
-from schemas import ClassifyRequest
+from schemas import MAX_IMAGES, ClassifyRequest
 from uploads import is_multipart, parse_multipart
+
+# pydantic builds a body's whole JSON tree before it meets a field it forbids or a list over its cap, at about
+# 50 bytes a value (a GB for 20 MB of `{},`), so a body is first checked to hold no more values than a valid one
+# can: each image takes a comma (a data URL one more), the fields a few, the object and its list two brackets.
+MAX_JSON_SEPARATORS = 2 * MAX_IMAGES + 16
 
 
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
@@ -57,11 +63,23 @@ def parse_classify_request(body: bytes, content_type: str) -> ImagesToClassify:
     if is_multipart(content_type):
         data, top_k = parse_multipart(body, content_type)
         return ImagesToClassify([data], top_k, is_list=False)
+    check_json_size(body)
     try:
         classify_request = ClassifyRequest.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
     return ImagesToClassify(classify_request.all_images, classify_request.top_k, is_list=classify_request.images is not None)
+
+
+def check_json_size(body: bytes) -> None:
+    """A 422 for a body with more commas and brackets than any valid request, counted at C speed on the raw
+    bytes: inside strings too, where base64 has none (a string full of them is no image either)."""
+    separators = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if separators > MAX_JSON_SEPARATORS:
+        raise ApiError(422, "invalid_request",
+                       f"The JSON body has {separators} commas and brackets; a valid one has at most "
+                       f"{MAX_JSON_SEPARATORS}: send {{\"image\": \"<base64>\"}} or {{\"images\": [...]}} with at most "
+                       f"{MAX_IMAGES} base64 strings, and optionally \"top_k\".")
 
 
 def image_array(source: str | bytes, index: int | None, spec: ModelSpec, max_image_pixels: int) -> np.ndarray:
