@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import logging
+import math
 import re
 import struct
 import warnings
@@ -94,15 +95,24 @@ def decode_for_model(data: bytes, max_pixels: int, resize: int, crop: int, resam
         if image.mode in ("1", "P", "PA") or ("transparency" in image.info and image.mode in ("L", "RGB")):
             # resize() would use nearest-neighbour on these, or lose the transparent colour: convert them whole
             image = image.convert("L" if image.mode == "1" else "RGBA")
+        # How to scale 32-bit and float pixels is read from the whole picture: resizing overshoots near edges
+        highest = highest_value(image) if image.mode in ("I", "F") else 0.0
         side = crop * min(image.size) / resize  # the crop's side in (drafted) original pixels
         left, top = (image.width - side) / 2, (image.height - side) / 2
         small = image.resize((crop, crop), resample, box=(left, top, left + side, top + side))
         # The centre square of the upright picture is the centre square of the stored one, turned.
         if orientation in UPRIGHT:
             small = small.transpose(UPRIGHT[orientation])
-        return to_rgb(small)
+        return to_rgb(small, highest)
     except Exception as exc:  # Pillow's decoders raise many types on bad data; all of them mean the client's bytes
         raise corrupt(exc) from None
+
+
+def highest_value(image: Image.Image) -> float:
+    highest = image.getextrema()[1]
+    if math.isnan(highest):  # Pillow's extrema turn NaN when the first pixel is NaN
+        highest = float(np.nanmax(np.asarray(image), initial=0))
+    return highest
 
 
 def exif_orientation(image: Image.Image) -> int:
@@ -260,12 +270,13 @@ def gif_block_count(data: bytes) -> int:
     return blocks
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for the model: transparency over white, 16- and 32-bit and float pixels scaled to 8 bits."""
+def to_rgb(image: Image.Image, highest: float) -> Image.Image:
+    """RGB for the model: transparency over white, 16- and 32-bit and float pixels scaled to 8 bits (32-bit and
+    float ones by the whole picture's `highest` value)."""
     if image.mode == "RGB":
         return image
     if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(image), image.mode)).convert("RGB")
+        return Image.fromarray(_to_uint8(np.asarray(image), image.mode, highest)).convert("RGB")
     if "A" in image.getbands():
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -274,11 +285,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+def _to_uint8(pixels: np.ndarray, mode: str, highest: float) -> np.ndarray:
     values = np.nan_to_num(pixels.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
-    if mode in SIXTEEN_BIT_MODES or (mode == "I" and values.max(initial=0) > 255):
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and highest > 255):
         values = values / 257  # 0..65535 -> 0..255
-    elif mode == "F" and values.max(initial=0) <= 1.0:
+    elif mode == "F" and highest <= 1.0:
         values = values * 255  # float images are usually 0..1
     return np.clip(values, 0, 255).astype(np.uint8)
 

@@ -107,6 +107,23 @@ def test_gray_and_deep_modes_are_read_as_the_same_picture(api, variant):
     assert result[0]["confidence"] == pytest.approx(reference[0]["confidence"], abs=0.05)
 
 
+DEEP_ASTRONAUTS = {
+    "float 0..1": lambda gray: Image.fromarray(np.asarray(gray).astype(np.float32) / 255),
+    "32-bit 0..255": lambda gray: Image.fromarray(np.asarray(gray).astype(np.int32)),
+}
+
+
+@pytest.mark.parametrize("variant", DEEP_ASTRONAUTS)
+def test_deep_pixels_are_scaled_by_the_whole_pictures_range(api, variant):
+    """Whether to scale float (or 32-bit) pixels is read from the whole picture: the resized crop overshoots
+    past 1.0 (past 255) near bright edges, and the astronaut, read from it, came out black."""
+    gray = photo("astronaut.png").convert("L")
+    reference = classify(api, encode(gray, "PNG"))["predictions"][0]
+    result = classify(api, encode(DEEP_ASTRONAUTS[variant](gray), "TIFF"))["predictions"][0]
+    assert result["label"] == reference["label"]
+    assert result["confidence"] == pytest.approx(reference["confidence"], abs=0.05)
+
+
 def test_exif_orientation_is_applied(api):
     upright = photo("chelsea.png").convert("RGB")
     exif = Image.Exif()
