@@ -1,6 +1,6 @@
 """The API's request and response bodies, as they appear in /openapi.json (with examples)."""
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,10 +18,11 @@ class ClassifyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    image: str | None = Field(None, min_length=1, examples=[ONE_PIXEL_PNG_BASE64],
+    # No min_length: an empty image is the documented 400 `empty_image`, found where the image is decoded.
+    image: str | None = Field(None, examples=[ONE_PIXEL_PNG_BASE64],
                               description="The image file's bytes, base64-encoded, or a `data:image/...;base64,` URL. "
                                           "JPEG, PNG, GIF, WEBP, BMP or TIFF; animated images use their first frame.")
-    images: list[Annotated[str, Field(min_length=1)]] | None = Field(
+    images: list[str] | None = Field(
         None, min_length=1, max_length=MAX_IMAGES, description="Several images, each as `image`; up to MAX_IMAGES_PER_REQUEST, and each "
                                         "counts one request against the rate limit.")
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="How many labels to return, most likely first.")

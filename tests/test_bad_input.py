@@ -48,7 +48,6 @@ def cat_jpeg() -> bytes:
 
 BAD_JSON_BODIES = {
     "missing image": {"top_k": 5},
-    "empty image": {"image": ""},
     "image of wrong type": {"image": 123},
     "image as list": {"image": ["abc"]},
     "top_k as string": {"image": "aGk=", "top_k": "5"},
@@ -74,6 +73,7 @@ def test_bodies_that_are_not_a_json_object_are_422(api, raw):
 BAD_IMAGES = {
     "not base64": ("!!! this is not base64 !!!", 400, "invalid_base64"),
     "base64 of text": (b64(b"hello, I am not an image"), 400, "not_an_image"),
+    "empty": ("", 400, "empty_image"),
     "whitespace only": ("   \n  ", 400, "empty_image"),
     "empty data url": ("data:image/png;base64,", 400, "empty_image"),
     "data url without base64": ("data:image/png,rawbytes", 400, "invalid_data_url"),
@@ -97,6 +97,16 @@ def test_bad_images_get_a_clear_4xx(api, case):
         assert response.status_code == 200, response.text
     else:
         assert_error(response, status, code)
+
+
+def test_an_empty_image_is_the_documented_empty_image_and_counts_like_any_refused_body(server):
+    key = make_key(server.database_url, rate_limit=5)
+    with server.client(key) as client:
+        empty = client.post("/v1/classify", json={"image": ""})
+        assert "no data" in assert_error(empty, 400, "empty_image")["message"]
+        assert empty.headers["X-RateLimit-Remaining"] == "4"
+        in_a_list = client.post("/v1/classify", json={"images": [b64(cat_jpeg()), ""]})
+        assert assert_error(in_a_list, 400, "empty_image")["message"].startswith("images[1]: ")
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"])
