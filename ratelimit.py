@@ -30,7 +30,7 @@ POSTGRES_NOW_MS = cast(func.floor(func.extract("epoch", func.clock_timestamp()) 
 class Decision(NamedTuple):
     allowed: bool
     limit: int
-    remaining: int  # requests still admissible in the window, after this one
+    remaining: int  # requests still admissible in the window, after this one (if admitted; a refusal takes none)
     reset_s: int  # whole seconds until the oldest counted request leaves the window (remaining goes up); 0 if none
     retry_after_s: int  # whole seconds until a request would be admitted; 0 when it would be now
 
@@ -231,6 +231,9 @@ def _open(limit: int, window_ms: int, at_ms: int, counted: int, oldest_ms: int |
 
 
 def _full(limit: int, window_ms: int, state: WindowState) -> Decision:
-    assert state.freeing_ms is not None
+    """A refusal: none of it was recorded, so what remains is what was there (a request of 3 may be refused
+    with 2 left), and Retry-After is when this request's `cost` would fit."""
+    assert state.freeing_ms is not None and state.oldest_ms is not None
     retry_after_s = max(1, _whole_seconds(state.freeing_ms + window_ms - state.now_ms))
-    return Decision(False, limit, 0, retry_after_s, retry_after_s)
+    reset_s = _whole_seconds(state.oldest_ms + window_ms - state.now_ms)
+    return Decision(False, limit, max(0, limit - state.count), reset_s, retry_after_s)

@@ -53,6 +53,23 @@ def test_every_answer_carries_the_rate_limit_headers(backend_server):
         assert bad_image.headers["X-RateLimit-Remaining"] == "8"  # admitted, so it counted, and it says so
 
 
+def test_a_refused_request_of_several_images_says_how_many_are_still_admissible(backend_server):
+    """Limit 5: three images leave 2; three more are refused, and Remaining still says 2 (a single image is
+    admitted right after), while Retry-After says when three fit."""
+    key = make_key(backend_server.database_url, rate_limit=5, window_s=60)
+    with backend_server.client(key) as client:
+        three = {"images": [ONE_PIXEL] * 3}
+        assert client.post("/v1/classify", json=three).headers["X-RateLimit-Remaining"] == "2"
+        refused = client.post("/v1/classify", json=three)
+        assert_error(refused, 429, "rate_limit_exceeded")
+        assert refused.headers["X-RateLimit-Remaining"] == "2"
+        assert refused.headers["RateLimit"] == f'"default";r=2;t={refused.headers["X-RateLimit-Reset"]}'
+        assert 50 <= int(refused.headers["Retry-After"]) <= 60  # when the first three leave the window
+        one = client.post("/v1/classify", json={"image": ONE_PIXEL})
+        assert one.status_code == 200 and one.headers["X-RateLimit-Remaining"] == "1"
+        assert client.get("/v1/usage").json()["remaining"] == 1
+
+
 def test_the_window_slides_instead_of_resetting_in_fixed_buckets(backend_server):
     """3 per 6 s: one request at t=0, two at t=3. At t=6.5 only the first has left the window, so exactly one
     more is admitted; any fixed 6 s bucket would either have refused at t=3 or admitted three at t=6.5."""
