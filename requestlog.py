@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -31,6 +32,7 @@ REQUESTS = Counter("http_requests_total", "HTTP requests answered, by route and 
 REQUEST_SECONDS = Histogram("http_request_duration_seconds", "Time from a request's arrival to its answer's start.",
                             ["route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 QUIET_ROUTES = {"/healthz", "/readyz", "/metrics"}  # probed every few seconds: their lines are DEBUG
+URL_PATH_CHARACTERS = "/:@!$&'()*+,;="  # RFC 3986's, beside letters, digits and -._~
 
 
 class LogWriter:
@@ -57,18 +59,45 @@ class LogWriter:
                 async with self.engine.begin() as connection:
                     await connection.execute(insert(RequestLog), [row for row, _ in group])
             except BaseException as exc:  # cancelled too: no caller may be left waiting
-                for _, future in group:
-                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the log write was cancelled"))
-                    future.add_done_callback(_mark_seen)
+                if isinstance(exc, Exception) and len(group) > 1 and not is_database_unavailable(exc):
+                    # One row the database refuses must not fail the requests that shared its commit.
+                    await self._write_one_by_one(group)
+                    continue
+                _fail(group, exc)
                 if not isinstance(exc, Exception):
                     raise
             else:
                 for _, future in group:
                     future.set_result(None)
 
+    async def _write_one_by_one(self, group: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+        for index, (row, future) in enumerate(group):
+            try:
+                async with self.engine.begin() as connection:
+                    await connection.execute(insert(RequestLog), [row])
+            except Exception as exc:
+                _fail([(row, future)], exc)
+            except BaseException as exc:
+                _fail(group[index:], exc)
+                raise
+            else:
+                future.set_result(None)
+
+
+def _fail(group: list[tuple[dict[str, Any], asyncio.Future[None]]], exc: BaseException) -> None:
+    for _, future in group:
+        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the log write was cancelled"))
+        future.add_done_callback(_mark_seen)
+
 
 def _mark_seen(future: asyncio.Future[None]) -> None:
     future.exception()  # a caller cancelled meanwhile never reads it; asyncio would log it as lost
+
+
+def endpoint(path: str) -> str:
+    """The path as a client would send it, percent-encoded, cut to the column's 64 characters: text every
+    database holds (PostgreSQL refuses the NUL of `/v1/%00`), and `/v1/classify` as is for /v1/usage."""
+    return quote(path, safe=URL_PATH_CHARACTERS, errors="replace")[:64]
 
 
 def add_timing(request: Request, stage: str, started: float) -> None:
@@ -156,7 +185,7 @@ class RequestLogMiddleware:
     async def record(scope: Scope, state: dict[str, Any], status_code: int, started: float) -> ApiError | None:
         """Writes the row; if it cannot be written, the error to answer instead."""
         writer: LogWriter = scope["app"].state.log_writer
-        row = {"key_id": state.get("key_id"), "endpoint": scope["path"][:64], "method": scope["method"][:8],
+        row = {"key_id": state.get("key_id"), "endpoint": endpoint(scope["path"]), "method": scope["method"][:8],
                "status_code": status_code, "latency_ms": (time.perf_counter() - started) * 1000,
                "created_at_ms": now_ms(), "error_code": state.get("error_code"),
                "request_id": state.get("request_id")}

@@ -1,14 +1,16 @@
 """GET /v1/usage and the request log behind it: every /v1 request is a row before its answer arrives.
-The counting rules are checked on every backend; the failure modes below are SQLite's (test_scaleout.py has
-PostgreSQL's and Redis's)."""
+The counting rules are checked on every backend; the failure modes below are SQLite's, but for the rows
+PostgreSQL refuses (test_scaleout.py has PostgreSQL's and Redis's outages)."""
 
+import asyncio
 import sqlite3
 import time
 
+import httpx
 import pytest
 from PIL import Image
 
-from conftest import ONE_PIXEL, assert_error, b64, encode, key_id, log_rows, make_key
+from conftest import ONE_PIXEL, assert_error, b64, encode, key_id, log_rows, make_key, query
 
 
 def test_usage_counts_this_keys_classify_requests_of_every_outcome(backend_server):
@@ -181,3 +183,64 @@ def test_readiness_fails_while_the_database_cannot_be_written_and_recovers(start
             blocker.execute("ROLLBACK")
             blocker.close()
         assert client.get("/readyz").status_code == 200
+
+
+def classify_amid_loops(url: str, key: str, path: str, loop_key: str | None) -> tuple[list[httpx.Response],
+                                                                                     list[httpx.Response]]:
+    """40 classify requests with `key`, sent at once, while 20 loops GET `path` (with `loop_key`) until they are
+    all answered: the two kinds' log rows share commits. The answers to each."""
+    def headers(key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def send_all() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=60)) as client:
+            is_done = False
+
+            async def loop() -> list[httpx.Response]:
+                answers = []
+                while not is_done:
+                    answers.append(await client.get(path, headers=headers(loop_key)))
+                return answers
+
+            loops = [asyncio.create_task(loop()) for _ in range(20)]
+            classified = await asyncio.gather(*[client.post("/v1/classify", json={"image": ONE_PIXEL},
+                                                            headers=headers(key)) for _ in range(40)])
+            is_done = True
+            return classified, [answer for looped in loops for answer in await looped]
+
+    return asyncio.run(send_all())
+
+
+def test_on_postgresql_a_nul_in_the_path_is_logged_and_breaks_no_other_answer(postgres, start_server):
+    """`GET /v1/%00` reaches the log with a NUL in its path, which PostgreSQL refuses in text: the row holds the
+    path percent-encoded, and the classify requests whose rows share its commit are answered 200."""
+    running = start_server({"DATABASE_URL": postgres.create_database()})
+    key = make_key(running.database_url)
+    classified, looped = classify_amid_loops(running.url, key, "/v1/%00", None)
+    assert [r.status_code for r in classified] == [200] * 40
+    assert {r.status_code for r in looped} == {404}
+    assert_error(looped[0], 404, "not_found")
+    assert len(log_rows(running.database_url, "endpoint = '/v1/%00'")) == len(looped)
+    with running.client(key) as client:
+        assert client.get("/v1/usage").json()["total_requests"] == 40
+    assert "Traceback" not in running.log()
+
+
+def test_on_postgresql_a_row_the_database_refuses_fails_only_its_own_request(postgres, start_server):
+    """Rows answered at the same moment go in one INSERT. One the database refuses for good (here: its key was
+    deleted behind the server's back, which still has it cached, so its foreign key fails) makes the group be
+    written row by row: that request gets the 500, the ones beside it their answers and their rows."""
+    running = start_server({"DATABASE_URL": postgres.create_database(), "KEY_CACHE_TTL_S": "600"})
+    doomed, kept = make_key(running.database_url), make_key(running.database_url)
+    with running.client(doomed) as client:
+        assert client.get("/v1/models").status_code == 200  # cached from now on
+    doomed_id = key_id(running.database_url, doomed)
+    for table in ("request_log", "rate_limit_hits", "api_keys"):
+        query(running.database_url, f"DELETE FROM {table} WHERE {'id' if table == 'api_keys' else 'key_id'} = :id",
+              id=doomed_id)
+    classified, looped = classify_amid_loops(running.url, kept, "/v1/models", doomed)
+    assert [r.status_code for r in classified] == [200] * 40
+    for refused in looped:
+        assert_error(refused, 500, "internal_error")
+    rows = log_rows(running.database_url, "key_id = :id", id=key_id(running.database_url, kept))
+    assert [row["status_code"] for row in rows] == [200] * 40
