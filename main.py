@@ -362,12 +362,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="Image classification API", version="1.0.0", lifespan=lifespan,
                   description="ImageNet labels for your images: POST a base64 image to /v1/classify with a Bearer key.")
     app.state.settings = settings
-    # Added innermost first: a request meets RequestIdMiddleware first, so every answer (404s, 500s) has an id,
-    # and CORS headers go on the request log's own answers (a 503 for the log) as well.
-    app.add_middleware(RequestLogMiddleware)
+    # Added innermost first: a request meets RequestIdMiddleware first, so every answer (404s, 500s) has an id;
+    # then the request log, so the preflights CORSMiddleware answers by itself are recorded (the log gives its own
+    # answers, a 503 for the log, the same CORS headers).
+    cors_options = dict(allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
+                        allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     if settings.cors_origin_list:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
-                           allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
+        app.add_middleware(CORSMiddleware, **cors_options)
+    app.add_middleware(RequestLogMiddleware, cors_options=cors_options if settings.cors_origin_list else None)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)

@@ -15,7 +15,8 @@ from urllib.parse import quote
 
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -116,10 +117,14 @@ class RequestLogMiddleware:
     gets a 503 instead of the answer: an answer the log does not hold would make the books wrong. An unexpected
     exception becomes the standard 500 here, with its traceback in the server log and its row in the request log;
     re-raised, it would make the server drop the connection before the client could read the 500.
+
+    It sits outside CORSMiddleware, so the preflights that one answers by itself are recorded too; its own
+    answers get the CORS headers the app's answers get, from the same `cors_options`.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, cors_options: dict[str, Any] | None = None) -> None:
         self.app = app
+        self.cors_options = cors_options
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,7 +148,7 @@ class RequestLogMiddleware:
                 self.report(scope, state, error.status_code if error else message["status"], started)
                 if error:
                     is_replaced = True
-                    await json_error(error, state.get("rate_limit_headers"))(scope, receive, send)
+                    await self.answer(error, scope, receive, send)
                 elif timings:
                     MutableHeaders(scope=message).append("Server-Timing", server_timing(timings))
             if not is_replaced:
@@ -154,7 +159,7 @@ class RequestLogMiddleware:
             logger.warning("database file missing: answering 503")
             state["error_code"] = "database_unavailable"
             self.report(scope, state, 503, started)
-            await json_error(database_unavailable())(scope, receive, send)
+            await self.answer(database_unavailable(), scope, receive, send)
             return
         try:
             await self.app(scope, receive, send_after_recording)
@@ -163,7 +168,17 @@ class RequestLogMiddleware:
                 raise  # too late for another answer
             logger.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
             state["error_code"] = "internal_error"
-            await json_error(internal_error(), state.get("rate_limit_headers"))(scope, receive, send_after_recording)
+            await self.answer(internal_error(), scope, receive, send_after_recording)
+
+    async def answer(self, error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
+        """This middleware's own answer, in the one error shape, with CORS headers when the app's would have them."""
+        response = json_error(error, scope["state"].get("rate_limit_headers"))
+        headers = Headers(scope=scope)
+        if self.cors_options is None or "origin" not in headers:
+            await response(scope, receive, send)
+            return
+        # simple_response, not the middleware's own call: that would answer a preflight with a 200 instead
+        await CORSMiddleware(response, **self.cors_options).simple_response(scope, receive, send, headers)
 
     @staticmethod
     def report(scope: Scope, state: dict[str, Any], status_code: int, started: float) -> None:

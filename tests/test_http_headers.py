@@ -1,10 +1,12 @@
 """Headers for browsers: CORS only for the origins in CORS_ORIGINS, and security headers on every answer."""
 
 import re
+import sqlite3
 
 import pytest
 
-from conftest import ONE_PIXEL, make_key
+from conftest import ONE_PIXEL, key_id, log_rows, make_key
+from test_metrics import scrape, value
 
 ALLOWED = "https://app.example.com"
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -38,6 +40,47 @@ def test_an_allowed_origin_may_call_the_api_and_read_its_headers(start_server):
         stolen = client.post("/v1/classify", json={"image": ONE_PIXEL},
                              headers={"Origin": "https://evil.example", "Authorization": f"Bearer {key}"})
         assert "Access-Control-Allow-Origin" not in stolen.headers
+
+
+def test_preflights_to_v1_are_logged_counted_and_recorded(start_server):
+    """The README's promise: every /v1 request is a row. CORSMiddleware answers preflights by itself, so the
+    request log sits outside it."""
+    running = start_server({"CORS_ORIGINS": ALLOWED})
+    before = scrape(running.url)
+    with running.client() as client:
+        assert preflight(client, ALLOWED).status_code == 200
+        assert preflight(client, "https://evil.example").status_code == 400
+    rows = log_rows(running.database_url, "method = 'OPTIONS'")
+    assert [(row["endpoint"], row["status_code"]) for row in rows] == [("/v1/classify", 200), ("/v1/classify", 400)]
+    after = scrape(running.url)
+    for status in ("200", "400"):  # no route ran: labelled as 404s are, not by the path
+        assert value(after, "http_requests_total", route="unmatched", status=status) - value(
+            before, "http_requests_total", route="unmatched", status=status) == 1
+    assert len(re.findall(r"OPTIONS unmatched (200|400) ", running.log())) == 2
+
+
+def test_the_request_logs_own_answers_are_readable_by_an_allowed_origin(start_server):
+    """The answers the request log gives instead of the app's (a 503 when the row cannot be written, the 500 of
+    an unexpected failure) carry the CORS headers the app's answers do."""
+    running = start_server({"CORS_ORIGINS": ALLOWED, "DB_TIMEOUT_S": "0.5"})
+    key = make_key(running.database_url)
+    database = running.database_url.removeprefix("sqlite:///")
+    with sqlite3.connect(database) as broken:  # a window no code path writes: the limiter fails, a 500
+        broken.execute("UPDATE api_keys SET window_s = 'soon' WHERE id = ?", (key_id(running.database_url, key),))
+    origin = {"Origin": ALLOWED}
+    with running.client(key) as client:
+        failed = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=origin)
+        blocker = sqlite3.connect(database, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # the row cannot be written: a 503 instead of the 200
+        try:
+            unlogged = client.get("/v1/models", headers=origin)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+    assert (unlogged.status_code, failed.status_code) == (503, 500)
+    for response in (unlogged, failed):
+        assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
+        assert "x-request-id" in response.headers["Access-Control-Expose-Headers"].lower()
 
 
 def test_no_origin_is_allowed_by_default(server):
