@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import ONE_MEGABYTE, assert_error, b64, encode, log_rows, make_key, photo, raw_http
+from test_image_cost import many_scans_jpeg
 
 def png_bomb(width: int, height: int) -> bytes:
     """A 1-bit grayscale PNG of width x height zeros: a few dozen KB that decode to width*height bytes."""
@@ -21,13 +22,6 @@ def png_bomb(width: int, height: int) -> bytes:
     pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-
-
-def many_scans_jpeg(extra_scans: int) -> bytes:
-    """A progressive JPEG whose last scan is repeated: each costs libjpeg a pass over every block."""
-    data = encode(photo("chelsea.png").convert("L"), "JPEG", progressive=True)
-    last_scan = data[data.rindex(b"\xff\xda"):-2]  # up to the end-of-image marker
-    return data[:-2] + last_scan * extra_scans + b"\xff\xd9"
 
 
 def many_strips_tiff(height: int, strips: int) -> bytes:
