@@ -15,7 +15,7 @@ Exit codes, for scripts:
     0  done
     1  no key matches, the prefix matches several keys, or rotate-key was given a revoked key
     2  bad arguments (argparse's own code)
-    3  the database is busy or unreachable; try again
+    3  the database is busy or unreachable, or its SQLite file does not exist (only init and migrate create one)
     4  the database's tables were not made by this server, so they are not migrated
     5  anything unexpected (a bug, a permission the database refuses): the traceback is printed
 """
@@ -32,6 +32,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth import KEY_PATTERN, PREFIX_LENGTH, create_key, find_keys
+from database_file import DatabaseFile
 from db import ApiKey, ForeignSchemaError, RequestLog, make_engine, make_sessionmaker, migrate, now_ms
 from settings import Settings
 
@@ -43,6 +44,15 @@ EXIT_UNEXPECTED = 5
 
 class WrongKey(Exception):
     """The key given matches no key, several keys, or one that cannot be used for this command: exit 1."""
+
+
+class DatabaseMissing(Exception):
+    """No SQLite file at DATABASE_URL's path, for a command that must not create one: exit 3."""
+
+
+# Only these may create a SQLite file. Any other command finding none would create and migrate an empty one,
+# which a running server then switches to (its keys gone), and which is lost when the real file is put back.
+CREATING_COMMANDS = {"init", "migrate"}
 
 
 def iso_time(ms: int | None) -> str | None:
@@ -193,6 +203,11 @@ def positive_int(text: str) -> int:
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     engine = make_engine(settings.database_url, settings.db_timeout_s, pool_size=1, max_overflow=1)
     try:
+        database_file = DatabaseFile(engine).path
+        if database_file is not None and not database_file.exists() and args.command not in CREATING_COMMANDS:
+            raise DatabaseMissing(f"There is no database file at {database_file} (DATABASE_URL); {args.command} "
+                                  "creates none. If it was moved away, put it back with its -wal and -shm files; "
+                                  "for a new database, run `python cli.py init`.")
         await migrate(engine)
         async with make_sessionmaker(engine)() as session:
             # SQLite: the write lock first: a running server commits between our read and our write otherwise, and
@@ -211,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except WrongKey as exc:
         print(exc, file=sys.stderr)
         return EXIT_WRONG_KEY
+    except DatabaseMissing as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_DATABASE_UNAVAILABLE
     except OperationalError as exc:
         print(f"The database is busy or unreachable ({exc.orig}); try again.", file=sys.stderr)
         return EXIT_DATABASE_UNAVAILABLE
