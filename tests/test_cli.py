@@ -193,6 +193,36 @@ def test_set_limit_applies_once_the_servers_key_cache_expires(start_server):
     assert (row["rate_limit"], row["window_s"]) == (9, 30)
 
 
+def test_create_key_and_rotate_key_print_one_json_object_for_scripts(database):
+    made = cli(database, "create-key", "--email", "ci@example.com", "--rate-limit", "9", "--json")
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)  # the whole of stdout: one object, nothing else
+    assert KEY.fullmatch(created["key"]) and created["prefix"] == created["key"][:11]
+    assert (created["email"], created["rate_limit"], created["window_s"]) == ("ci@example.com", 9, 60)
+    assert created["created"] == json.loads(cli(database, "list-keys", "--json").stdout)[0]["created"]
+    rotated = cli(database, "rotate-key", created["prefix"], "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    replacement = json.loads(rotated.stdout)
+    assert KEY.fullmatch(replacement["key"]) and replacement["key"] != created["key"]
+    assert replacement["replaces"] == created["prefix"] and replacement["rate_limit"] == 9
+    rows = {row["prefix"]: row for row in json.loads(cli(database, "list-keys", "--json").stdout)}
+    assert rows[created["prefix"]]["revoked"] and rows[replacement["prefix"]]["revoked"] is None
+
+
+def test_set_limit_may_change_the_window_alone_and_says_when_servers_apply_it(database):
+    key = new_key(database, "w@example.com", "--rate-limit", "7", "--window", "30")
+    changed = cli(database, "set-limit", key[:11], "--window", "10", KEY_CACHE_TTL_S="3")
+    assert changed.returncode == 0, changed.stderr
+    assert "7 requests per 10 s (was 7 per 30 s)" in changed.stdout
+    assert "within KEY_CACHE_TTL_S (3 s)" in changed.stdout and "next request" not in changed.stdout
+    [row] = json.loads(cli(database, "list-keys", "--json").stdout)
+    assert (row["rate_limit"], row["window_s"]) == (7, 10)
+    neither = cli(database, "set-limit", key[:11])
+    assert neither.returncode == 2 and "--rate-limit, --window, or both" in neither.stderr
+    revoked = cli(database, "revoke-key", key[:11], KEY_CACHE_TTL_S="3")
+    assert revoked.returncode == 0 and "refuse it within KEY_CACHE_TTL_S (3 s)" in revoked.stdout
+
+
 def test_rotate_key_replaces_a_key_with_the_same_owner_and_limit(server):
     old = new_key(server.database_url, "turn@example.com", "--rate-limit", "17", "--window", "45")
     rotated = cli(server.database_url, "rotate-key", old[:11])
