@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 
 import metrics  # first: it decides where every metric below keeps its numbers
 
+import api_docs
 from auth import CurrentKey, KeyCache
 from backends import load_backend
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded, ShuttingDown, lower_priority
@@ -360,7 +361,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
     app = FastAPI(title="Image classification API", version="1.0.0", lifespan=lifespan,
-                  description="ImageNet labels for your images: POST a base64 image to /v1/classify with a Bearer key.")
+                  description="ImageNet labels for your images: POST a base64 image to /v1/classify with a Bearer key.",
+                  docs_url=None, redoc_url=None)  # api_docs serves /docs, with nothing from a CDN
     app.state.settings = settings
     # Added innermost first: a request meets RequestIdMiddleware first, so every answer (404s, 500s) has an id,
     # and CORS headers go on the request log's own answers (a 503 for the log) as well.
@@ -372,9 +374,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(api_docs.router)
     if settings.metrics_enabled:
         app.include_router(metrics.router)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC, packages=[api_docs.STATIC_PACKAGE]), name="static")
     return app
 
 
