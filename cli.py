@@ -129,7 +129,8 @@ async def cmd_list_keys(session: AsyncSession, args: argparse.Namespace, setting
     # The latest request-log row per key, in the same query: the (key_id, created_at_ms) index answers each MAX.
     last_used = select(func.max(RequestLog.created_at_ms)).where(RequestLog.key_id == ApiKey.id).scalar_subquery()
     keys = (await session.execute(select(ApiKey, last_used).order_by(ApiKey.id))).all()
-    rows = [{**key_fields(k), "last_used": iso_time(used_ms), "revoked": iso_time(k.revoked_at_ms)} for k, used_ms in keys]
+    rows = [{**key_fields(k), "last_used": iso_time(used_ms), "revoked": iso_time(k.revoked_at_ms)}
+            for k, used_ms in keys]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -122,7 +122,8 @@ class ModelInfo:
     @classmethod
     def list_from_response(cls, response: httpx.Response) -> list["ModelInfo"]:
         with unexpected_answer(response):
-            return [cls(**{field.name: model[field.name] for field in fields(cls)}) for model in response.json()["data"]]
+            models = response.json()["data"]
+            return [cls(**{field.name: model[field.name] for field in fields(cls)}) for model in models]
 
 
 @dataclass(frozen=True)

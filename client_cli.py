@@ -172,8 +172,8 @@ async def run_usage(client: AsyncClient, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(usage)))
         return EXIT_OK
-    print(f"Key {usage.key_prefix}...: {counted(usage.total_requests, 'classify request')}, "
-          f"{usage.successful_requests} successful ({usage.success_rate:g} %), {usage.avg_response_time_ms:g} ms on average.")
+    print(f"Key {usage.key_prefix}...: {counted(usage.total_requests, 'classify request')}, {usage.successful_requests} "
+          f"successful ({usage.success_rate:g} %), {usage.avg_response_time_ms:g} ms on average.")
     print(f"Limit: {counted(usage.limit, 'request')} per {usage.window_seconds} s; {usage.remaining} left now"
           + (f", one more in {usage.reset_seconds} s." if usage.reset_seconds else "."))
     return EXIT_OK
