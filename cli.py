@@ -2,20 +2,22 @@
 
     $ python cli.py migrate                                # bring the database's schema to the latest revision
     $ python cli.py init                                   # migrate; the first key, if there is none
-    $ python cli.py create-key --email ada@example.com --rate-limit 100 --window 60
+    $ python cli.py create-key --email ada@example.com --rate-limit 100 --window 60 [--json]
     $ python cli.py list-keys [--json]                     # prefix, email, limit, window, created, last used, revoked
-    $ python cli.py set-limit sk-Qm3xTz8b --rate-limit 500 [--window 60]
-    $ python cli.py rotate-key sk-Qm3xTz8b                 # a new key, same owner and limit; the old one revoked
+    $ python cli.py set-limit sk-Qm3xTz8b [--rate-limit 500] [--window 60]
+    $ python cli.py rotate-key sk-Qm3xTz8b [--json]        # a new key, same owner and limit; the old one revoked
     $ python cli.py revoke-key sk-Qm3xTz8b                 # the whole key, or a prefix of it
 
 Commands that take a key take the whole key or a prefix of it as list-keys shows it (`sk-` and up to 8 more
-characters). A new key is printed once, alone on the last line of stdout; messages about failures go to stderr.
+characters). A new key is printed once, alone on the last line of stdout (with --json: stdout is one JSON object,
+the key in `key`); messages about failures go to stderr. Running servers see a changed limit or a revoked key
+within KEY_CACHE_TTL_S (they keep a key they have read that long); a new key works at once.
 
 Exit codes, for scripts:
     0  done
     1  no key matches, the prefix matches several keys, or rotate-key was given a revoked key
     2  bad arguments (argparse's own code)
-    3  the database is busy or unreachable; try again
+    3  the database is busy or unreachable, or its SQLite file does not exist (only init and migrate create one)
     4  the database's tables were not made by this server, so they are not migrated
     5  anything unexpected (a bug, a permission the database refuses): the traceback is printed
 """
@@ -32,6 +34,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth import KEY_PATTERN, PREFIX_LENGTH, create_key, find_keys
+from database_file import DatabaseFile
 from db import ApiKey, ForeignSchemaError, RequestLog, make_engine, make_sessionmaker, migrate, now_ms
 from settings import Settings
 
@@ -43,6 +46,15 @@ EXIT_UNEXPECTED = 5
 
 class WrongKey(Exception):
     """The key given matches no key, several keys, or one that cannot be used for this command: exit 1."""
+
+
+class DatabaseMissing(Exception):
+    """No SQLite file at DATABASE_URL's path, for a command that must not create one: exit 3."""
+
+
+# Only these may create a SQLite file. Any other command finding none would create and migrate an empty one,
+# which a running server then switches to (its keys gone), and which is lost when the real file is put back.
+CREATING_COMMANDS = {"init", "migrate"}
 
 
 def iso_time(ms: int | None) -> str | None:
@@ -87,13 +99,17 @@ async def cmd_init(session: AsyncSession, args: argparse.Namespace, settings: Se
 async def cmd_create_key(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
     rate_limit = args.rate_limit or settings.default_rate_limit
     window_s = args.window or settings.default_window_s
-    await create_and_show_key(session, args.email, rate_limit, window_s)
+    await create_and_show_key(session, args.email, rate_limit, window_s, args.json)
     return 0
 
 
-async def create_and_show_key(session: AsyncSession, email: str, rate_limit: int, window_s: int) -> None:
+async def create_and_show_key(session: AsyncSession, email: str, rate_limit: int, window_s: int,
+                              as_json: bool = False) -> None:
     key, api_key = await create_key(session, email, rate_limit, window_s)
     await session.commit()  # before the key is shown: a key printed must be a key that works
+    if as_json:
+        print(json.dumps({"key": key, **key_fields(api_key)}))
+        return
     print(f"Created key {api_key.prefix}... for {email}: {rate_limit} requests per {window_s} s.")
     show_once(key)
 
@@ -103,12 +119,17 @@ def show_once(key: str) -> None:
     print(key)
 
 
+def key_fields(api_key: ApiKey) -> dict[str, object]:
+    """A key's fields as list-keys --json shows them (it adds when the key was last used, and revoked)."""
+    return {"prefix": api_key.prefix, "email": api_key.email, "rate_limit": api_key.rate_limit,
+            "window_s": api_key.window_s, "created": iso_time(api_key.created_at_ms)}
+
+
 async def cmd_list_keys(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
     # The latest request-log row per key, in the same query: the (key_id, created_at_ms) index answers each MAX.
     last_used = select(func.max(RequestLog.created_at_ms)).where(RequestLog.key_id == ApiKey.id).scalar_subquery()
     keys = (await session.execute(select(ApiKey, last_used).order_by(ApiKey.id))).all()
-    rows = [{"prefix": k.prefix, "email": k.email, "rate_limit": k.rate_limit, "window_s": k.window_s,
-             "created": iso_time(k.created_at_ms), "last_used": iso_time(used_ms), "revoked": iso_time(k.revoked_at_ms)}
+    rows = [{**key_fields(k), "last_used": iso_time(used_ms), "revoked": iso_time(k.revoked_at_ms)}
             for k, used_ms in keys]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -124,12 +145,12 @@ async def cmd_list_keys(session: AsyncSession, args: argparse.Namespace, setting
 async def cmd_set_limit(session: AsyncSession, args: argparse.Namespace, settings: Settings) -> int:
     api_key = await find_one_key(session, args.key)
     before = f"{api_key.rate_limit} per {api_key.window_s} s"
-    api_key.rate_limit = args.rate_limit
+    api_key.rate_limit = args.rate_limit or api_key.rate_limit
     api_key.window_s = args.window or api_key.window_s
     await session.commit()
     revoked = " It is revoked, so this matters only if it is ever revived." if api_key.revoked_at_ms else ""
     print(f"{api_key.prefix}... ({api_key.email}) may now make {api_key.rate_limit} requests per {api_key.window_s} s "
-          f"(was {before}), from its next request.{revoked}")
+          f"(was {before}); running servers apply it within KEY_CACHE_TTL_S ({settings.key_cache_ttl_s:g} s).{revoked}")
     return 0
 
 
@@ -141,8 +162,12 @@ async def cmd_rotate_key(session: AsyncSession, args: argparse.Namespace, settin
     key, new = await create_key(session, old.email, old.rate_limit, old.window_s)
     old.revoked_at_ms = now_ms()
     await session.commit()  # both at once: the old key stops working exactly when the new one exists
-    print(f"Revoked {old.prefix}... ({old.email}); its replacement {new.prefix}... has the same owner and limit "
-          f"({new.rate_limit} requests per {new.window_s} s) and starts with an empty window.")
+    if args.json:
+        print(json.dumps({"key": key, **key_fields(new), "replaces": old.prefix}))
+        return 0
+    print(f"Revoked {old.prefix}... ({old.email}): running servers refuse it within KEY_CACHE_TTL_S "
+          f"({settings.key_cache_ttl_s:g} s). Its replacement {new.prefix}... works at once, has the same owner and "
+          f"limit ({new.rate_limit} requests per {new.window_s} s) and starts with an empty window.")
     show_once(key)
     return 0
 
@@ -152,7 +177,8 @@ async def cmd_revoke_key(session: AsyncSession, args: argparse.Namespace, settin
     if api_key.revoked_at_ms is None:
         api_key.revoked_at_ms = now_ms()
         await session.commit()
-    print(f"Revoked {api_key.prefix}... ({api_key.email}) at {iso_time(api_key.revoked_at_ms)}.")
+    print(f"Revoked {api_key.prefix}... ({api_key.email}) at {iso_time(api_key.revoked_at_ms)}; running servers "
+          f"refuse it within KEY_CACHE_TTL_S ({settings.key_cache_ttl_s:g} s).")
     return 0
 
 
@@ -165,22 +191,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     create.add_argument("--email", required=True, help="whom the key belongs to")
     create.add_argument("--rate-limit", type=positive_int, help="requests per window (default: DEFAULT_RATE_LIMIT)")
     create.add_argument("--window", type=positive_int, help="window in seconds (default: DEFAULT_WINDOW_S)")
+    create.add_argument("--json", action="store_true", help="print one JSON object (the key in `key`), nothing else")
     create.set_defaults(run=cmd_create_key)
     listing = commands.add_parser("list-keys", help="show every key's prefix, owner, limit and state")
     listing.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     listing.set_defaults(run=cmd_list_keys)
-    set_limit = commands.add_parser("set-limit", help="change a key's rate limit (and window); servers apply it within KEY_CACHE_TTL_S")
+    set_limit = commands.add_parser("set-limit", help="change a key's rate limit, window or both; servers apply it within KEY_CACHE_TTL_S")
     set_limit.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
-    set_limit.add_argument("--rate-limit", type=positive_int, required=True, help="requests per window")
+    set_limit.add_argument("--rate-limit", type=positive_int, help="requests per window (default: unchanged)")
     set_limit.add_argument("--window", type=positive_int, help="window in seconds (default: unchanged)")
     set_limit.set_defaults(run=cmd_set_limit)
     rotate = commands.add_parser("rotate-key", help="replace a key: a new one printed once, the old one revoked")
     rotate.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
+    rotate.add_argument("--json", action="store_true", help="print one JSON object (the new key in `key`), nothing else")
     rotate.set_defaults(run=cmd_rotate_key)
     revoke = commands.add_parser("revoke-key", help="stop a key working; servers refuse it within KEY_CACHE_TTL_S")
     revoke.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
     revoke.set_defaults(run=cmd_revoke_key)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "set-limit" and args.rate_limit is None and args.window is None:
+        set_limit.error("give --rate-limit, --window, or both")
+    return args
 
 
 def positive_int(text: str) -> int:
@@ -193,6 +224,11 @@ def positive_int(text: str) -> int:
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     engine = make_engine(settings.database_url, settings.db_timeout_s, pool_size=1, max_overflow=1)
     try:
+        database_file = DatabaseFile(engine).path
+        if database_file is not None and not database_file.exists() and args.command not in CREATING_COMMANDS:
+            raise DatabaseMissing(f"There is no database file at {database_file} (DATABASE_URL); {args.command} "
+                                  "creates none. If it was moved away, put it back with its -wal and -shm files; "
+                                  "for a new database, run `python cli.py init`.")
         await migrate(engine)
         async with make_sessionmaker(engine)() as session:
             # SQLite: the write lock first: a running server commits between our read and our write otherwise, and
@@ -211,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except WrongKey as exc:
         print(exc, file=sys.stderr)
         return EXIT_WRONG_KEY
+    except DatabaseMissing as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_DATABASE_UNAVAILABLE
     except OperationalError as exc:
         print(f"The database is busy or unreachable ({exc.orig}); try again.", file=sys.stderr)
         return EXIT_DATABASE_UNAVAILABLE

@@ -1,13 +1,19 @@
 """A Python client and command line for the image-classification API, on httpx.
 
     >>> from client import Client
-    >>> with Client("http://127.0.0.1:8000", "sk-...") as client:
-    ...     client.classify("cat.jpg", top_k=3).predictions[0].label
-    'tabby'
+    >>> client = Client("localhost:8000", "sk-...")  # or from CLASSIFY_URL and CLASSIFY_API_KEY
+    >>> [p.label for p in client.classify("chelsea.png", top_k=3).predictions]  # scikit-image's cat: a path or bytes
+    ['tiger cat', 'Egyptian cat', 'tabby']
+    >>> [r.predictions[0].label for r in client.classify_many(["chelsea.png", "coffee.png"]).results]
+    ['tiger cat', 'espresso']
+    >>> client.models()[0].id, client.usage(start_time=time.time() - 3600, bucket_width="1m").total_requests
+    ('efficientnet_lite0', 3)
+
+(The labels are EfficientNet-Lite0's, the offline fallback's; ResNet-18's differ a little.)
 
     $ export CLASSIFY_URL=http://127.0.0.1:8000 CLASSIFY_API_KEY=sk-...
-    $ python client.py classify photos/ cat.jpg [--top-k 3] [--concurrency 4] [--json]
-    $ python client.py --url http://127.0.0.1:8000 --key sk-... usage [--json]
+    $ python client.py classify photos/ chelsea.png [--top-k 3] [--concurrency 4] [--json]
+    $ python client.py --url localhost:8000 --key sk-... usage [--json]
 
 `AsyncClient` has the same methods, awaited. Both retry a bounded number of times (`max_attempts`): after the
 `Retry-After` seconds on 429 and 503, and with exponential backoff and jitter on connection errors, timeouts
@@ -16,30 +22,35 @@ and 502/503/504. Any other 4xx is the request's own fault and is raised at once.
 Exceptions:
 
     ClientError                  anything this module raises, e.g. no API key given
-    ├── ServerUnreachable        no answer: refused, reset or timed out, after the retries
+    ├── ServerUnreachable        no answer: refused or reset, after the retries
+    │   └── TimedOut             no answer within the timeout, after the retries
     └── ResponseError            an error answer: .status_code, and .code and .message from its body
         ├── InvalidRequest       400, 404, 408, 413, 415, 422...: fix the request, as .message says
         ├── AuthenticationError  401: the key is missing, unknown or revoked
         ├── RateLimited          429 after the retries; .retry_after_s
         └── ServerError          5xx: 500 at once (a bug), 502/503/504 after the retries
 
-The command line lives in client_cli.py (its exit codes are listed there); `python client.py` runs it.
+The answers' dataclasses and these exceptions live in client_answers.py, and are imported here. The command
+line lives in client_cli.py (its exit codes are listed there); `python client.py` runs it.
 """
 
 import asyncio
+import base64
 import email.utils
 import itertools
 import os
 import random
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from client_answers import (AuthenticationError, Classification, ClientError, ImageResult, InvalidRequest,  # noqa: F401
+                            ModelInfo, MultiClassification, Prediction, RateLimit, RateLimited, ResponseError,
+                            ServerError, ServerUnreachable, TimedOut, Usage, UsageBucket)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)  # seconds; a big image on a busy server takes a while
@@ -53,105 +64,6 @@ RETRIED_STATUSES = {429, 502, 503, 504}
 # key's window counts it twice.
 RETRIED_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 Image = str | os.PathLike[str] | bytes
-
-
-class ClientError(Exception):
-    """Anything this module raises."""
-
-
-class ServerUnreachable(ClientError):
-    """No answer: the connection was refused, reset or timed out, after the retries."""
-
-
-class ResponseError(ClientError):
-    """An error answer, with its status and the `code` and `message` of the server's error body."""
-
-    def __init__(self, status_code: int, code: str, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(f"{status_code} {code}: {message}")
-        self.status_code, self.code, self.message, self.retry_after_s = status_code, code, message, retry_after_s
-
-
-class InvalidRequest(ResponseError):
-    """A 4xx other than 401 and 429: the request must change, as `.message` says."""
-
-
-class AuthenticationError(ResponseError):
-    """401: the key is missing, unknown or revoked."""
-
-
-class RateLimited(ResponseError):
-    """429 after the retries, or with a wait over max_retry_after_s: see `.retry_after_s`."""
-
-
-class ServerError(ResponseError):
-    """5xx: a server bug (500, not retried), or 502/503/504 after the retries."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    class_id: int
-    confidence: float  # 0..1
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    limit: int
-    remaining: int
-    reset_s: int  # until the oldest counted request leaves the window
-
-    @classmethod
-    def from_headers(cls, headers: httpx.Headers) -> "RateLimit | None":
-        try:
-            return cls(int(headers["X-RateLimit-Limit"]), int(headers["X-RateLimit-Remaining"]),
-                       int(headers["X-RateLimit-Reset"]))
-        except (KeyError, ValueError):
-            return None
-
-
-@dataclass(frozen=True)
-class Classification:
-    id: str
-    model: str
-    predictions: list[Prediction]  # most likely first
-    inference_ms: float
-    rate_limit: RateLimit | None
-
-    @classmethod
-    def from_response(cls, response: httpx.Response) -> "Classification":
-        with unexpected_answer(response):
-            body = response.json()
-            return cls(body["id"], body["model"], [Prediction(**p) for p in body["predictions"]],
-                       body["inference_ms"], RateLimit.from_headers(response.headers))
-
-
-@dataclass(frozen=True)
-class Usage:
-    key_prefix: str
-    total_requests: int
-    successful_requests: int
-    success_rate: float  # percent
-    avg_response_time_ms: float
-    limit: int
-    window_seconds: int
-    remaining: int
-    reset_seconds: int
-
-    @classmethod
-    def from_response(cls, response: httpx.Response) -> "Usage":
-        with unexpected_answer(response):
-            body = response.json()
-            return cls(**{field.name: body[field.name] for field in fields(cls)})  # newer servers may add fields
-
-
-@contextmanager
-def unexpected_answer(response: httpx.Response) -> Iterator[None]:
-    """A 200 that is not this API's answer (a wrong URL, a proxy's page) is a ServerError, not a traceback."""
-    try:
-        yield
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ServerError(response.status_code, "unexpected_answer",
-                          f"the answer is not this API's ({type(exc).__name__}: {exc}); check the URL") from None
 
 
 @dataclass(frozen=True)
@@ -192,12 +104,22 @@ def next_wait_s(retries: Retries, attempt: int, outcome: httpx.Response | Except
     return ceiling * (0.5 + jitter / 2)  # "equal jitter": spread out, yet never much shorter than planned
 
 
-def checked(outcome: httpx.Response | Exception, url: str, attempts: int) -> httpx.Response:
+def counted(number: int, noun: str) -> str:
+    """`1 attempt`, `3 attempts`."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def checked(outcome: httpx.Response | Exception, url: str, attempts: int, timeout: httpx.Timeout) -> httpx.Response:
     """The response if it is a success; otherwise the exception of the tree above that says what went wrong."""
     if isinstance(outcome, Exception):
+        if isinstance(outcome, httpx.TimeoutException):
+            waited_s = timeout.connect if isinstance(outcome, httpx.ConnectTimeout) else timeout.read
+            raise TimedOut(f"No answer from {url} within {waited_s:g} s ({type(outcome).__name__}; "
+                           f"{counted(attempts, 'attempt')}): the server may be busy, or the timeout too short.")
         if isinstance(outcome, RETRIED_ERRORS):
             reason = str(outcome) or type(outcome).__name__
-            raise ServerUnreachable(f"Cannot reach {url} ({reason}; {attempts} attempts). Is the server running?")
+            raise ServerUnreachable(f"Cannot reach {url} ({reason}; {counted(attempts, 'attempt')}). "
+                                    "Is the server running?")
         raise ClientError(f"Cannot send the request to {url}: {outcome}") from outcome
     if outcome.is_success:
         return outcome
@@ -222,12 +144,26 @@ def upload(name: str, data: bytes, top_k: int) -> dict[str, Any]:
     return {"files": {"file": (name, data)}, "data": {"top_k": str(top_k)}}
 
 
+def several(images: list[bytes], top_k: int) -> dict[str, Any]:
+    """Several images go as one JSON body (a form carries one file): base64, as the API takes them."""
+    return {"json": {"images": [base64.b64encode(data).decode() for data in images], "top_k": top_k}}
+
+
+def usage_query(start_time: float | None, end_time: float | None, bucket_width: str | None) -> dict[str, Any]:
+    """/v1/usage's range (Unix seconds, whole ones as the API takes them) and buckets (1m, 1h or 1d), if given."""
+    query = {"start_time": start_time, "end_time": end_time, "bucket_width": bucket_width}
+    return {"params": {name: int(value) if isinstance(value, float) else value
+                       for name, value in query.items() if value is not None}}
+
+
 def settings(url: str | None, key: str | None) -> tuple[str, dict[str, str]]:
     """The base URL and headers, from the arguments or CLASSIFY_URL / CLASSIFY_API_KEY."""
     key = key or os.environ.get("CLASSIFY_API_KEY")
     if not key:
         raise ClientError("No API key: pass one, or set CLASSIFY_API_KEY (`python cli.py create-key` makes one).")
     url = (url or os.environ.get("CLASSIFY_URL") or DEFAULT_URL).rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"  # localhost:8000, as curl takes it
     return url, {"Authorization": f"Bearer {key}", "User-Agent": "classify-client/1.0"}
 
 
@@ -244,9 +180,20 @@ class Client:
         """The `top_k` most likely labels of an image file (a path) or of an image's bytes."""
         return Classification.from_response(self._request("POST", "/v1/classify", **upload(*read_image(image), top_k)))
 
-    def usage(self) -> Usage:
-        """This key's request counts and where it stands in its rate limit."""
-        return Usage.from_response(self._request("GET", "/v1/usage"))
+    def classify_many(self, images: list[Image], top_k: int = DEFAULT_TOP_K) -> MultiClassification:
+        """Several images in one request (each counts one against the limit): one result each, in order."""
+        body = several([read_image(image)[1] for image in images], top_k)
+        return MultiClassification.from_response(self._request("POST", "/v1/classify", **body))
+
+    def models(self) -> list[ModelInfo]:
+        """The model the server runs, where its weights came from, and what runs it."""
+        return ModelInfo.list_from_response(self._request("GET", "/v1/models"))
+
+    def usage(self, start_time: float | None = None, end_time: float | None = None,
+              bucket_width: str | None = None) -> Usage:
+        """This key's request counts (in [start_time, end_time), Unix seconds, if given; per `bucket_width`
+        bucket too: 1m, 1h or 1d) and where it stands in its rate limit."""
+        return Usage.from_response(self._request("GET", "/v1/usage", **usage_query(start_time, end_time, bucket_width)))
 
     def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
         for attempt in itertools.count(1):
@@ -256,7 +203,7 @@ class Client:
                 outcome = exc
             wait_s = next_wait_s(self.retries, attempt, outcome, random.random())
             if wait_s is None:
-                return checked(outcome, self.url, attempt)
+                return checked(outcome, self.url, attempt, self._http.timeout)
             time.sleep(wait_s)
         raise AssertionError("unreachable")
 
@@ -283,8 +230,17 @@ class AsyncClient:
         name, data = await asyncio.to_thread(read_image, image)
         return Classification.from_response(await self._request("POST", "/v1/classify", **upload(name, data, top_k)))
 
-    async def usage(self) -> Usage:
-        return Usage.from_response(await self._request("GET", "/v1/usage"))
+    async def classify_many(self, images: list[Image], top_k: int = DEFAULT_TOP_K) -> MultiClassification:
+        read = await asyncio.to_thread(lambda: [read_image(image)[1] for image in images])
+        return MultiClassification.from_response(await self._request("POST", "/v1/classify", **several(read, top_k)))
+
+    async def models(self) -> list[ModelInfo]:
+        return ModelInfo.list_from_response(await self._request("GET", "/v1/models"))
+
+    async def usage(self, start_time: float | None = None, end_time: float | None = None,
+                    bucket_width: str | None = None) -> Usage:
+        query = usage_query(start_time, end_time, bucket_width)
+        return Usage.from_response(await self._request("GET", "/v1/usage", **query))
 
     async def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
         for attempt in itertools.count(1):
@@ -294,7 +250,7 @@ class AsyncClient:
                 outcome = exc
             wait_s = next_wait_s(self.retries, attempt, outcome, random.random())
             if wait_s is None:
-                return checked(outcome, self.url, attempt)
+                return checked(outcome, self.url, attempt, self._http.timeout)
             await asyncio.sleep(wait_s)
         raise AssertionError("unreachable")
 

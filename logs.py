@@ -8,12 +8,17 @@ Every record gets the id of the request it was written for (requestid.py), or "-
 given as `extra={"fields": {...}}` become keys of the JSON object (the per-request line's route, status,
 latency, key prefix, model and batch size). Uvicorn's own loggers write through the same handler, and its
 access log is turned off: requestlog.py writes one line per request instead, with the id and the key prefix.
+Python's warnings, and what libraries print while the model loads (`printed_into_log`), become records too, so
+a JSON log holds nothing but JSON; libraries' progress notes at INFO are DEBUG here (`DemoteChatter`).
 Nothing here ever sees a key or an image: only the prefix of a key is passed in.
 """
 
+import io
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -21,6 +26,9 @@ from requestid import current_request_id
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+# Libraries whose INFO records are progress notes: the ONNX exporter's passes (a hundred lines on a first start)
+# and the int8 quantizer's per-tensor notes, which it logs on the root logger itself (`logging.info`).
+CHATTY_LOGGERS = {"root", "onnx_ir", "onnxscript", "onnxruntime"}
 
 
 class RequestIdFilter(logging.Filter):
@@ -28,6 +36,19 @@ class RequestIdFilter(logging.Filter):
         if not hasattr(record, "request_id"):
             record.request_id = current_request_id.get() or "-"
         return True
+
+
+class DemoteChatter(logging.Filter):
+    """CHATTY_LOGGERS' INFO records are DEBUG: shown only when LOG_LEVEL=DEBUG."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and record.name.split(".")[0] in CHATTY_LOGGERS:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return record.levelno >= self.level
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,6 +70,7 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
     """One handler on the root logger, to stderr; uvicorn's loggers go through it; uvicorn's access log is off."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(DemoteChatter(logging.getLevelName(level)))
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in root.handlers[:]:
@@ -63,3 +85,17 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
     access.handlers.clear()
     access.propagate = False
     access.disabled = True
+    logging.captureWarnings(True)  # warnings.warn() is otherwise printed to stderr as plain text
+
+
+@contextmanager
+def printed_into_log(logger: logging.Logger, level: int) -> Iterator[None]:
+    """What is printed to stdout or stderr while the block runs (a library announcing a download, say) becomes
+    one record of `logger` once it ends, instead of plain lines in the middle of the log."""
+    printed = io.StringIO()
+    try:
+        with redirect_stdout(printed), redirect_stderr(printed):
+            yield
+    finally:
+        if text := printed.getvalue().strip():
+            logger.log(level, "%s", text)

@@ -1,7 +1,7 @@
 """The image-classification API: the app, its start-up, and its routes.
 
-    $ uvicorn main:app --host 127.0.0.1 --port 8000
-    $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -d '{"image": "'$(base64 -w0 cat.jpg)'"}'
+    $ .venv/bin/uvicorn main:app --host 127.0.0.1 --port 8000
+    $ (printf '{"image": "'; base64 -w0 "$IMG"; printf '"}') | curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -d @-
 
 Start-up loads the model (and warms it) and migrates the database to the schema's head; until that is done
 the port is not open.
@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 
 import metrics  # first: it decides where every metric below keeps its numbers
 
+import api_docs
 from auth import CurrentKey, KeyCache
 from backends import load_backend
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded, ShuttingDown, lower_priority
@@ -360,7 +361,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
     app = FastAPI(title="Image classification API", version="1.0.0", lifespan=lifespan,
-                  description="ImageNet labels for your images: POST a base64 image to /v1/classify with a Bearer key.")
+                  description="ImageNet labels for your images: POST a base64 image to /v1/classify with a Bearer key.",
+                  docs_url=None, redoc_url=None)  # api_docs serves /docs, with nothing from a CDN
     app.state.settings = settings
     # Added innermost first: a request meets RequestIdMiddleware first, so every answer (404s, 500s) has an id;
     # then the request log, so the preflights CORSMiddleware answers by itself are recorded (the log gives its own
@@ -374,9 +376,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(api_docs.router)
     if settings.metrics_enabled:
         app.include_router(metrics.router)
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC, packages=[api_docs.STATIC_PACKAGE]), name="static")
     return app
 
 

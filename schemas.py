@@ -50,18 +50,21 @@ class ImageResult(BaseModel):
     batch_size: int = Field(examples=[4], description="Images in that forward pass (requests are batched).")
 
 
-class Classification(ImageResult):
+class AnswerHead(BaseModel):
+    """What both answers start with, in this order."""
+
+    id: str = Field(examples=["clf_5f2b0c9e8d7a4b1c9e0f3a2d"])
+    model: str = Field(examples=["resnet18"], description="The model that answered.")
+
+
+# Pydantic puts the last base's fields first: id and model, then the image's result, as in MultiClassification.
+class Classification(ImageResult, AnswerHead):
     """The answer to `{"image": ...}`."""
 
-    id: str = Field(examples=["clf_5f2b0c9e8d7a4b1c9e0f3a2d"])
-    model: str = Field(examples=["resnet18"], description="The model that answered.")
 
-
-class MultiClassification(BaseModel):
+class MultiClassification(AnswerHead):
     """The answer to `{"images": [...]}`: one result per image, in the order sent."""
 
-    id: str = Field(examples=["clf_5f2b0c9e8d7a4b1c9e0f3a2d"])
-    model: str = Field(examples=["resnet18"], description="The model that answered.")
     results: list[ImageResult]
 
 

@@ -5,7 +5,7 @@ API answers (anything but HTML pages and /static files) also get `Cache-Control:
 key's usage and rate-limit state: no shared cache may keep them) and `Content-Security-Policy:
 default-src 'none'; frame-ancestors 'none'` (a JSON body opened in a browser runs nothing and cannot be
 framed). A header the route set itself is kept: the web page at / has its own policy, and /docs its own
-(it loads Swagger UI's script). Uvicorn's `server: uvicorn` banner carries no version; nothing here adds one.
+(Swagger UI's files, from /static, and its inline script: api_docs.py). Uvicorn's `server: uvicorn` banner carries no version; nothing here adds one.
 """
 
 from starlette.datastructures import MutableHeaders

@@ -34,6 +34,14 @@ def test_cat_photo_is_a_cat(api, cat_png):
     assert sum(confidences) <= 1.0 + 1e-6
 
 
+def test_one_image_and_several_answer_with_id_and_model_first_in_the_same_order(api, cat_png):
+    one = api.post("/v1/classify", json={"image": b64(cat_png)})
+    several = api.post("/v1/classify", json={"images": [b64(cat_png)] * 2})
+    assert list(one.json()) == ["id", "model", "predictions", "inference_ms", "batch_size"]
+    assert list(several.json()) == ["id", "model", "results"]
+    assert list(several.json()["results"][0]) == ["predictions", "inference_ms", "batch_size"]
+
+
 def test_coffee_photo_is_espresso(api):
     result = classify(api, photo_path("coffee.png").read_bytes(), top_k=1)
     assert [p["label"] for p in result["predictions"]] == ["espresso"]

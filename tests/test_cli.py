@@ -17,6 +17,14 @@ from servers import free_port
 cli = run_cli
 
 
+@pytest.fixture
+def database(database_url: str) -> str:
+    """A new database with the schema, as `cli.py migrate` makes it: the other commands create none."""
+    done = cli(database_url, "migrate")
+    assert done.returncode == 0, done.stderr
+    return database_url
+
+
 def test_init_creates_the_database_and_one_first_key(database_url):
     first = cli(database_url, "init")
     assert first.returncode == 0, first.stderr
@@ -25,7 +33,22 @@ def test_init_creates_the_database_and_one_first_key(database_url):
     assert again.returncode == 0 and not KEY.search(again.stdout)
 
 
-def test_create_key_prints_the_key_last_and_list_keys_never_shows_it(database_url):
+@pytest.mark.parametrize("command", [["list-keys"], ["create-key", "--email", "a@example.com"],
+                                     ["set-limit", "sk-Qm3xTz8b", "--rate-limit", "5"], ["rotate-key", "sk-Qm3xTz8b"],
+                                     ["revoke-key", "sk-Qm3xTz8b"]])
+def test_only_init_and_migrate_create_a_sqlite_file(tmp_path, command):
+    """A SQLite file moved away must not be replaced by an empty one that a running server would switch to."""
+    path = tmp_path / "classify.db"
+    refused = cli(f"sqlite:///{path}", *command)
+    assert refused.returncode == 3 and not refused.stdout, refused.stderr
+    assert f"no database file at {path}" in refused.stderr and "cli.py init" in refused.stderr
+    assert "-wal and -shm" in refused.stderr
+    assert list(tmp_path.iterdir()) == []  # no file, no -wal, no -shm
+    assert cli(f"sqlite:///{path}", "migrate").returncode == 0 and path.is_file()
+
+
+def test_create_key_prints_the_key_last_and_list_keys_never_shows_it(database):
+    database_url = database
     made = cli(database_url, "create-key", "--email", "ada@example.com", "--rate-limit", "7", "--window", "30")
     assert made.returncode == 0, made.stderr
     key = made.stdout.splitlines()[-1]
@@ -44,7 +67,8 @@ def test_create_key_prints_the_key_last_and_list_keys_never_shows_it(database_ur
     assert set(rows[0]) == {"prefix", "email", "rate_limit", "window_s", "created", "last_used", "revoked"}
 
 
-def test_revoke_by_prefix_or_key_and_clear_failures(database_url):
+def test_revoke_by_prefix_or_key_and_clear_failures(database):
+    database_url = database
     first = cli(database_url, "create-key", "--email", "a@example.com").stdout.splitlines()[-1]
     second = cli(database_url, "create-key", "--email", "b@example.com").stdout.splitlines()[-1]
     too_short = cli(database_url, "revoke-key", "sk-")  # say, an unset $KEY: it must not match every key
@@ -87,6 +111,7 @@ def test_revoking_while_the_server_writes_waits_for_its_turn(tmp_path):
     """A server commits its log rows all the time: the CLI must queue for the write lock before it reads, or
     SQLite refuses its write on a stale read ("database is locked") as soon as a commit falls in between."""
     database_url = f"sqlite:///{tmp_path / 'keys.db'}"
+    assert cli(database_url, "migrate").returncode == 0
     keys = [cli(database_url, "create-key", "--email", f"busy{i}@example.com").stdout.splitlines()[-1] for i in range(5)]
     stop = threading.Event()
 
@@ -118,7 +143,8 @@ def new_key(database_url: str, email: str = "a@example.com", *options: str) -> s
 
 
 @pytest.mark.parametrize("command", [["set-limit", "--rate-limit", "5"], ["rotate-key"], ["revoke-key"]])
-def test_commands_that_take_a_key_refuse_unknown_and_ambiguous_ones_with_exit_1(database_url, command):
+def test_commands_that_take_a_key_refuse_unknown_and_ambiguous_ones_with_exit_1(database, command):
+    database_url = database
     first = new_key(database_url, "a@example.com")
     new_key(database_url, "b@example.com")
     # Two display prefixes that share their first 7 characters, as random ones rarely do.
@@ -165,6 +191,36 @@ def test_set_limit_applies_once_the_servers_key_cache_expires(start_server):
     assert cli(server.database_url, "set-limit", key, "--rate-limit", "9", "--window", "30").returncode == 0
     row = next(r for r in json.loads(cli(server.database_url, "list-keys", "--json").stdout) if r["prefix"] == key[:11])
     assert (row["rate_limit"], row["window_s"]) == (9, 30)
+
+
+def test_create_key_and_rotate_key_print_one_json_object_for_scripts(database):
+    made = cli(database, "create-key", "--email", "ci@example.com", "--rate-limit", "9", "--json")
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)  # the whole of stdout: one object, nothing else
+    assert KEY.fullmatch(created["key"]) and created["prefix"] == created["key"][:11]
+    assert (created["email"], created["rate_limit"], created["window_s"]) == ("ci@example.com", 9, 60)
+    assert created["created"] == json.loads(cli(database, "list-keys", "--json").stdout)[0]["created"]
+    rotated = cli(database, "rotate-key", created["prefix"], "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    replacement = json.loads(rotated.stdout)
+    assert KEY.fullmatch(replacement["key"]) and replacement["key"] != created["key"]
+    assert replacement["replaces"] == created["prefix"] and replacement["rate_limit"] == 9
+    rows = {row["prefix"]: row for row in json.loads(cli(database, "list-keys", "--json").stdout)}
+    assert rows[created["prefix"]]["revoked"] and rows[replacement["prefix"]]["revoked"] is None
+
+
+def test_set_limit_may_change_the_window_alone_and_says_when_servers_apply_it(database):
+    key = new_key(database, "w@example.com", "--rate-limit", "7", "--window", "30")
+    changed = cli(database, "set-limit", key[:11], "--window", "10", KEY_CACHE_TTL_S="3")
+    assert changed.returncode == 0, changed.stderr
+    assert "7 requests per 10 s (was 7 per 30 s)" in changed.stdout
+    assert "within KEY_CACHE_TTL_S (3 s)" in changed.stdout and "next request" not in changed.stdout
+    [row] = json.loads(cli(database, "list-keys", "--json").stdout)
+    assert (row["rate_limit"], row["window_s"]) == (7, 10)
+    neither = cli(database, "set-limit", key[:11])
+    assert neither.returncode == 2 and "--rate-limit, --window, or both" in neither.stderr
+    revoked = cli(database, "revoke-key", key[:11], KEY_CACHE_TTL_S="3")
+    assert revoked.returncode == 0 and "refuse it within KEY_CACHE_TTL_S (3 s)" in revoked.stdout
 
 
 def test_rotate_key_replaces_a_key_with_the_same_owner_and_limit(server):

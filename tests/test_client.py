@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from client import (AsyncClient, AuthenticationError, Classification, Client, ClientError, InvalidRequest,
-                    RateLimited, Retries, ServerUnreachable, Usage, next_wait_s)
+                    ModelInfo, MultiClassification, RateLimited, Retries, ServerUnreachable, TimedOut, Usage,
+                    UsageBucket, next_wait_s)
 from conftest import CAT_LABELS, ROOT, free_port, key_id, log_rows, make_key, photo_path
 
 FAST = Retries(max_attempts=3, backoff_s=0.01)
@@ -47,6 +48,54 @@ def test_classify_a_path_or_bytes_with_typed_results(server, key, cat_png):
     assert [p.label for p in from_bytes.predictions[:3]] == [p.label for p in from_path.predictions]
     assert from_bytes.rate_limit is not None and from_bytes.rate_limit.limit == 100_000
     assert isinstance(usage, Usage) and usage.total_requests == 2 and usage.successful_requests == 2
+
+
+def test_several_images_in_one_request_the_models_and_usage_over_time(server, key, cat_png):
+    with Client(server.url, key) as client:
+        before = time.time()
+        several = client.classify_many([photo_path("coffee.png"), cat_png], top_k=2)
+        models = client.models()
+        usage = client.usage(start_time=before - 120, bucket_width="1m")
+        earlier = client.usage(start_time=before - 7200, end_time=before - 3600)
+    assert isinstance(several, MultiClassification) and several.model == "efficientnet_lite0"
+    assert [len(result.predictions) for result in several.results] == [2, 2]
+    assert several.results[0].predictions[0].label == "espresso" and several.results[1].predictions[0].label in CAT_LABELS
+    assert several.rate_limit is not None and several.rate_limit.remaining == 100_000 - 2  # one per image
+    assert [(m.id, m.labels, m.weights_source) for m in models] == [("efficientnet_lite0", 1000, "fallback package")]
+    assert isinstance(models[0], ModelInfo)
+    assert usage.total_requests == 1 and usage.bucket_width == "1m" and usage.start_time == int(before - 120)
+    assert usage.buckets and all(isinstance(bucket, UsageBucket) for bucket in usage.buckets)
+    assert sum(bucket.total_requests for bucket in usage.buckets) == 1
+    assert earlier.total_requests == 0 and earlier.buckets is None
+
+
+def test_the_async_client_sends_several_images_and_reads_the_models(server, key, cat_png):
+    async def calls() -> tuple[MultiClassification, list[ModelInfo], Usage]:
+        async with AsyncClient(server.url, key) as client:
+            several = await client.classify_many([cat_png, photo_path("coffee.png")])
+            return several, await client.models(), await client.usage(start_time=time.time() - 60, bucket_width="1m")
+
+    several, models, usage = asyncio.run(calls())
+    assert [result.predictions[0].label for result in several.results][1] == "espresso"
+    assert models[0].backend in {"onnxruntime", "torch"} and usage.buckets is not None
+
+
+def test_a_bare_host_and_port_is_taken_as_http(server, key):
+    bare = server.url.removeprefix("http://")  # 127.0.0.1:PORT, as curl takes it
+    with Client(bare, key) as client:
+        assert client.usage().limit == 100_000
+    done = client_cli("--url", bare.replace("127.0.0.1", "localhost"), "--key", key, "usage")
+    assert done.returncode == 0 and "Limit: 100000 requests" in done.stdout, done.stderr
+
+
+def test_a_timeout_is_reported_as_a_timeout_not_as_a_server_down(server, key):
+    with Client(server.url, key, timeout=0.001, retries=Retries(max_attempts=1)) as client:
+        with pytest.raises(TimedOut, match=r"No answer from .* within 0.001 s .*1 attempt\)"):
+            client.usage()
+    done = client_cli("--url", server.url, "--key", key, "--timeout", "0.001", "--max-attempts", "2", "usage")
+    assert done.returncode == 3, done.stderr
+    assert f"No answer from {server.url} within 0.001 s" in done.stderr and "2 attempts" in done.stderr
+    assert "Is the server running" not in done.stderr and "Cannot reach" not in done.stderr
 
 
 def test_the_async_client_answers_the_same_concurrently(server, key):
@@ -96,6 +145,9 @@ def test_a_used_up_key_waits_out_429s_then_gives_up_after_max_attempts(server, c
 def test_no_server_is_retried_then_reported_clearly():
     with Client(f"http://127.0.0.1:{free_port()}", "sk-x", retries=FAST) as client:
         with pytest.raises(ServerUnreachable, match=r"Cannot reach .*3 attempts.*Is the server running"):
+            client.usage()
+    with Client(f"http://127.0.0.1:{free_port()}", "sk-x", retries=Retries(max_attempts=1)) as client:
+        with pytest.raises(ServerUnreachable, match=r"; 1 attempt\)"):
             client.usage()
 
 
@@ -174,6 +226,11 @@ def test_the_command_line_prints_json_lines_and_a_bar_on_a_terminal(server, key,
     assert sorted(Path(r["path"]).name for r in results) == ["cat.png", "cup"]
     assert all(r["ok"] and len(r["predictions"]) == 2 and r["model"] == "efficientnet_lite0" for r in results)
     assert b"\r[" in terminal and b"] 2/2" in terminal
+
+
+def test_the_command_line_counts_one_file_in_the_singular(server, key):
+    done = client_cli("--url", server.url, "--key", key, "classify", str(photo_path("coffee.png")))
+    assert done.returncode == 0 and done.stderr.strip() == "1 of 1 file classified.", done.stderr
 
 
 def test_the_command_line_shows_usage(server, key):

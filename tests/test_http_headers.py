@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from conftest import ONE_PIXEL, key_id, log_rows, make_key
+from conftest import ONE_PIXEL, assert_error, key_id, log_rows, make_key
 from test_metrics import scrape, value
 
 ALLOWED = "https://app.example.com"
@@ -85,7 +85,9 @@ def test_the_request_logs_own_answers_are_readable_by_an_allowed_origin(start_se
 
 def test_no_origin_is_allowed_by_default(server):
     with server.client() as client:
-        assert "Access-Control-Allow-Origin" not in preflight(client, ALLOWED).headers
+        refused = preflight(client, ALLOWED)
+        assert "Access-Control-Allow-Origin" not in refused.headers
+        assert_error(refused, 405, "method_not_allowed")  # no CORS handling at all, as the README says
         response = client.get("/v1/models", headers={"Origin": ALLOWED})
         assert "Access-Control-Allow-Origin" not in response.headers
 
@@ -103,9 +105,12 @@ def test_api_answers_are_not_sniffed_cached_or_framed(server, method, path):
 def test_pages_keep_their_own_policy_and_no_banner_has_a_version(server):
     with server.client() as client:
         page, script, docs = client.get("/"), client.get("/static/app.js"), client.get("/docs")
+        docs_files = [client.get(url) for url in re.findall(r'(?:src|href)="([^"]+)"', docs.text)]
     for response in (page, script, docs):
         assert response.status_code == 200 and response.headers["X-Content-Type-Options"] == "nosniff"
         assert not re.search(r"\d", response.headers.get("server", "")), response.headers["server"]
     assert page.headers["Content-Security-Policy"].startswith("default-src 'self';")  # main.PAGE_HEADERS
-    assert "Content-Security-Policy" not in docs.headers  # Swagger UI loads its script from a CDN
+    docs_policy = docs.headers["Content-Security-Policy"]  # api_docs.py: Swagger UI's files come from /static
+    assert docs_policy.startswith("default-src 'self';") and "http" not in docs_policy and "*" not in docs_policy
+    assert len(docs_files) == 3 and all(file.status_code == 200 for file in docs_files)  # script, style, icon
     assert "no-store" not in script.headers.get("Cache-Control", "")  # static files may be cached

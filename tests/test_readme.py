@@ -1,8 +1,24 @@
-"""The README stays true: every setting and every CLI command is documented there."""
+"""The README stays true: every setting and every CLI command is documented there, every command it shows
+parses, its sample answer has the server's shape, and what it runs from the venv after `make run` is installed
+by `make run`."""
 
+import ast
+import importlib.metadata
+import json
 import re
+import shlex
+import sys
+from pathlib import Path
 
+import pytest
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import cli
+import client_cli
 from conftest import ROOT
+from schemas import Classification, Prediction
 from settings import Settings
 
 README = (ROOT / "README.md").read_text()
@@ -26,3 +42,85 @@ def test_the_quickstart_commands_are_in_the_readme():
 def test_the_readme_has_no_placeholder_left():
     assert "BENCHMARK_TABLE" not in README
 
+
+def shell_lines() -> list[str]:
+    """The lines of the README's sh blocks, continuation lines joined."""
+    blocks = re.findall(r"```sh\n(.*?)```", README, re.DOTALL)
+    return [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+
+
+SHOWN_COMMANDS = [(match[1], match[2]) for line in shell_lines()
+                  if (match := re.search(r"python (cli|client)\.py (.+)", line))]
+
+
+@pytest.mark.parametrize("program, arguments", SHOWN_COMMANDS)
+def test_every_command_the_readme_shows_parses(program, arguments):
+    """With its optional parts (`[--option value]`): argparse exits on an unknown command or option."""
+    parse = {"cli": cli.parse_args, "client": client_cli.parse_args}[program]
+    parse([word.strip("[]") for word in shlex.split(arguments, comments=True)])
+
+
+def test_the_readme_shows_commands_of_both_command_lines():
+    programs = {program for program, _ in SHOWN_COMMANDS}
+    assert programs == {"cli", "client"} and len(SHOWN_COMMANDS) >= 10
+
+
+def test_the_quickstarts_sample_answer_has_the_servers_shape_and_order():
+    quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    answer = json.loads(re.search(r"```json\n(.*?)```", quickstart, re.DOTALL)[1])
+    assert list(answer) == list(Classification.model_fields)  # in the order the server writes them
+    assert all(list(prediction) == list(Prediction.model_fields) for prediction in answer["predictions"])
+    Classification.model_validate(answer)
+    confidences = [prediction["confidence"] for prediction in answer["predictions"]]
+    assert confidences == sorted(confidences, reverse=True) and answer["model"] == "efficientnet_lite0"
+
+
+def test_the_readme_runs_uvicorn_from_the_venv_and_uses_no_missing_photo():
+    assert not re.search(r"(?<!\.venv/bin/)\buvicorn main:app", README)
+    assert "cat.jpg" not in README  # the Quickstart's $IMG is the photo every example uses
+
+
+def installed_by(requirements: Path) -> set[str]:
+    """The distributions `pip install -r requirements` installs: those it names (not those of files it includes
+    with -r) and, recursively, what they require."""
+    wanted = [Requirement(line.split("#")[0]) for line in requirements.read_text().splitlines()
+              if line.split("#")[0].strip() and not line.startswith("-")]
+    installed: set[str] = set()
+    while wanted:
+        requirement = wanted.pop()
+        name = canonicalize_name(requirement.name)
+        if name in installed:
+            continue
+        installed.add(name)
+        for needed in map(Requirement, importlib.metadata.requires(name) or []):
+            extras = requirement.extras or {""}
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra}) for extra in extras):
+                wanted.append(needed)
+    return installed
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The top-level names of the modules `path` imports, wherever the import statement is."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_what_the_server_the_cli_and_the_client_import_is_installed_by_make_run():
+    """`make run` installs requirements.txt only: the client the README runs from the venv (client.py), the CLI
+    and the server must need nothing that only requirements-dev.txt brings."""
+    sources = [*ROOT.glob("*.py"), *(ROOT / "migrations").rglob("*.py")]
+    ours = {path.stem for path in ROOT.glob("*.py")}
+    distributions = importlib.metadata.packages_distributions()
+    runtime = installed_by(ROOT / "requirements.txt")
+    missing = {}
+    for path in sources:
+        for module in imported_modules(path) - ours - set(sys.stdlib_module_names):
+            if not {canonicalize_name(name) for name in distributions.get(module, [module])} & runtime:
+                missing.setdefault(module, []).append(path.name)
+    assert "client.py" in {path.name for path in sources} and "httpx" not in ours
+    assert not missing, f"imported but not installed by requirements.txt: {missing}"

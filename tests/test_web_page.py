@@ -1,4 +1,5 @@
-"""The web page at / in a real browser: Debian's chromium, driven by Playwright, against the real server.
+"""The web page at / and the API docs at /docs in a real browser: Debian's chromium, driven by Playwright,
+against the real server.
 
 Locally the tests skip (saying why) when chromium or Playwright is missing; under CI they fail instead.
 `make screenshot` runs the cat test with SCREENSHOT_TO=docs/screenshot.png: the README's picture.
@@ -149,3 +150,22 @@ def test_a_dropped_image_is_classified_and_the_key_kept_only_when_the_box_is_tic
     assert page.input_value("#key") == key and page.is_checked("#remember")
     page.uncheck("#remember")
     assert page.evaluate("Object.keys(localStorage).length") == 0
+
+
+def test_the_api_docs_render_with_nothing_from_elsewhere(browser, server):
+    """FastAPI's own /docs loads Swagger UI from a CDN: offline, a blank page. Here every other origin is cut off
+    (as offline), and the page must still show the operations, having asked nothing of anyone else."""
+    context = browser.new_context()
+    elsewhere: list[str] = []
+    blocked_by_policy: list[str] = []
+    context.route(lambda url: not url.startswith(server.url + "/"),
+                  lambda route: (elsewhere.append(route.request.url), route.abort()))
+    page = context.new_page()
+    page.set_default_timeout(ELEMENT_TIMEOUT_MS)
+    page.on("console", lambda message: blocked_by_policy.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    page.goto(server.url + "/docs")
+    page.wait_for_selector('.opblock-summary-path[data-path="/v1/classify"]', state="visible")
+    assert page.locator(".opblock-summary-path").count() >= 6  # classify, usage, models, healthz, readyz, metrics
+    context.close()
+    assert not elsewhere and not blocked_by_policy, (elsewhere, blocked_by_policy)
