@@ -116,7 +116,9 @@ def test_exif_orientation_is_applied(api):
     sideways_without_tag = classify(api, encode(stored_sideways, "PNG"))["predictions"]
     with_tag = classify(api, encode(stored_sideways, "PNG", exif=exif))["predictions"]
     assert [p["label"] for p in with_tag] == [p["label"] for p in expected]
-    assert [p["confidence"] for p in with_tag] == pytest.approx([p["confidence"] for p in expected], abs=1e-5)
+    # Not to the last bit: Pillow resamples a turned picture's axes in the other order, and rounds a pixel or two
+    # the other way (the crop's scales differ by torchvision's whole-pixel rounding: images.crop_box).
+    assert [p["confidence"] for p in with_tag] == pytest.approx([p["confidence"] for p in expected], abs=1e-3)
     assert [p["confidence"] for p in sideways_without_tag] != pytest.approx([p["confidence"] for p in expected], abs=1e-3)
 
 
