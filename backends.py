@@ -178,7 +178,8 @@ def serving_facts(model: LoadedModel) -> dict[str, object]:
     """What serving the cached graph needs besides the graph, as this start serves it (labels, version)."""
     return {"model": model.spec.name, "version": model.version, "weights_digest": model.weights_digest,
             "weights_source": model.weights_source, "preprocessing": model.spec.preprocessing(),
-            "classes": model.classes, "labels": list(model.spec.labels), "embedding_dimensions": model.embedding_dimensions,
+            "classes": model.classes, "labels": list(model.spec.labels),
+            "embedding_dimensions": model.embedding_dimensions,
             "max_batch": model.max_batch, "export_version": EXPORT_VERSION}
 
 

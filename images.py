@@ -104,9 +104,12 @@ def stored_box(box: tuple[float, float, float, float], orientation: int, width: 
                height: int) -> tuple[float, float, float, float]:
     """A box of the upright picture, as the box of the stored `width` x `height` one that turns (UPRIGHT) into it."""
     left, top, right, bottom = box
-    return {2: (width - right, top, width - left, bottom), 3: (width - right, height - bottom, width - left, height - top),
-            4: (left, height - bottom, right, height - top), 5: (top, left, bottom, right),
-            6: (top, height - right, bottom, height - left), 7: (width - bottom, height - right, width - top, height - left),
+    return {2: (width - right, top, width - left, bottom),
+            3: (width - right, height - bottom, width - left, height - top),
+            4: (left, height - bottom, right, height - top),
+            5: (top, left, bottom, right),
+            6: (top, height - right, bottom, height - left),
+            7: (width - bottom, height - right, width - top, height - left),
             8: (width - bottom, left, width - top, right)}.get(orientation, box)
 
 

@@ -206,7 +206,8 @@ def load_network(name: str, weights_file: Path | None, allow_fallback: bool) -> 
     except WeightsUnavailable as exc:
         if not allow_fallback:
             raise ModelLoadError(f"{exc}. MODEL_FALLBACK=false, so the server stops here: set MODEL_WEIGHTS to a "
-                                 f"{name} weights file, or allow the fallback, or set MODEL_NAME=efficientnet_lite0.") from None
+                                 f"{name} weights file, or allow the fallback, or set MODEL_NAME=efficientnet_lite0."
+                                 ) from None
         logger.warning("=" * 78)
         logger.warning("%s weights are unavailable: %s.", name, exc)
         logger.warning("FALLING BACK to EfficientNet-Lite0, whose ImageNet weights ship in the pip package")
@@ -218,7 +219,8 @@ def load_network(name: str, weights_file: Path | None, allow_fallback: bool) -> 
 
 def load_torchvision(name: str, weights_file: Path | None) -> LoadedModel:
     if weights_file is not None:
-        state_dict, source, path, origin = read_weights_file(weights_file), "file", weights_file, f"MODEL_WEIGHTS={weights_file}"
+        state_dict, source, path = read_weights_file(weights_file), "file", weights_file
+        origin = f"MODEL_WEIGHTS={weights_file}"
     else:
         state_dict, source, path = torchvision_weights(name)
         origin = str(path)
@@ -264,7 +266,8 @@ def weights_misfit(network: nn.Module, state_dict: dict[str, torch.Tensor], name
         missing, unexpected = network.load_state_dict(state_dict, strict=False)
     except RuntimeError as exc:  # tensors of the right names and the wrong shapes
         mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-        return f"{len(mismatches)} tensors have other shapes than {name}'s, e.g. {shorten(mismatches[0].rstrip('.'), 250)}"
+        example = shorten(mismatches[0].rstrip("."), 250)
+        return f"{len(mismatches)} tensors have other shapes than {name}'s, e.g. {example}"
     problems = []
     if missing:
         problems.append(f"{len(missing)} of {name}'s tensors are missing (e.g. {missing[0]})")
@@ -276,7 +279,8 @@ def weights_misfit(network: nn.Module, state_dict: dict[str, torch.Tensor], name
 def final_layer(network: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
     """The network's last Linear or Conv2d (its dotted name): the classification layer of every torchvision
     classifier (SqueezeNet's is a 1x1 convolution)."""
-    return [(name, module) for name, module in network.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))][-1]
+    layers = [(name, module) for name, module in network.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    return layers[-1]
 
 
 def is_last_step(network: nn.Module, layer: nn.Module, side: int) -> bool:

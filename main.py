@@ -341,7 +341,8 @@ async def embeddings(request: Request, response: Response, key: CurrentKey, sett
     response.headers.update(request.state.rate_limit_headers)
     vectors = unit_vectors(np.stack([answer.embedding for answer in answers]))  # (B, D)
     if to_embed.encoding_format == "base64":
-        encoded: list[list[float] | str] = [base64.b64encode(vector.astype("<f4").tobytes()).decode() for vector in vectors]
+        encoded: list[list[float] | str] = [base64.b64encode(vector.astype("<f4").tobytes()).decode()
+                                            for vector in vectors]
     else:
         encoded = vectors.tolist()
     return Embeddings(id=f"emb_{uuid.uuid4().hex}", model=model.spec.name, model_version=model.version,

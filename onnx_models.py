@@ -50,7 +50,8 @@ def read_onnx_classifier(path: Path, crop: int, output_kind: OutputKind,
     try:
         model = onnx.load(str(path))  # external weights (a .data file beside it) load too
     except Exception as exc:  # protobuf's DecodeError, a missing external file...
-        raise OnnxModelError(f"{where} is not an ONNX model that loads ({type(exc).__name__}: {first_line(exc)}).") from None
+        raise OnnxModelError(f"{where} is not an ONNX model that loads ({type(exc).__name__}: {first_line(exc)})."
+                             ) from None
     graph = model.graph
     initializers = {tensor.name for tensor in graph.initializer}
     inputs = [value for value in graph.input if value.name not in initializers]  # old exports list weights as inputs
@@ -60,7 +61,8 @@ def read_onnx_classifier(path: Path, crop: int, output_kind: OutputKind,
     [image] = inputs
     shape = dims(image)
     if image.type.tensor_type.elem_type != TensorProto.FLOAT or len(shape) != 4 or shape[1] != 3:
-        hint = " (channels last: with tf2onnx, export with --inputs-as-nchw)" if len(shape) == 4 and shape[3] == 3 else ""
+        is_channels_last = len(shape) == 4 and shape[3] == 3
+        hint = " (channels last: with tf2onnx, export with --inputs-as-nchw)" if is_channels_last else ""
         raise OnnxModelError(f"{where}: its input {describe([image])} is not float32 (B, 3, H, W){hint}.")
     if any(isinstance(side, int) and side != crop for side in shape[2:]):
         raise OnnxModelError(f"{where}: its input {describe([image])} takes {shape[2]}x{shape[3]} images, but "

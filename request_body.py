@@ -65,7 +65,8 @@ def parse_classify_request(body: bytes, content_type: str,
         parsed = schema.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
-    return ImagesToClassify(parsed.all_images, is_list=parsed.images is not None, **parsed.options())  # type: ignore[arg-type]
+    options = parsed.options()
+    return ImagesToClassify(parsed.all_images, is_list=parsed.images is not None, **options)  # type: ignore[arg-type]
 
 
 def image_array(source: str | bytes, index: int | None, spec: ModelSpec, max_image_pixels: int) -> np.ndarray:

@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     inference_precision: Precision = "fp32"
     # The model's threads: one forward pass at a time, on all the cores.
     inference_threads: int = Field(default_factory=usable_cores, ge=1)
-    # Exported ONNX graphs, named by the weights' hash so a restart reuses them.
+    # Exported ONNX graphs, named by a hash of what they hold (weights, architecture, preprocessing), so a restart
+    # reuses them.
     model_cache_dir: Path = Path.home() / ".cache" / "classify"
     # A forward pass takes up to max_batch waiting images, and waits up to batch_wait_ms for more once it has one.
     max_batch: int = Field(8, ge=1, le=256)

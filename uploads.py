@@ -99,7 +99,8 @@ class FormCollector:
             if disposition != b"form-data" or not name:
                 raise invalid("each part needs `Content-Disposition: form-data; name=\"...\"`")
             if name not in self.fields:
-                raise invalid(f"unknown field `{name[:40]}`: send {self.expected.replace('`file`', '`file` (the image)', 1)}")
+                expected = self.expected.replace("`file`", "`file` (the image)", 1)
+                raise invalid(f"unknown field `{name[:40]}`: send {expected}")
             if name in self.values:
                 raise invalid(f"`{name}` is sent twice: send one image per request")
             self.current = name
@@ -122,7 +123,8 @@ class FormCollector:
         self.is_complete = True
 
 
-def parse_multipart(body: bytes, content_type: str, options: tuple[str, ...] = ("top_k",)) -> tuple[bytes, dict[str, object]]:
+def parse_multipart(body: bytes, content_type: str,
+                    options: tuple[str, ...] = ("top_k",)) -> tuple[bytes, dict[str, object]]:
     """(the image's bytes, the `options` sent, parsed) from a multipart/form-data body; 4xx `ApiError` for anything
     else."""
     boundary = multipart_boundary(content_type)

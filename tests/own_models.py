@@ -24,7 +24,8 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def transform(resize: int, crop: int, mean: list[float], std: list[float],
-              interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR) -> Callable[[Image.Image], torch.Tensor]:
+              interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
+              ) -> Callable[[Image.Image], torch.Tensor]:
     """torchvision's classification preprocessing: what the server's must agree with."""
     return v2.Compose([v2.PILToTensor(), v2.Resize(resize, interpolation=interpolation, antialias=True),
                        v2.CenterCrop(crop), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
