@@ -1,33 +1,40 @@
 """Where the forward pass runs: torch eager, or ONNX Runtime on a graph exported from the same weights.
 
     INFERENCE_BACKEND=onnxruntime  the loaded model is exported once to ONNX (dynamic batch axis) and cached in
-                                   MODEL_CACHE_DIR under the weights' hash, so a restart loads the file instead;
-                                   if export or loading fails, torch answers instead and the log says why.
+                                   MODEL_CACHE_DIR under a hash of what the graph holds, so a restart loads the
+                                   file instead; if export or loading fails, torch answers instead and the log
+                                   says why. A MODEL_ONNX file is wrapped (onnx_models.py) and cached the same way,
+                                   and runs only here.
     INFERENCE_BACKEND=torch        the torch model itself.
     INFERENCE_PRECISION=int8       ONNX Runtime only: static int8 quantization (QDQ, per channel), calibrated on
                                    the photos that ship with scikit-image, cached like the fp32 graph.
 
-Both take (B, 224, 224, 3) uint8 pixels and return (B, 1000) probabilities (inference.ImageToProbabilities).
+Both take (B, H, W, 3) uint8 pixels and return (B, N) probabilities and, when the model has one, (B, D)
+embeddings (inference.ImageToOutputs): one forward pass for both. Beside each cached graph, a small JSON file
+says what serving it needs (preprocessing, classes, labels, embedding size, where the weights came from).
 """
 
+import json
 import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
+import onnx
 import torch
 
 from images import decode_for_model
-from inference import LoadedModel, preprocess
+from inference import LoadedModel, ModelLoadError, preprocess
+from onnx_models import first_line, wrap_for_serving
 from settings import BackendName, Precision, Settings
 
 logger = logging.getLogger("classify")
 
-EXPORT_VERSION = "4"  # bump when the exported graph (or int8's calibration) changes, so cached files are not reused
+EXPORT_VERSION = "5"  # bump when the exported graph (or int8's calibration) changes, so cached files are not reused
 MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default  # what the API allows
 MAX_EXPORTED_BATCH = 1024
 
@@ -39,12 +46,17 @@ PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png",
           "retina.jpg", "rocket.jpg", "text.png")
 
 
+class Outputs(NamedTuple):
+    probabilities: np.ndarray  # (B, N) float32
+    embeddings: np.ndarray | None  # (B, D) float32, not normalised; None if the model has no embedding
+
+
 class Backend(Protocol):
     name: BackendName
     precision: Precision
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """(B, 224, 224, 3) uint8 -> (B, 1000) float32 probabilities."""
+    def run(self, x: np.ndarray) -> Outputs:
+        """(B, 224, 224, 3) uint8 -> (B, N) probabilities and (B, D) embeddings."""
         ...
 
 
@@ -56,9 +68,10 @@ class TorchBackend:
         torch.set_num_threads(threads)
         self.graph = model.graph()
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray) -> Outputs:
         with torch.inference_mode():
-            return self.graph(torch.from_numpy(x)).numpy()
+            outputs = [output.numpy() for output in self.graph(torch.from_numpy(x))]
+        return Outputs(outputs[0], outputs[1] if len(outputs) > 1 else None)
 
 
 class OnnxBackend:
@@ -71,15 +84,27 @@ class OnnxBackend:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
         self.precision = precision
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"image": x})[0]
+    def run(self, x: np.ndarray) -> Outputs:
+        outputs = self.session.run(None, {self.input_name: x})
+        return Outputs(outputs[0], outputs[1] if len(outputs) > 1 else None)
 
 
 def load_backend(model: LoadedModel, name: BackendName, precision: Precision, threads: int, cache_dir: Path,
                  max_batch: int) -> Backend:
-    """The backend asked for, warmed up; torch if ONNX Runtime cannot be had, with a warning that says why."""
+    """The backend asked for, warmed up; torch if ONNX Runtime cannot be had, with a warning that says why.
+    A MODEL_ONNX file runs on ONNX Runtime whatever INFERENCE_BACKEND says (there is no torch network)."""
+    if model.onnx is not None:
+        if name == "torch":
+            logger.warning("MODEL_ONNX runs on ONNX Runtime; INFERENCE_BACKEND=torch does not apply to it")
+        try:
+            return onnx_backend(model, precision, threads, cache_dir, max_batch)
+        except Exception as exc:
+            logger.debug("ONNX Runtime cannot serve %s", model.onnx.path, exc_info=True)
+            raise ModelLoadError(f"MODEL_ONNX={model.onnx.path} cannot be served by ONNX Runtime ({precision}): "
+                                 f"{type(exc).__name__}: {first_line(exc)}") from None
     if name == "onnxruntime":
         try:
             return onnx_backend(model, precision, threads, cache_dir, max_batch)
@@ -115,12 +140,21 @@ def warm_up(backend: Backend, side: int, max_batch: int, passes: int = 3) -> Non
 def onnx_file(model: LoadedModel, precision: Precision, cache_dir: Path) -> Path:
     """The model's ONNX graph on disk, exported (and quantized) only if no earlier start left one there."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{model.spec.name}-{model.weights_digest()[:16]}-torch{torch.__version__}-v{EXPORT_VERSION}"
+    stem = f"{model.spec.name}-{model.graph_key()[:16]}-torch{torch.__version__}-v{EXPORT_VERSION}"
     fp32_path = cache_dir / f"{stem}-fp32.onnx"
     if not fp32_path.is_file():
-        logger.info("exporting %s to ONNX: %s", model.spec.name, fp32_path)
         with _atomic_path(fp32_path) as partial:
-            export_onnx(model, partial)
+            if model.onnx is not None:
+                logger.info("wrapping %s for serving: %s", model.onnx.path, fp32_path)
+                onnx.save(wrap_for_serving(model.onnx, model.spec.crop, model.spec.mean, model.spec.std), partial)
+            else:
+                logger.info("exporting %s to ONNX: %s", model.spec.name, fp32_path)
+                export_onnx(model, partial)
+    facts = json.dumps(serving_facts(model))
+    facts_path = cache_dir / f"{stem}.json"
+    if not facts_path.is_file() or facts_path.read_text() != facts:  # labels and version may change between starts
+        with _atomic_path(facts_path) as partial:
+            partial.write_text(facts)
     if precision == "fp32":
         return fp32_path
     int8_path = cache_dir / f"{stem}-int8.onnx"
@@ -134,18 +168,30 @@ def onnx_file(model: LoadedModel, precision: Precision, cache_dir: Path) -> Path
 def export_onnx(model: LoadedModel, path: Path) -> None:
     example = torch.zeros((2, model.spec.crop, model.spec.crop, 3), dtype=torch.uint8)  # (B, 224, 224, 3)
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORTED_BATCH)
+    outputs = ["probabilities", "embedding"] if model.head is not None else ["probabilities"]
     program = torch.onnx.export(model.graph(), (example,), dynamo=True, verbose=False, input_names=["image"],
-                                output_names=["probabilities"], dynamic_shapes=({0: batch},))
+                                output_names=outputs, dynamic_shapes=({0: batch},))
     program.save(path, external_data=False)  # one self-contained file
+
+
+def serving_facts(model: LoadedModel) -> dict[str, object]:
+    """What serving the cached graph needs besides the graph, as this start serves it (labels, version)."""
+    return {"model": model.spec.name, "version": model.version, "weights_digest": model.weights_digest,
+            "weights_source": model.weights_source, "preprocessing": model.spec.preprocessing(),
+            "classes": model.classes, "labels": list(model.spec.labels),
+            "embedding_dimensions": model.embedding_dimensions,
+            "max_batch": model.max_batch, "export_version": EXPORT_VERSION}
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, model: LoadedModel) -> None:
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
 
+    input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
+
     class Photos(CalibrationDataReader):
         def __init__(self) -> None:
-            self.inputs = ({"image": x[None]} for x in calibration_inputs(model))
+            self.inputs = ({input_name: x[None]} for x in calibration_inputs(model))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.inputs, None)

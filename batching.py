@@ -69,7 +69,8 @@ class Pending:
 
 @dataclass(frozen=True)
 class Answer:
-    probabilities: np.ndarray  # (1000,)
+    probabilities: np.ndarray  # (N,)
+    embedding: np.ndarray | None  # (D,), not normalised; None if the model has no embedding
     batch_size: int  # images in the forward pass that answered this one
     queue_ms: float  # from the queue to the start of that pass
     model_ms: float  # the pass itself
@@ -177,15 +178,18 @@ class Batcher:
             pending.is_started = True
         x = np.stack([pending.image for pending in live])  # (B, 224, 224, 3)
         started = time.monotonic()
-        probabilities = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.backend.run, x)
-        if len(probabilities) != len(live):  # (B, 1000)
+        outputs = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.backend.run, x)
+        probabilities = outputs.probabilities  # (B, N)
+        if len(probabilities) != len(live):
             raise RuntimeError(f"the model returned {len(probabilities)} rows for {len(live)} images")
+        embeddings = outputs.embeddings if outputs.embeddings is not None else [None] * len(live)  # (B, D)
         model_ms = (time.monotonic() - started) * 1000
         INFERENCE_SECONDS.observe(model_ms / 1000)
         BATCH_SIZE.observe(len(live))
-        for pending, row in zip(live, probabilities):
+        for pending, row, embedding in zip(live, probabilities, embeddings):
             if not pending.future.done():
-                pending.future.set_result(Answer(row, len(live), (started - pending.enqueued) * 1000, model_ms))
+                pending.future.set_result(Answer(row, embedding, len(live), (started - pending.enqueued) * 1000,
+                                                 model_ms))
 
     async def _next_batch(self) -> list[Pending]:
         """Up to max_batch live images: waits for one, then at most batch_wait_s for more. Images whose request

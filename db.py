@@ -61,6 +61,7 @@ class RequestLog(Base):
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     error_code: Mapped[str | None] = mapped_column(String(64))
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the X-Request-ID it was answered with
+    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)  # of the model that answered it
 
     __table_args__ = (Index("ix_request_log_key_time", "key_id", "created_at_ms"),)
 

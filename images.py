@@ -88,6 +88,7 @@ def decode_for_model(data: bytes, max_pixels: int, resize: int, crop: int, resam
     """
     image = open_checked(data, max_pixels)
     orientation = exif_orientation(image)
+    width, height = image.size
     try:
         scale = resize / min(image.size)
         image.draft(None, (max(1, int(image.width * scale)), max(1, int(image.height * scale))))  # JPEG: decode at 1/2..1/8
@@ -97,10 +98,10 @@ def decode_for_model(data: bytes, max_pixels: int, resize: int, crop: int, resam
             image = image.convert("L" if image.mode == "1" else "RGBA")
         # How to scale 32-bit and float pixels is read from the whole picture: resizing overshoots near edges
         highest = highest_value(image) if image.mode in ("I", "F") else 0.0
-        side = crop * min(image.size) / resize  # the crop's side in (drafted) original pixels
-        left, top = (image.width - side) / 2, (image.height - side) / 2
-        small = image.resize((crop, crop), resample, box=(left, top, left + side, top + side))
-        # The centre square of the upright picture is the centre square of the stored one, turned.
+        upright_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        left, top, right, bottom = stored_box(crop_box(*upright_size, resize, crop), orientation, width, height)
+        x, y = image.width / width, image.height / height  # a drafted JPEG is smaller than its header says
+        small = image.resize((crop, crop), resample, box=(left * x, top * y, right * x, bottom * y))
         if orientation in UPRIGHT:
             small = small.transpose(UPRIGHT[orientation])
         return to_rgb(small, highest)
@@ -113,6 +114,31 @@ def highest_value(image: Image.Image) -> float:
     if math.isnan(highest):  # Pillow's extrema turn NaN when the first pixel is NaN
         highest = float(np.nanmax(np.asarray(image), initial=0))
     return highest
+
+
+def crop_box(width: int, height: int, resize: int, crop: int) -> tuple[float, float, float, float]:
+    """The centre `crop` square of the picture scaled to a shorter side of `resize`, in the picture's own pixels.
+    Rounded as torchvision rounds (Resize's whole-pixel size, CenterCrop's rounded offset), so the model sees
+    what torchvision's transforms, which it was trained with, would have shown it."""
+    short, long = sorted((width, height))
+    scaled_long = int(resize * long / short)
+    scaled_width, scaled_height = (resize, scaled_long) if width <= height else (scaled_long, resize)
+    left, top = round((scaled_width - crop) / 2), round((scaled_height - crop) / 2)
+    x, y = width / scaled_width, height / scaled_height
+    return left * x, top * y, (left + crop) * x, (top + crop) * y
+
+
+def stored_box(box: tuple[float, float, float, float], orientation: int, width: int,
+               height: int) -> tuple[float, float, float, float]:
+    """A box of the upright picture, as the box of the stored `width` x `height` one that turns (UPRIGHT) into it."""
+    left, top, right, bottom = box
+    return {2: (width - right, top, width - left, bottom),
+            3: (width - right, height - bottom, width - left, height - top),
+            4: (left, height - bottom, right, height - top),
+            5: (top, left, bottom, right),
+            6: (top, height - right, bottom, height - left),
+            7: (width - bottom, height - right, width - top, height - left),
+            8: (width - bottom, left, width - top, right)}.get(orientation, box)
 
 
 def exif_orientation(image: Image.Image) -> int:

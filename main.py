@@ -8,7 +8,9 @@ the port is not open.
 """
 
 import asyncio
+import base64
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -33,18 +35,19 @@ from batching import Answer, Batcher, DeadlineExceeded, Overloaded, ShuttingDown
 from database_file import DatabaseFile
 from db import ApiKey, SessionDep, make_engine, make_sessionmaker, migrate, ping
 from errors import ApiError, ErrorResponse, install_error_handlers
-from inference import LoadedModel, ModelLoadError, load_model, top_predictions
+from inference import LoadedModel, ModelLoadError, load_model, top_predictions, unit_vectors
 from logs import configure_logging
 from ratelimit import Decision, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis
 from request_body import ImagesToClassify, decode_images, parse_classify_request, read_body
 from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
 from requestlog import LogWriter, RequestLogMiddleware, add_timing
-from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, ImageResult, ModelInfo, ModelList,
-                     MultiClassification, Usage)
+from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Embedding, Embeddings, EmbeddingsRequest,
+                     Health, ImageResult, ImagesRequest, ModelInfo, ModelList, MultiClassification, Preprocessing,
+                     Usage)
 from security_headers import SecurityHeadersMiddleware
 from settings import Settings, usable_cores
 from shutdown import chain_termination_handlers
-from uploads import MULTIPART_SCHEMA
+from uploads import EMBEDDINGS_MULTIPART_SCHEMA, MULTIPART_SCHEMA
 from usage import read_usage
 
 logger = logging.getLogger("classify")
@@ -60,7 +63,8 @@ CORS_EXPOSED_HEADERS = ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLim
 RATE_LIMITED = metrics.Counter("rate_limit_rejections_total", "/v1/classify requests refused with 429.")
 # One series, value 1, whose labels say what answers: the Prometheus idiom for build and version info.
 MODEL_INFO = metrics.Gauge("model_info", "The model this server runs.",
-                           ["model", "backend", "precision", "weights_source"], multiprocess_mode="max")
+                           ["model", "version", "backend", "precision", "weights_source"], multiprocess_mode="max")
+STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
 
 
 @asynccontextmanager
@@ -68,24 +72,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     engine = make_engine(settings.database_url, settings.db_timeout_s, settings.db_pool_size, settings.db_max_overflow)
     redis = make_redis(settings.redis_url, settings.db_timeout_s) if settings.redis_url else None
-    try:
-        await migrate(engine)
-        model = await asyncio.to_thread(load_model, settings.model_name, settings.model_weights, settings.model_fallback)
-    except ModelLoadError as exc:
-        logger.critical("cannot start: %s", exc)
-        await engine.dispose()
-        if redis is not None:
-            await redis.aclose()
-        raise
     loop = asyncio.get_running_loop()
     # The backend is built and run on this one thread, so the runtime's own threads inherit its lower priority.
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=lower_priority)
-    backend = await loop.run_in_executor(model_thread, load_backend, model, settings.inference_backend,
-                                         settings.inference_precision, settings.inference_threads,
-                                         settings.model_cache_dir, settings.max_batch)
-    batcher = Batcher(backend, settings.max_batch, settings.batch_wait_ms, settings.max_queue, model_thread)
+    try:
+        await migrate(engine)
+        model = await asyncio.to_thread(load_model, settings)
+        max_batch = min(settings.max_batch, model.max_batch or settings.max_batch)  # 1 for a fixed batch axis
+        backend = await loop.run_in_executor(model_thread, load_backend, model, settings.inference_backend,
+                                             settings.inference_precision, settings.inference_threads,
+                                             settings.model_cache_dir, max_batch)
+    except ModelLoadError as exc:
+        # One line that names the setting, then exit: failing the lifespan would add Starlette's traceback,
+        # which says nothing about the settings and buries the line that does.
+        logger.critical("cannot start: %s", exc)
+        model_thread.shutdown(wait=False)
+        await engine.dispose()
+        if redis is not None:
+            await redis.aclose()
+        logging.shutdown()
+        os._exit(STARTUP_FAILURE)
+    batcher = Batcher(backend, max_batch, settings.batch_wait_ms, settings.max_queue, model_thread)
     batcher.start()
-    MODEL_INFO.labels(model.spec.name, backend.name, backend.precision, model.weights_source).set(1)
+    MODEL_INFO.labels(model.spec.name, model.version, backend.name, backend.precision, model.weights_source).set(1)
 
     def begin_shutdown() -> None:
         if app.state.shutdown_deadline is None:
@@ -108,9 +117,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     app.state.model = model
     app.state.batcher = batcher
-    logger.info("ready: %s (weights: %s) on %s %s, %d threads, batches of up to %d, database %s, rate limit in %s",
-                model.spec.name, model.weights_source, backend.name, backend.precision, settings.inference_threads,
-                settings.max_batch, engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
+    logger.info("ready: %s version %s (weights: %s) on %s %s, %d threads, batches of up to %d, database %s, "
+                "rate limit in %s", model.spec.name, model.version, model.weights_source, backend.name,
+                backend.precision, settings.inference_threads, max_batch,
+                engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
     try:
         yield
     finally:
@@ -220,20 +230,53 @@ def check_image_count(count: int, key: ApiKey, settings: Settings) -> None:
                                                f"{key.rate_limit} per {key.window_s} s; send at most {key.rate_limit}.")
 
 
-async def read_classify_request(request: Request, key: ApiKey, settings: Settings,
-                                limiter: SlidingWindowLimiter) -> ImagesToClassify:
+async def read_classify_request(request: Request, key: ApiKey, settings: Settings, limiter: SlidingWindowLimiter,
+                                schema: type[ImagesRequest] = ClassifyRequest) -> ImagesToClassify:
     """The body, read, parsed and checked; a request refused here still counts once against the limit."""
     try:
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         started = time.perf_counter()
         to_classify = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.decode_pool, parse_classify_request, body, request.headers.get("content-type", ""))
+            request.app.state.decode_pool, parse_classify_request, body, request.headers.get("content-type", ""),
+            schema)
         add_timing(request, "parse", started)
         check_image_count(len(to_classify.sources), key, settings)
     except (ApiError, RequestValidationError):
         await charge(request, key, limiter, 1)
         raise
     return to_classify
+
+
+async def run_images(request: Request, key: ApiKey, settings: Settings, limiter: SlidingWindowLimiter,
+                     batcher: Batcher, model: LoadedModel,
+                     schema: type[ImagesRequest]) -> tuple[ImagesToClassify, list[Answer]]:
+    """What /v1/classify and /v1/embeddings share: refusals that need no body, the body, the limit (each image
+    counts one), decoding, and the forward pass that gives both outputs."""
+    deadline = time.monotonic() + settings.request_timeout_s
+    request.state.model_version = model.version  # for the request log's row
+    if request.app.state.shutdown_deadline is not None:
+        raise shutting_down()  # a request that arrives after SIGTERM (on a connection already open) joins no queue
+    # Refusals that need no body, so none is read: a window this server saw full, a queue with no room at all.
+    if (known_full := limiter.known_full(key.id, key.rate_limit, key.window_s)) is not None:
+        refuse_if_full(request, key, known_full)
+    if not batcher.has_room():
+        raise overloaded(settings.max_queue)
+    to_classify = await read_classify_request(request, key, settings, limiter, schema)
+    try:
+        with batcher.reserve(len(to_classify.sources)):  # before charging: a full server does not use up the limit
+            await charge(request, key, limiter, len(to_classify.sources))
+            started = time.perf_counter()
+            images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
+                                         settings.max_image_pixels)
+            add_timing(request, "decode", started)
+            answers = await infer(request, batcher, images, deadline)
+    except Overloaded:
+        raise overloaded(settings.max_queue) from None
+    request.state.timings["queue"] = max(answer.queue_ms for answer in answers)
+    request.state.timings["model"] = max(answer.model_ms for answer in answers)
+    request.state.model_name = model.spec.name  # for the request's line in the server log
+    request.state.batch_size = max(answer.batch_size for answer in answers)
+    return to_classify, answers
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
@@ -261,7 +304,7 @@ router = APIRouter()
                  "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})
 async def classify(request: Request, response: Response, key: CurrentKey, settings: SettingsDep, limiter: LimiterDep,
                    batcher: BatcherDep, model: ModelDep) -> Classification | MultiClassification:
-    """Classify images: each one's `top_k` most likely ImageNet labels, most likely first.
+    """Classify images: each one's `top_k` most likely labels (ImageNet's, or the model's own), most likely first.
 
     Send `{"image": "<base64>", "top_k": 5}`, or `{"images": ["<base64>", ...]}` for several, or
     multipart/form-data with the file in a `file` part and an optional `top_k` part, with
@@ -269,36 +312,46 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
     admitted), even if one then turns out corrupt; a request whose body is refused counts one. Answers carry
     the rate-limit headers.
     """
-    deadline = time.monotonic() + settings.request_timeout_s
-    if request.app.state.shutdown_deadline is not None:
-        raise shutting_down()  # a request that arrives after SIGTERM (on a connection already open) joins no queue
-    # Refusals that need no body, so none is read: a window this server saw full, a queue with no room at all.
-    if (known_full := limiter.known_full(key.id, key.rate_limit, key.window_s)) is not None:
-        refuse_if_full(request, key, known_full)
-    if not batcher.has_room():
-        raise overloaded(settings.max_queue)
-    to_classify = await read_classify_request(request, key, settings, limiter)
-    try:
-        with batcher.reserve(len(to_classify.sources)):  # before charging: a full server does not use up the limit
-            await charge(request, key, limiter, len(to_classify.sources))
-            started = time.perf_counter()
-            images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
-                                         settings.max_image_pixels)
-            add_timing(request, "decode", started)
-            answers = await infer(request, batcher, images, deadline)
-    except Overloaded:
-        raise overloaded(settings.max_queue) from None
+    to_classify, answers = await run_images(request, key, settings, limiter, batcher, model, ClassifyRequest)
     response.headers.update(request.state.rate_limit_headers)
-    request.state.timings["queue"] = max(answer.queue_ms for answer in answers)
-    request.state.timings["model"] = max(answer.model_ms for answer in answers)
-    request.state.model_name = model.spec.name  # for the request's line in the server log
-    request.state.batch_size = max(answer.batch_size for answer in answers)
     results = [ImageResult(predictions=top_predictions(answer.probabilities, model.spec.labels, to_classify.top_k),
                            inference_ms=round(answer.model_ms, 2), batch_size=answer.batch_size) for answer in answers]
     response_id = f"clf_{uuid.uuid4().hex}"
     if to_classify.is_list:
-        return MultiClassification(id=response_id, model=model.spec.name, results=results)
-    return Classification(id=response_id, model=model.spec.name, **results[0].model_dump())
+        return MultiClassification(id=response_id, model=model.spec.name, model_version=model.version, results=results)
+    return Classification(id=response_id, model=model.spec.name, model_version=model.version,
+                          **results[0].model_dump())
+
+
+@router.post("/v1/embeddings", response_model=Embeddings, tags=["embeddings"],
+             responses={s: ERRORS[s] for s in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": EmbeddingsRequest.model_json_schema()},
+                 "multipart/form-data": {"schema": EMBEDDINGS_MULTIPART_SCHEMA}}}})
+async def embeddings(request: Request, response: Response, key: CurrentKey, settings: SettingsDep,
+                     limiter: LimiterDep, batcher: BatcherDep, model: ModelDep) -> Embeddings:
+    """Embed images: each one's vector (the input of the model's final classification layer), of length 1.
+
+    The same bodies as /v1/classify, with `encoding_format` (`float` or `base64`) instead of `top_k`; the same
+    forward pass, limits, batching and errors. Near images have a dot product near 1.
+    """
+    if model.embedding_dimensions is None:
+        request.state.model_version = model.version
+        fix = ("its operator must name the ONNX graph's embedding output with MODEL_EMBEDDING_OUTPUT"
+               if model.onnx is not None else "its final layer is not a linear layer whose input could be one")
+        raise ApiError(400, "embeddings_unavailable", f"This server's model ({model.spec.name}) gives no "
+                                                      f"embeddings: {fix}.")
+    to_embed, answers = await run_images(request, key, settings, limiter, batcher, model, EmbeddingsRequest)
+    response.headers.update(request.state.rate_limit_headers)
+    vectors = unit_vectors(np.stack([answer.embedding for answer in answers]))  # (B, D)
+    if to_embed.encoding_format == "base64":
+        encoded: list[list[float] | str] = [base64.b64encode(vector.astype("<f4").tobytes()).decode()
+                                            for vector in vectors]
+    else:
+        encoded = vectors.tolist()
+    return Embeddings(id=f"emb_{uuid.uuid4().hex}", model=model.spec.name, model_version=model.version,
+                      dimensions=model.embedding_dimensions,
+                      data=[Embedding(index=index, embedding=vector) for index, vector in enumerate(encoded)])
 
 
 @router.get("/", include_in_schema=False)
@@ -320,8 +373,11 @@ async def usage(key: CurrentKey, session: SessionDep, limiter: LimiterDep,
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"], responses={s: ERRORS[s] for s in (401, 500, 503)})
 async def models(_: CurrentKey, model: ModelDep, batcher: BatcherDep) -> ModelList:
-    """The model this server runs, where its weights came from, and what runs it."""
-    return ModelList(data=[ModelInfo(id=model.spec.name, labels=len(model.spec.labels), input_size=model.spec.crop,
+    """The model this server runs: version, labels, preprocessing, where its weights came from, what runs it."""
+    return ModelList(data=[ModelInfo(id=model.spec.name, version=model.version, labels=len(model.spec.labels),
+                                     input_size=model.spec.crop,
+                                     preprocessing=Preprocessing(**model.spec.preprocessing()),
+                                     embedding_dimensions=model.embedding_dimensions,
                                      weights_source=model.weights_source, fallback_reason=model.fallback_reason,
                                      backend=batcher.backend.name, precision=batcher.backend.precision,
                                      max_batch=batcher.max_batch)])

@@ -1,8 +1,10 @@
-"""The /v1/classify body: read under its limits, parsed (JSON or multipart), and decoded into model inputs.
+"""The /v1/classify (and /v1/embeddings) body: read under its limits, parsed (JSON or multipart), and decoded
+into model inputs.
 
     read_body               413 past MAX_BODY_BYTES (declared or streamed), 408 past BODY_TIMEOUT_S
     parse_classify_request  JSON {"image"} / {"images"} or a multipart `file` -> ImagesToClassify; 422 otherwise
-                            (and before parsing, for JSON with more values than a valid body can hold)
+                            (the route's schema says which options come with the images; before parsing, a
+                            422 for JSON with more values than a valid body can hold)
     decode_images           base64 -> Pillow -> (224, 224, 3) uint8 per image, in the decoding threads
 """
 
@@ -20,8 +22,8 @@ from starlette.requests import ClientDisconnect
 from errors import ApiError
 from images import decode_base64, decode_for_model
 from inference import ModelSpec, preprocess
-from schemas import MAX_IMAGES, ClassifyRequest
-from uploads import is_multipart, parse_multipart
+from schemas import MAX_IMAGES, ClassifyRequest, EncodingFormat, ImagesRequest
+from uploads import DEFAULT_TOP_K, is_multipart, parse_multipart
 
 # pydantic builds a body's whole JSON tree before it meets a field it forbids or a list over its cap, at about
 # 50 bytes a value (a GB for 20 MB of `{},`), so a body is first checked to hold no more values than a valid one
@@ -54,21 +56,24 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
 @dataclass
 class ImagesToClassify:
     sources: list[str | bytes]  # base64 text from JSON, or a multipart file's bytes
-    top_k: int
     is_list: bool  # sent as "images": answered as a list, and errors name the image
+    top_k: int = DEFAULT_TOP_K  # /v1/classify's option
+    encoding_format: EncodingFormat = "float"  # /v1/embeddings' option
 
 
-def parse_classify_request(body: bytes, content_type: str) -> ImagesToClassify:
-    """The JSON (or multipart) body, validated; 422 in FastAPI's shape if it is not a ClassifyRequest."""
+def parse_classify_request(body: bytes, content_type: str,
+                           schema: type[ImagesRequest] = ClassifyRequest) -> ImagesToClassify:
+    """The JSON (or multipart) body, validated; 422 in FastAPI's shape if it is not a `schema`."""
     if is_multipart(content_type):
-        data, top_k = parse_multipart(body, content_type)
-        return ImagesToClassify([data], top_k, is_list=False)
+        data, options = parse_multipart(body, content_type, schema.option_names())
+        return ImagesToClassify([data], is_list=False, **options)  # type: ignore[arg-type]
     check_json_size(body)
     try:
-        classify_request = ClassifyRequest.model_validate_json(body)
+        parsed = schema.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) from None
-    return ImagesToClassify(classify_request.all_images, classify_request.top_k, is_list=classify_request.images is not None)
+    options = parsed.options()
+    return ImagesToClassify(parsed.all_images, is_list=parsed.images is not None, **options)  # type: ignore[arg-type]
 
 
 def check_json_size(body: bytes) -> None:

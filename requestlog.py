@@ -203,7 +203,7 @@ class RequestLogMiddleware:
         row = {"key_id": state.get("key_id"), "endpoint": endpoint(scope["path"]), "method": scope["method"][:8],
                "status_code": status_code, "latency_ms": (time.perf_counter() - started) * 1000,
                "created_at_ms": now_ms(), "error_code": state.get("error_code"),
-               "request_id": state.get("request_id")}
+               "request_id": state.get("request_id"), "model_version": state.get("model_version")}
         try:
             await writer.write(row)
         except Exception as exc:

@@ -6,15 +6,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TOP_K = 20
 MAX_IMAGES = 256  # the most MAX_IMAGES_PER_REQUEST may be; the schema stops at it, before validating every item
-WeightsSource = Literal["file", "cache", "download", "fallback package"]
+WeightsSource = Literal["file", "cache", "download", "fallback package", "onnx file"]
 BUCKET_WIDTHS_S = {"1m": 60, "1h": 3600, "1d": 86400}
+EncodingFormat = Literal["float", "base64"]
 MAX_UNIX_TIME_S = 32_503_680_000  # year 3000: keeps millisecond times inside a 64-bit integer
+
+MODEL_VERSION = "MODEL_VERSION, or the first 12 hex digits of the SHA-256 of the weights (or ONNX) file."
 
 ONE_PIXEL_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
 
-class ClassifyRequest(BaseModel):
-    """`image` for one image, or `images` for several (answered in order); exactly one of the two."""
+class ImagesRequest(BaseModel):
+    """What /v1/classify and /v1/embeddings both take: the images, and the options of each (the subclasses)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -25,10 +28,9 @@ class ClassifyRequest(BaseModel):
     images: list[str] | None = Field(
         None, min_length=1, max_length=MAX_IMAGES, description="Several images, each as `image`; up to MAX_IMAGES_PER_REQUEST, and each "
                                         "counts one request against the rate limit.")
-    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="How many labels to return, most likely first.")
 
     @model_validator(mode="after")
-    def one_of_image_or_images(self) -> "ClassifyRequest":
+    def one_of_image_or_images(self) -> "ImagesRequest":
         if (self.image is None) == (self.images is None):
             raise ValueError('send exactly one of "image" (one base64 image) or "images" (a list of them)')
         return self
@@ -37,10 +39,31 @@ class ClassifyRequest(BaseModel):
     def all_images(self) -> list[str]:
         return [self.image] if self.image is not None else self.images or []
 
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The fields besides the images (a multipart form's other parts)."""
+        return tuple(name for name in cls.model_fields if name not in ("image", "images"))
+
+    def options(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.option_names()}
+
+
+class ClassifyRequest(ImagesRequest):
+    """`image` for one image, or `images` for several (answered in order); exactly one of the two."""
+
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="How many labels to return, most likely first.")
+
+
+class EmbeddingsRequest(ImagesRequest):
+    """`image` for one image, or `images` for several (answered in order); exactly one of the two."""
+
+    encoding_format: EncodingFormat = Field("float", description="`float`: each embedding as a list of numbers; "
+                                            "`base64`: as the base64 of its little-endian float32 bytes.")
+
 
 class Prediction(BaseModel):
     label: str = Field(examples=["tabby"])
-    class_id: int = Field(examples=[281], description="ImageNet class index, 0..999.")
+    class_id: int = Field(examples=[281], description="The class's index in the model's labels (ImageNet: 0..999).")
     confidence: float = Field(ge=0, le=1, examples=[0.83])
 
 
@@ -55,6 +78,7 @@ class AnswerHead(BaseModel):
 
     id: str = Field(examples=["clf_5f2b0c9e8d7a4b1c9e0f3a2d"])
     model: str = Field(examples=["resnet18"], description="The model that answered.")
+    model_version: str = Field(examples=["f37072fd47e8"], description=MODEL_VERSION)
 
 
 # Pydantic puts the last base's fields first: id and model, then the image's result, as in MultiClassification.
@@ -66,6 +90,24 @@ class MultiClassification(AnswerHead):
     """The answer to `{"images": [...]}`: one result per image, in the order sent."""
 
     results: list[ImageResult]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int = Field(description="The image's place in the request (0 for `image`).")
+    embedding: list[float] | str = Field(description="Unit length (L2-normalised): the dot product of two is their "
+                                                     "cosine similarity. A string with `encoding_format: base64`.")
+
+
+class Embeddings(BaseModel):
+    """The answer to /v1/embeddings: one vector per image, in the order sent."""
+
+    object: Literal["list"] = "list"
+    id: str = Field(examples=["emb_5f2b0c9e8d7a4b1c9e0f3a2d"])
+    model: str = Field(examples=["resnet18"])
+    model_version: str = Field(examples=["f37072fd47e8"], description=MODEL_VERSION)
+    dimensions: int = Field(examples=[512], description="Each embedding's length.")
+    data: list[Embedding]
 
 
 class UsageBucket(BaseModel):
@@ -92,12 +134,24 @@ class Usage(BaseModel):
     buckets: list[UsageBucket] | None = Field(None, description="Per-bucket counts, when bucket_width is given.")
 
 
+class Preprocessing(BaseModel):
+    resize: int = Field(examples=[256], description="The shorter side is scaled to this, ...")
+    crop: int = Field(examples=[224], description="... then the centre square of this side is taken.")
+    mean: list[float] = Field(examples=[[0.485, 0.456, 0.406]], description="Per channel (RGB), on 0..1 pixels.")
+    std: list[float] = Field(examples=[[0.229, 0.224, 0.225]])
+    interpolation: Literal["bilinear", "bicubic"]
+
+
 class ModelInfo(BaseModel):
     id: str = Field(examples=["resnet18"])
     object: Literal["model"] = "model"
-    labels: int = Field(examples=[1000])
+    version: str = Field(examples=["f37072fd47e8"], description=MODEL_VERSION)
+    labels: int = Field(examples=[1000], description="How many classes it tells apart.")
     input_size: int = Field(examples=[224], description="Side of the square input, in pixels.")
-    weights_source: WeightsSource
+    preprocessing: Preprocessing
+    embedding_dimensions: int | None = Field(examples=[512], description="The length of /v1/embeddings' vectors; "
+                                             "null if this model gives none.")
+    weights_source: WeightsSource = Field(description="Where the weights came from.")
     fallback_reason: str | None = Field(None, description="Why the server is not running the model it was asked for.")
     backend: Literal["onnxruntime", "torch"] = Field(description="What runs the forward pass.")
     precision: Literal["fp32", "int8"]

@@ -7,14 +7,13 @@ Tests build their own `Settings(...)` or start a server with other env vars; not
 import importlib.util
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas import MAX_IMAGES
 
-ModelName = Literal["resnet18", "efficientnet_lite0"]
 BackendName = Literal["onnxruntime", "torch"]
 Precision = Literal["fp32", "int8"]
 
@@ -42,19 +41,40 @@ class Settings(BaseSettings):
     # How long a database (or Redis) call may wait for a lock, a connection or a pooled connection before a 503.
     db_timeout_s: float = Field(10.0, gt=0)
 
-    # The model that answers. resnet18 falls back to efficientnet_lite0 when its weights cannot be had.
-    model_name: ModelName = "resnet18"
-    # A ResNet-18 state_dict or training checkpoint on disk; tried before torchvision's cache and download.
+    # The model that answers: any torchvision classification architecture (resnet50, mobilenet_v3_small, vit_b_16...)
+    # or efficientnet_lite0; checked at start-up, which lists the valid names. Falls back to efficientnet_lite0
+    # when the architecture's weights cannot be had.
+    model_name: str = "resnet18"
+    # MODEL_NAME's weights on disk (state_dict or training checkpoint), tried before torchvision's cache and download;
+    # the final layer may have any number of classes.
     model_weights: Path | None = None
-    # When false, missing ResNet-18 weights stop the server instead of switching to EfficientNet-Lite0.
+    # The classes' names: one per line, a JSON list, or a JSON object from index to label. Default: ImageNet's 1000.
+    model_labels: Path | None = None
+    # When false, missing weights stop the server instead of switching to EfficientNet-Lite0.
     model_fallback: bool = True
+    # An ONNX classifier trained anywhere, served instead of MODEL_NAME: float32 (B, 3, H, W) in, (B, N) out.
+    model_onnx: Path | None = None
+    # MODEL_ONNX's preprocessing: the shorter side scaled to MODEL_RESIZE, the centre MODEL_CROP square taken,
+    # then (pixel / 255 - mean) / std per channel (RGB).
+    model_resize: int = Field(256, ge=1, le=4096)
+    model_crop: int = Field(224, ge=1, le=4096)
+    model_mean: Annotated[tuple[float, float, float], NoDecode] = (0.485, 0.456, 0.406)
+    model_std: Annotated[tuple[float, float, float], NoDecode] = (0.229, 0.224, 0.225)
+    model_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # What MODEL_ONNX's class output holds: logits (the server applies softmax) or probabilities.
+    model_output: Literal["logits", "probabilities"] = "logits"
+    # The MODEL_ONNX output that /v1/embeddings answers with (e.g. the pooled features before the last layer).
+    model_embedding_output: str | None = None
+    # Named in every answer; by default the first 12 hex digits of the weights (or ONNX) file's SHA-256.
+    model_version: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")
     # Where the forward pass runs; onnxruntime (the default when installed) runs a graph exported from the weights.
     inference_backend: BackendName = Field(default_factory=default_backend)
     # int8 (ONNX Runtime only): statically quantized, faster, and not quite the same answers (see the README).
     inference_precision: Precision = "fp32"
     # The model's threads: one forward pass at a time, on all the cores.
     inference_threads: int = Field(default_factory=usable_cores, ge=1)
-    # Exported ONNX graphs, named by the weights' hash so a restart reuses them.
+    # Exported ONNX graphs, named by a hash of what they hold (weights, architecture, preprocessing), so a restart
+    # reuses them.
     model_cache_dir: Path = Path.home() / ".cache" / "classify"
     # A forward pass takes up to max_batch waiting images, and waits up to batch_wait_ms for more once it has one.
     max_batch: int = Field(8, ge=1, le=256)
@@ -107,6 +127,24 @@ class Settings(BaseSettings):
         if not value.startswith(("sqlite:", "sqlite+aiosqlite:", "postgresql:", "postgresql+psycopg:")):
             raise ValueError("DATABASE_URL must be sqlite:///path.db or postgresql+psycopg://user:password@host/dbname")
         return value
+
+    @field_validator("model_mean", "model_std", mode="before")
+    @classmethod
+    def comma_separated(cls, value: object) -> object:
+        return tuple(part.strip() for part in value.split(",")) if isinstance(value, str) else value
+
+    @field_validator("model_std")
+    @classmethod
+    def positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError("MODEL_STD must be three positive numbers, e.g. 0.229,0.224,0.225")
+        return value
+
+    @model_validator(mode="after")
+    def crop_inside_resize(self) -> "Settings":
+        if self.model_crop > self.model_resize:
+            raise ValueError("MODEL_CROP must be at most MODEL_RESIZE: the crop is taken from the resized image")
+        return self
 
     @field_validator("redis_url")
     @classmethod

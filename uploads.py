@@ -1,4 +1,5 @@
-"""multipart/form-data bodies for /v1/classify: the `file` part's bytes and an optional `top_k` field.
+"""multipart/form-data bodies for /v1/classify and /v1/embeddings: the `file` part's bytes and the route's optional
+small fields (`top_k`; `encoding_format`).
 
     $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -F file=@cat.jpg -F top_k=3
 
@@ -17,23 +18,28 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from errors import ApiError
 from schemas import MAX_TOP_K, ClassifyRequest
 
-FIELDS = ("file", "top_k")
-MAX_PARTS = len(FIELDS)
 MAX_HEADERS_PER_PART = 4  # Content-Disposition, Content-Type, and room for a client's extra one or two
 MAX_HEADER_BYTES = 1024  # one header line; a filename longer than this is no filename
 DEFAULT_TOP_K: int = ClassifyRequest.model_fields["top_k"].default
-MAX_TOP_K_BYTES = 8  # "20" with room for whitespace; a megabyte "number" is refused while it arrives
+MAX_FIELD_BYTES = 16  # "20" or "base64" with room for whitespace; a megabyte "number" is refused while it arrives
 BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")  # RFC 2046's bchars
 
 # Both request bodies, as /openapi.json shows them; the route puts this beside the JSON one.
+FILE_SCHEMA = {"type": "string", "format": "binary", "description": "The image file, as it is on disk."}
 MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["file"],
     "properties": {
-        "file": {"type": "string", "format": "binary", "description": "The image file, as it is on disk."},
+        "file": FILE_SCHEMA,
         "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": DEFAULT_TOP_K,
                   "description": "How many labels to return, most likely first."},
     },
+}
+EMBEDDINGS_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {"file": FILE_SCHEMA, "encoding_format": {"type": "string", "enum": ["float", "base64"],
+                                                            "default": "float"}},
 }
 
 
@@ -59,9 +65,12 @@ def multipart_boundary(content_type: str) -> bytes:
 
 
 class FormCollector:
-    """The parser's callbacks: keeps `file` and `top_k`, refuses anything else as soon as its name is known."""
+    """The parser's callbacks: keeps `file` and the route's `options`, refuses anything else as soon as its name is
+    known."""
 
-    def __init__(self) -> None:
+    def __init__(self, options: tuple[str, ...]) -> None:
+        self.fields = ("file", *options)
+        self.expected = " and optionally ".join(f"`{name}`" for name in self.fields)
         self.values: dict[str, list[bytes]] = {}  # chunks: a file that arrives whole is never copied again
         self.parts = 0
         self.is_complete = False
@@ -71,8 +80,8 @@ class FormCollector:
 
     def on_part_begin(self) -> None:
         self.parts += 1
-        if self.parts > MAX_PARTS:
-            raise invalid(f"send at most {MAX_PARTS} parts: `file` and optionally `top_k`")
+        if self.parts > len(self.fields):
+            raise invalid(f"send at most {len(self.fields)} parts: {self.expected}")
         self.current = None
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
@@ -89,8 +98,9 @@ class FormCollector:
             name = options.get(b"name", b"").decode("latin-1")
             if disposition != b"form-data" or not name:
                 raise invalid("each part needs `Content-Disposition: form-data; name=\"...\"`")
-            if name not in FIELDS:
-                raise invalid(f"unknown field `{name[:40]}`: send `file` (the image) and optionally `top_k`")
+            if name not in self.fields:
+                expected = self.expected.replace("`file`", "`file` (the image)", 1)
+                raise invalid(f"unknown field `{name[:40]}`: send {expected}")
             if name in self.values:
                 raise invalid(f"`{name}` is sent twice: send one image per request")
             self.current = name
@@ -106,17 +116,19 @@ class FormCollector:
         assert self.current is not None
         chunks = self.values[self.current]
         chunks.append(data[start:end])
-        if self.current == "top_k" and sum(map(len, chunks)) > MAX_TOP_K_BYTES:
-            raise invalid(f"`top_k` must be a whole number from 1 to {MAX_TOP_K}")
+        if self.current != "file" and sum(map(len, chunks)) > MAX_FIELD_BYTES:
+            raise invalid(OPTION_RULES[self.current])
 
     def on_end(self) -> None:
         self.is_complete = True
 
 
-def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, int]:
-    """(the image's bytes, top_k) from a multipart/form-data body; 4xx `ApiError` for anything else."""
+def parse_multipart(body: bytes, content_type: str,
+                    options: tuple[str, ...] = ("top_k",)) -> tuple[bytes, dict[str, object]]:
+    """(the image's bytes, the `options` sent, parsed) from a multipart/form-data body; 4xx `ApiError` for anything
+    else."""
     boundary = multipart_boundary(content_type)
-    form = FormCollector()
+    form = FormCollector(options)
     callbacks = {name: getattr(form, name) for name in (
         "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
         "on_part_data", "on_end")}
@@ -136,12 +148,23 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[bytes, int]:
     image = b"".join(form.values["file"])
     if not image:
         raise ApiError(400, "empty_image", "The `file` part is empty: attach the image file's bytes.")
-    top_k = form.values.get("top_k")
-    return image, DEFAULT_TOP_K if top_k is None else parse_top_k(b"".join(top_k))
+    return image, {name: OPTION_PARSERS[name](b"".join(form.values[name])) for name in options if name in form.values}
 
 
 def parse_top_k(raw: bytes) -> int:
     text = raw.decode("ascii", errors="replace").strip()
     if not text.isdigit() or not 1 <= int(text) <= MAX_TOP_K:
-        raise invalid(f"`top_k` must be a whole number from 1 to {MAX_TOP_K}, not {text[:20]!r}")
+        raise invalid(f"{OPTION_RULES['top_k']}, not {text[:20]!r}")
     return int(text)
+
+
+def parse_encoding_format(raw: bytes) -> str:
+    text = raw.decode("ascii", errors="replace").strip()
+    if text not in ("float", "base64"):
+        raise invalid(f"{OPTION_RULES['encoding_format']}, not {text[:20]!r}")
+    return text
+
+
+OPTION_PARSERS = {"top_k": parse_top_k, "encoding_format": parse_encoding_format}
+OPTION_RULES = {"top_k": f"`top_k` must be a whole number from 1 to {MAX_TOP_K}",
+                "encoding_format": "`encoding_format` must be `float` or `base64`"}

@@ -4,13 +4,15 @@
 
 1. raw torch eager, batch 1 and 8 (images/s), on all cores;
 2. raw ONNX Runtime fp32, batch 1 and 8, and int8 batch 1: the graphs the server runs, exported the same way;
+   1 and 2 for MobileNetV3-Small too (MODEL_NAME=mobilenet_v3_small), the small box's model;
 3. the server end to end (auth, limit, log, decode, batching, model) with `wrk`: 8 connections posting skimage's
    chelsea.png as a 451x300 JPEG in base64 for --seconds, while a probe reads /v1/usage every 50 ms; then 32
    connections (4x overload); then 8 connections on the int8 graph;
 4. ratios inside this run (server / raw ORT fp32 batch 1, server / raw torch), which mean something across
    machines where absolute figures do not; and where each request's time went, from its Server-Timing header.
 
-ResNet-18 has random weights here (a file this script saves): the speed is the same as trained weights'.
+ResNet-18 and MobileNetV3-Small have random weights here (ResNet-18's saved to a file for the server): the speed is
+the same as trained weights'.
 Needs `wrk` (Debian: apt-get install wrk). Prints tables and writes the same to bench/results/latest.json.
 """
 
@@ -43,7 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from backends import Backend, OnnxBackend, TorchBackend, onnx_file, photo_inputs  # noqa: E402
 from conftest import Server, make_key, photo  # noqa: E402  (the tests' real-server harness)
 from images import decode_base64  # noqa: E402
-from inference import SPECS, LoadedModel, load_efficientnet_lite0, preprocess  # noqa: E402
+from inference import LoadedModel, from_network, load_efficientnet_lite0, preprocess, torchvision_spec  # noqa: E402
 from schemas import ClassifyRequest  # noqa: E402
 from settings import Settings, usable_cores  # noqa: E402
 
@@ -59,6 +61,16 @@ def images_per_second(backend: Backend, batch: int, seconds: float) -> float:
         backend.run(x)
         done += batch
     return done / (time.perf_counter() - started)
+
+
+def raw_figures(model: LoadedModel, threads: int, seconds: float, cache_dir: Path) -> dict[str, float]:
+    """images/s of the model alone: torch eager and ONNX Runtime fp32 at batch 1 and 8, int8 at batch 1."""
+    figures = {"torch_b1": images_per_second(TorchBackend(model, threads), 1, seconds),
+               "torch_b8": images_per_second(TorchBackend(model, threads), 8, seconds)}
+    fp32 = OnnxBackend(onnx_file(model, "fp32", cache_dir), "fp32", threads)
+    int8 = OnnxBackend(onnx_file(model, "int8", cache_dir), "int8", threads)
+    return {**figures, "ort_fp32_b1": images_per_second(fp32, 1, seconds),
+            "ort_fp32_b8": images_per_second(fp32, 8, seconds), "ort_int8_b1": images_per_second(int8, 1, seconds)}
 
 
 def request_path_ms(body: bytes, model: LoadedModel, repeats: int = 200) -> dict[str, float]:
@@ -105,8 +117,8 @@ def int8_agreement(cache_dir: Path, threads: int) -> dict[str, float]:
     The odd-numbered photos were never seen by the calibration; they are reported on their own too."""
     model = load_efficientnet_lite0(fallback_reason=None)
     x = np.stack(photo_inputs(model))  # (21, 224, 224, 3)
-    fp32 = OnnxBackend(onnx_file(model, "fp32", cache_dir), "fp32", threads).run(x)
-    int8 = OnnxBackend(onnx_file(model, "int8", cache_dir), "int8", threads).run(x)
+    fp32 = OnnxBackend(onnx_file(model, "fp32", cache_dir), "fp32", threads).run(x).probabilities
+    int8 = OnnxBackend(onnx_file(model, "int8", cache_dir), "int8", threads).run(x).probabilities
     top1 = fp32.argmax(1) == int8.argmax(1)
     top5 = np.array([len(set(np.argsort(a)[-5:]) & set(np.argsort(b)[-5:])) / 5 for a, b in zip(fp32, int8)])
     return {"photos": len(x), "top1_agree": int(top1.sum()), "top5_overlap": float(top5.mean()),
@@ -208,16 +220,13 @@ def main() -> None:
     network = torchvision.models.resnet18(weights=None).eval()  # random init: the same speed as trained weights
     weights = tmp / "resnet18.pth"
     torch.save(network.state_dict(), weights)
-    model = LoadedModel(SPECS["resnet18"], network, "file")
+    model = from_network(torchvision_spec("resnet18"), network, "file")
 
-    raw = {"torch_b1": images_per_second(TorchBackend(model, threads), 1, args.raw_seconds),
-           "torch_b8": images_per_second(TorchBackend(model, threads), 8, args.raw_seconds)}
-    fp32 = OnnxBackend(onnx_file(model, "fp32", tmp / "models"), "fp32", threads)
-    int8 = OnnxBackend(onnx_file(model, "int8", tmp / "models"), "int8", threads)
-    raw.update(ort_fp32_b1=images_per_second(fp32, 1, args.raw_seconds),
-               ort_fp32_b8=images_per_second(fp32, 8, args.raw_seconds),
-               ort_int8_b1=images_per_second(int8, 1, args.raw_seconds))
-    del fp32, int8
+    raw = raw_figures(model, threads, args.raw_seconds, tmp / "models")
+    torch.manual_seed(0)
+    mobilenet = from_network(torchvision_spec("mobilenet_v3_small"),
+                             torchvision.models.mobilenet_v3_small(weights=None), "file")
+    raw_mobilenet = raw_figures(mobilenet, threads, args.raw_seconds, tmp / "models")
     agreement = int8_agreement(tmp / "models", threads)
 
     jpeg = io.BytesIO()
@@ -237,7 +246,8 @@ def main() -> None:
               "int8_server_over_raw_ort_int8_b1": int8_runs[0]["goodput_per_s"] / raw["ort_int8_b1"]}
 
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **machine(),
-              "inference_threads": threads, "seconds": args.seconds, "raw_images_per_s": raw, "server": runs,
+              "inference_threads": threads, "seconds": args.seconds, "raw_images_per_s": raw,
+              "raw_images_per_s_mobilenet_v3_small": raw_mobilenet, "server": runs,
               "request_path_steps_ms": steps, "int8_agreement": agreement, "ratios": ratios}
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
@@ -252,8 +262,10 @@ def print_tables(report: dict) -> None:
           "451x300 JPEG as base64\n")
     print("| raw model (images/s) | torch b1 | torch b8 | ORT fp32 b1 | ORT fp32 b8 | ORT int8 b1 |")
     print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| ResNet-18 | {raw['torch_b1']:.1f} | {raw['torch_b8']:.1f} | {raw['ort_fp32_b1']:.1f} | "
-          f"{raw['ort_fp32_b8']:.1f} | {raw['ort_int8_b1']:.1f} |\n")
+    for name, figures in (("ResNet-18", raw), ("MobileNetV3-Small", report["raw_images_per_s_mobilenet_v3_small"])):
+        print(f"| {name} | {figures['torch_b1']:.1f} | {figures['torch_b8']:.1f} | {figures['ort_fp32_b1']:.1f} | "
+              f"{figures['ort_fp32_b8']:.1f} | {figures['ort_int8_b1']:.1f} |")
+    print()
     print("| server | clients | req/s | goodput (200/s) | p50 ms | p99 ms | non-200 | /v1/usage p50 / p99 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in report["server"]:

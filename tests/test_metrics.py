@@ -64,8 +64,8 @@ def test_metrics_count_rate_limit_refusals_and_name_the_model(server):
         model = client.get("/v1/models").json()["data"][0]
     after = scrape(server.url)
     assert value(after, "rate_limit_rejections_total") - value(before, "rate_limit_rejections_total") == 1
-    assert value(after, "model_info", model=model["id"], backend=model["backend"], precision=model["precision"],
-                 weights_source=model["weights_source"]) == 1
+    assert value(after, "model_info", model=model["id"], version=model["version"], backend=model["backend"],
+                 precision=model["precision"], weights_source=model["weights_source"]) == 1
 
 
 def test_metrics_can_be_turned_off(start_server):

@@ -8,6 +8,7 @@ import torchvision
 
 from conftest import b64, make_key, photo_path
 from inference import ModelLoadError, load_model
+from settings import Settings
 
 NO_DOWNLOAD = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}  # refused at once, online or not
 
@@ -51,9 +52,9 @@ def test_weights_files_in_the_usual_shapes_load(tmp_path, resnet18_state_dict, p
         "whole module": network,
     }[packaging]
     torch.save(saved, tmp_path / "weights.pth")
-    loaded = load_model("resnet18", tmp_path / "weights.pth", allow_fallback=False)
+    loaded = load_model(Settings(model_name="resnet18", model_weights=tmp_path / "weights.pth", model_fallback=False))
     assert (loaded.spec.name, loaded.weights_source) == ("resnet18", "file")
-    assert torch.equal(loaded.network.fc.weight, resnet18_state_dict["fc.weight"])
+    assert torch.equal(loaded.head.weight, resnet18_state_dict["fc.weight"])
 
 
 @pytest.mark.parametrize("content", ["missing", "text", "other architecture", "empty dict"])
@@ -66,23 +67,24 @@ def test_a_wrong_weights_file_is_an_error_naming_it(tmp_path, content):
     elif content == "empty dict":
         torch.save({}, path)
     with pytest.raises(ModelLoadError, match=f"MODEL_WEIGHTS={path}"):
-        load_model("resnet18", path, allow_fallback=True)  # a wrong file is never papered over by the fallback
+        # A wrong file is never papered over by the fallback.
+        load_model(Settings(model_name="resnet18", model_weights=path, model_fallback=True))
 
 
 def test_torchvision_cache_is_used_before_the_download(offline, resnet18_state_dict):
     checkpoint = offline / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     checkpoint.parent.mkdir(parents=True)
     torch.save(resnet18_state_dict, checkpoint)
-    loaded = load_model("resnet18", None, allow_fallback=False)
+    loaded = load_model(Settings(model_name="resnet18", model_fallback=False))
     assert (loaded.spec.name, loaded.weights_source) == ("resnet18", "cache")
 
 
 def test_no_weights_anywhere_falls_back_or_stops(offline):
-    loaded = load_model("resnet18", None, allow_fallback=True)
+    loaded = load_model(Settings(model_name="resnet18", model_fallback=True))
     assert (loaded.spec.name, loaded.weights_source) == ("efficientnet_lite0", "fallback package")
     assert "download" in loaded.fallback_reason
     with pytest.raises(ModelLoadError, match="MODEL_FALLBACK=false"):
-        load_model("resnet18", None, allow_fallback=False)
+        load_model(Settings(model_name="resnet18", model_fallback=False))
 
 
 def test_server_falls_back_loudly_and_says_so_in_every_answer(start_server, tmp_path):
@@ -92,7 +94,7 @@ def test_server_falls_back_loudly_and_says_so_in_every_answer(start_server, tmp_
         [model] = client.get("/v1/models").json()["data"]
         result = client.post("/v1/classify", json={"image": b64(photo_path("chelsea.png").read_bytes())}).json()
     assert model["id"] == "efficientnet_lite0" and model["weights_source"] == "fallback package"
-    assert "ResNet-18 weights unavailable" in model["fallback_reason"]
+    assert "resnet18 weights unavailable" in model["fallback_reason"]
     assert result["model"] == "efficientnet_lite0"
     assert result["predictions"][0]["label"] in {"tiger cat", "tabby", "Egyptian cat"}
 
