@@ -39,8 +39,8 @@ def test_cat_photo_is_a_cat(api, cat_png):
 def test_one_image_and_several_answer_with_id_and_model_first_in_the_same_order(api, cat_png):
     one = api.post("/v1/classify", json={"image": b64(cat_png)})
     several = api.post("/v1/classify", json={"images": [b64(cat_png)] * 2})
-    assert list(one.json()) == ["id", "model", "predictions", "inference_ms", "batch_size"]
-    assert list(several.json()) == ["id", "model", "results"]
+    assert list(one.json()) == ["id", "model", "model_version", "predictions", "inference_ms", "batch_size"]
+    assert list(several.json()) == ["id", "model", "model_version", "results"]
     assert list(several.json()["results"][0]) == ["predictions", "inference_ms", "batch_size"]
 
 
