@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import os
+import re
 import select
 import signal
 import socket
@@ -39,6 +40,8 @@ CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"
 START_TIMEOUT_S = 120
 MODEL_CACHE = ROOT / ".cache" / "test-models"  # exported ONNX graphs, kept between runs like a user's cache
 ONE_MEGABYTE = 1024 * 1024
+# The HTTP protocol `make run` serves with (http_protocol.py), read from the Makefile: the tests run what users run.
+HTTP_PROTOCOL = re.search(r"--http (\S+)", (ROOT / "Makefile").read_text()).group(1)
 
 
 def photo_path(name: str) -> Path:
@@ -117,7 +120,8 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Server":
-        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "uvicorn", "main:app", "--http", HTTP_PROTOCOL, "--host", "127.0.0.1",
+                   "--port", str(self.port)]
         if self.workers > 1:
             command += ["--workers", str(self.workers)]
         with open(self.log_path, "ab") as log:
