@@ -139,6 +139,9 @@ class Batcher:
         for pending in pendings:
             self.queue.put_nowait(pending)
         answers = asyncio.gather(*(pending.future for pending in pendings))
+        # A caller that goes away (its client hung up) leaves this failed with CancelledError and unread: read, it
+        # is not logged as a lost exception, an ERROR line for every cancellation.
+        answers.add_done_callback(_read_outcome)
         try:
             try:
                 async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
@@ -237,6 +240,11 @@ class Batcher:
             pending = self.queue.get_nowait()
             if not pending.future.done():
                 pending.future.set_exception(InferenceFailed("the server stopped before the forward pass"))
+
+
+def _read_outcome(future: asyncio.Future[list[Answer]]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _log_if_failed(worker: asyncio.Task[None]) -> None:
