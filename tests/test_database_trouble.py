@@ -82,3 +82,32 @@ def test_a_full_disk_is_503_and_clears_when_space_is_freed(small_filesystem, sta
         assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
     assert "Traceback" not in running.log()
 
+
+
+def test_a_backup_copied_over_the_database_is_what_comes_back(start_server, tmp_path):
+    """`rm classify.db; cp backup.db classify.db` while the server runs: the deleted file's -wal and -shm stay at
+    their paths, and SQLite applied that -wal to the backup (26 rows came back where 21 were due)."""
+    running = start_server()
+    key = make_key(running.database_url)
+    path = Path(running.database_url.removeprefix("sqlite:///"))
+    backup = tmp_path / "backup.db"
+    with running.client(key) as client:
+        for _ in range(3):
+            assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        with sqlite3.connect(path) as source, sqlite3.connect(backup) as copy:
+            source.backup(copy)
+        for _ in range(5):  # after the backup: lost with the file
+            assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        assert Path(f"{path}-wal").exists()
+        path.unlink()  # the -wal and -shm stay, as they do when only the database file is removed
+        assert_unavailable(client.post("/v1/classify", json={"image": ONE_PIXEL}))
+        shutil.copy(backup, path)
+        for _ in range(2):
+            assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        usage = client.get("/v1/usage").json()
+        assert (usage["total_requests"], usage["successful_requests"]) == (3 + 2, 3 + 2)
+        assert client.get("/readyz").status_code == 200
+    with sqlite3.connect(path) as database:
+        assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert list(path.parent.glob(f"{path.name}-wal.stale-*")) and list(path.parent.glob(f"{path.name}-shm.stale-*"))
+    assert "was replaced" in running.log() and "Traceback" not in running.log()
