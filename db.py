@@ -1,5 +1,5 @@
-"""The database: three tables (keys, the request log, the rate limiter's window), the async engine on SQLite
-(aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to Alembic's head.
+"""The database: four tables (keys, the request log, the rate limiter's window, readiness's one row), the
+async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to Alembic's head.
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
 integer division in every SQL dialect.
@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from alembic import command
 from alembic.config import Config
 from fastapi import Depends, Request
-from sqlalchemy import BigInteger, Connection, ForeignKey, Index, Integer, String, event, inspect, select, text
+from sqlalchemy import BigInteger, Connection, ForeignKey, Index, Integer, String, event, insert, inspect, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -74,6 +74,16 @@ class RateLimitHit(Base):
     at_ms: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (Index("ix_rate_limit_hits_key_time", "key_id", "at_ms"),)
+
+
+# One row, rewritten by every /readyz: only a committed write shows that the database takes writes now (SQLite
+# writes nothing to disk for a transaction rolled back, so a full disk passes anything less). One row, so
+# the table never grows.
+class ReadinessCheck(Base):
+    __tablename__ = "readiness_check"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    checked_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 def make_engine(database_url: str, timeout_s: float, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
@@ -185,6 +195,9 @@ def _check_pre_alembic_schema(connection: Connection) -> None:
 
 
 async def ping(engine: AsyncEngine) -> None:
-    """Raises unless the database can be written now: reads alone would pass while writers are locked out."""
+    """Raises unless the database takes a write now (locked, full, read-only or unreachable: it does not), by
+    committing one: reads alone would pass while every request's log row fails."""
     async with write_transaction(engine) as connection:
-        await connection.execute(select(ApiKey.id).limit(1))
+        checked = await connection.execute(update(ReadinessCheck).values(checked_at_ms=now_ms()))
+        if checked.rowcount == 0:  # someone deleted the row
+            await connection.execute(insert(ReadinessCheck).values(id=1, checked_at_ms=now_ms()))

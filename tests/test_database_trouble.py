@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_PIXEL, assert_error, log_rows, make_key, server_env
+from conftest import ONE_PIXEL, assert_error, log_rows, make_key, query, server_env
 
 
 @pytest.fixture
@@ -78,9 +78,31 @@ def test_a_full_disk_is_503_and_clears_when_space_is_freed(small_filesystem, sta
         statuses = [client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code for _ in range(40)]
         assert set(statuses) <= {200, 503} and 503 in statuses, statuses
         assert_unavailable(client.post("/v1/classify", json={"image": ONE_PIXEL}))
+        # Not ready, so a load balancer stops sending work this host would refuse (it said ready: its check read).
+        assert_error(client.get("/readyz"), 503, "not_ready")
         filler.unlink()
+        assert client.get("/readyz").status_code == 200
         assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
     assert "Traceback" not in running.log()
+
+
+def database_size(database_url: str) -> int:
+    if database_url.startswith("sqlite"):
+        return query(database_url, "PRAGMA page_count")[0]["page_count"]
+    return query(database_url, "SELECT pg_total_relation_size('readiness_check') AS size")[0]["size"]
+
+
+def test_readiness_writes_and_the_database_does_not_grow_from_it(start_server, database_url):
+    running = start_server({"DATABASE_URL": database_url})
+    with running.client() as client:
+        assert client.get("/readyz").status_code == 200
+        size = database_size(database_url)
+        [checked] = query(database_url, "SELECT checked_at_ms FROM readiness_check")
+        for _ in range(300):
+            assert client.get("/readyz").status_code == 200
+    [checked_again] = query(database_url, "SELECT checked_at_ms FROM readiness_check")  # still one row, rewritten
+    assert checked_again["checked_at_ms"] > checked["checked_at_ms"]
+    assert database_size(database_url) <= size + 8192  # one row rewritten: at most a page more, whatever the count
 
 
 
