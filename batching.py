@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,7 +84,8 @@ def lower_priority() -> None:
 
 
 class Batcher:
-    """Owns the model's thread: requests queue their images with `infer`, inside `reserve`, and await them."""
+    """Owns the model's thread: requests take queue places (`reservation`), queue their images with `infer`, and
+    await them."""
 
     def __init__(self, backend: Backend, max_batch: int, batch_wait_ms: float, max_queue: int,
                  model_thread: ThreadPoolExecutor) -> None:
@@ -111,20 +112,28 @@ class Batcher:
         return self.accepted + image_count <= self.max_queue
 
     @contextmanager
-    def reserve(self, image_count: int) -> Iterator[None]:
-        """Room for `image_count` images until the block ends, or Overloaded now: a full queue makes no one wait."""
-        if not self.has_room(image_count):
-            raise Overloaded
-        self.accepted += image_count
-        QUEUE_DEPTH.set(self.accepted)
+    def reservation(self) -> Iterator[Callable[[int], None]]:
+        """`take(image_count)`: room for that many images until the block ends, or Overloaded at once (a full
+        queue makes no one wait). Called as the request is admitted, not before: while it waits for its
+        admission (the database's lock) it holds no place."""
+        taken = 0
+
+        def take(image_count: int) -> None:
+            nonlocal taken
+            if not self.has_room(image_count):
+                raise Overloaded
+            self.accepted += image_count
+            taken += image_count
+            QUEUE_DEPTH.set(self.accepted)
+
         try:
-            yield
+            yield take
         finally:
-            self.accepted -= image_count
+            self.accepted -= taken
             QUEUE_DEPTH.set(self.accepted)
 
     async def infer(self, images: list[np.ndarray], deadline: float) -> list[Answer]:
-        """Probabilities for each image, in order. Call inside `reserve(len(images))`.
+        """Probabilities for each image, in order. Call with room taken for them (`reservation`).
 
         Raises DeadlineExceeded if an image is still queued at `deadline` (one already in a forward pass is
         waited for: that takes one pass at most). If the caller is cancelled (its client went away), the images

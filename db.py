@@ -7,8 +7,9 @@ integer division in every SQL dialect.
 
 import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -86,22 +87,92 @@ class ReadinessCheck(Base):
     checked_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+class WaitBudget:
+    """How long a request may still wait for the database, all its transactions together: until `deadline`
+    (time.monotonic()), which moves on while the request waits for something else (`paused`)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.deadline += time.monotonic() - started
+
+
+# The budget of the request being served; tasks it starts (and SQLAlchemy's greenlets) see it too.
+wait_budget: ContextVar[WaitBudget | None] = ContextVar("database_wait_budget", default=None)
+
+
+@contextmanager
+def waiting_until(deadline: float | None) -> Iterator[WaitBudget | None]:
+    """Transactions begun in the block wait for locks until `deadline` (time.monotonic()) at most, all of them
+    together; None: each waits up to the engine's timeout, as outside requests (start-up, the CLI)."""
+    budget = WaitBudget(deadline) if deadline is not None else None
+    token = wait_budget.set(budget)
+    try:
+        yield budget
+    finally:
+        wait_budget.reset(token)
+
+
+@contextmanager
+def not_waiting_for_the_database() -> Iterator[None]:
+    """The block waits for something else (a body arriving, the model): its time is not the request's
+    database wait, so it does not use up the budget."""
+    budget = wait_budget.get()
+    if budget is None:
+        yield
+        return
+    with budget.paused():
+        yield
+
+
+# A transaction's lock wait is bounded anew only when its due bound is this far from the one in force, so most
+# transactions need no extra statement; a request may so wait this much past its deadline.
+WAIT_BOUND_SLACK_MS = 100
+
+
+def _wait_bound_ms(timeout_s: float) -> int:
+    """The longest the transaction beginning now may wait for a lock: the rest of the request's budget."""
+    default_ms = int(timeout_s * 1000)
+    budget = wait_budget.get()
+    return default_ms if budget is None else max(0, min(default_ms, int(budget.remaining_s() * 1000)))
+
+
 def make_engine(database_url: str, timeout_s: float, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
-    """An async engine on `database_url`, whose calls wait up to `timeout_s` for a lock or a connection."""
+    """An async engine on `database_url`, whose calls wait up to `timeout_s` for a lock or a connection, and
+    for locks no longer than the request's `wait_budget` leaves."""
     url = make_url(database_url)
     if url.get_backend_name() == "postgresql":
         # A lock wait (a key's admission queue) or a connection attempt longer than the timeout is a 503.
         lock_timeout = f"-c lock_timeout={int(timeout_s * 1000)}"
-        return create_async_engine(url.set(drivername="postgresql+psycopg"), pool_size=pool_size,
-                                   max_overflow=max_overflow, pool_timeout=timeout_s,
-                                   connect_args={"connect_timeout": max(2, math.ceil(timeout_s)), "options": lock_timeout})
+        engine = create_async_engine(url.set(drivername="postgresql+psycopg"), pool_size=pool_size,
+                                     max_overflow=max_overflow, pool_timeout=timeout_s,
+                                     connect_args={"connect_timeout": max(2, math.ceil(timeout_s)), "options": lock_timeout})
+        _bound_postgres_lock_waits(engine, timeout_s)
+        return engine
     url = url.set(drivername="sqlite+aiosqlite")
     engine = create_async_engine(url, connect_args={"timeout": timeout_s}, pool_size=8, max_overflow=8)
-    _use_explicit_sqlite_transactions(engine)
+    _use_explicit_sqlite_transactions(engine, timeout_s)
     return engine
 
 
-def _use_explicit_sqlite_transactions(engine: AsyncEngine) -> None:
+def _bound_postgres_lock_waits(engine: AsyncEngine, timeout_s: float) -> None:
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(connection: Any) -> None:
+        bound_ms = _wait_bound_ms(timeout_s)
+        if bound_ms < timeout_s * 1000 - WAIT_BOUND_SLACK_MS:  # a request that has waited already
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, bound_ms)}")  # 0 would mean no bound
+
+
+def _use_explicit_sqlite_transactions(engine: AsyncEngine, timeout_s: float) -> None:
     # The sqlite3 driver opens transactions lazily and always DEFERRED; a limiter that counts then inserts
     # needs BEGIN IMMEDIATE (the write lock first), so the driver is told to keep out and we emit BEGIN ourselves.
     @event.listens_for(engine.sync_engine, "connect")
@@ -115,6 +186,13 @@ def _use_explicit_sqlite_transactions(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(connection: Any) -> None:
+        # SQLite's busy timeout, how long a writer waits for the lock, belongs to the connection: it is set
+        # for this transaction when the one in force is off by more than the slack.
+        bound_ms = _wait_bound_ms(timeout_s)
+        info = connection.connection.info  # lives as long as the sqlite3 connection
+        if abs(info.get("busy_timeout_ms", timeout_s * 1000) - bound_ms) > WAIT_BOUND_SLACK_MS:
+            connection.exec_driver_sql(f"PRAGMA busy_timeout = {bound_ms}")
+            info["busy_timeout_ms"] = bound_ms
         is_immediate = connection.get_execution_options().get("sqlite_immediate", False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if is_immediate else "BEGIN")
 

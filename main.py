@@ -30,11 +30,13 @@ from auth import CurrentKey, KeyCache
 from backends import load_backend
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded, ShuttingDown, lower_priority
 from database_file import DatabaseFile
-from db import ApiKey, SessionDep, make_engine, make_sessionmaker, migrate, ping
+from db import (ApiKey, SessionDep, make_engine, make_sessionmaker, migrate, not_waiting_for_the_database, ping,
+                waiting_until)
 from errors import ApiError, ErrorResponse, install_error_handlers
 from inference import LoadedModel, ModelLoadError, load_model, top_predictions
 from logs import configure_logging
-from ratelimit import Decision, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis
+from ratelimit import (Decision, OnAdmit, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage,
+                       make_redis)
 from request_body import ImagesToClassify, decode_images, parse_classify_request, read_body
 from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
 from requestlog import LogWriter, RequestLogMiddleware, add_timing
@@ -155,10 +157,11 @@ def rate_limit_headers(decision: Decision, window_s: int) -> dict[str, str]:
     }
 
 
-async def charge(request: Request, key: ApiKey, limiter: SlidingWindowLimiter, cost: int) -> None:
+async def charge(request: Request, key: ApiKey, limiter: SlidingWindowLimiter, cost: int,
+                 on_admit: OnAdmit | None = None) -> None:
     """`cost` slots of the key's window (all or none), or a 429. Counts whatever happens to the request next."""
     started = time.perf_counter()
-    decision = await limiter.hit(key.id, key.rate_limit, key.window_s, cost)
+    decision = await limiter.hit(key.id, key.rate_limit, key.window_s, cost, on_admit)
     add_timing(request, "limit", started)
     refuse_if_full(request, key, decision, cost)
 
@@ -223,7 +226,8 @@ async def read_classify_request(request: Request, key: ApiKey, settings: Setting
                                 limiter: SlidingWindowLimiter) -> ImagesToClassify:
     """The body, read, parsed and checked; a request refused here still counts once against the limit."""
     try:
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        with not_waiting_for_the_database():
+            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         started = time.perf_counter()
         to_classify = await asyncio.get_running_loop().run_in_executor(
             request.app.state.decode_pool, parse_classify_request, body, request.headers.get("content-type", ""))
@@ -278,13 +282,16 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
         raise overloaded(settings.max_queue)
     to_classify = await read_classify_request(request, key, settings, limiter)
     try:
-        with batcher.reserve(len(to_classify.sources)):  # before charging: a full server does not use up the limit
-            await charge(request, key, limiter, len(to_classify.sources))
-            started = time.perf_counter()
-            images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
-                                         settings.max_image_pixels)
-            add_timing(request, "decode", started)
-            answers = await infer(request, batcher, images, deadline)
+        # Queue places are taken as the admission records its hits, in one step: a full server does not use up
+        # the limit, and a request waiting for the database's lock holds no place meanwhile.
+        with batcher.reservation() as take_places:
+            await charge(request, key, limiter, len(to_classify.sources), on_admit=take_places)
+            with not_waiting_for_the_database():
+                started = time.perf_counter()
+                images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
+                                             settings.max_image_pixels)
+                add_timing(request, "decode", started)
+                answers = await infer(request, batcher, images, deadline)
     except Overloaded:
         raise overloaded(settings.max_queue) from None
     response.headers.update(request.state.rate_limit_headers)
@@ -332,10 +339,14 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
+READY_TIMEOUT_S = 2  # what /readyz waits for the database (and Redis) at most: probes time out soon after
+
+
 async def check_dependency(check: Awaitable[object], message: str) -> None:
-    """503 `not_ready` unless `check` succeeds within 2 s; what failed goes to the log, `message` to the client."""
+    """503 `not_ready` unless `check` succeeds in time; what failed goes to the log, `message` to the client."""
     try:
-        await asyncio.wait_for(check, timeout=2)
+        # The database's own lock waits end by READY_TIMEOUT_S (waiting_until); this ends anything else.
+        await asyncio.wait_for(check, timeout=READY_TIMEOUT_S + 0.5)
     except Exception as exc:  # whatever the failure, the answer is the same: not ready
         logger.warning("not ready: %s (%r)", message, exc)
         raise ApiError(503, "not_ready", message, {"Retry-After": "1"}) from None
@@ -350,7 +361,8 @@ async def readyz(request: Request) -> Health:
                                          "server.", {"Retry-After": "1"})
     if not await request.app.state.database_file.is_usable():
         raise ApiError(503, "not_ready", "The database file is missing.", {"Retry-After": "1"})
-    await check_dependency(ping(request.app.state.engine), "The database is not reachable.")
+    with waiting_until(time.monotonic() + min(READY_TIMEOUT_S, request.app.state.settings.db_timeout_s)):
+        await check_dependency(ping(request.app.state.engine), "The database cannot be written.")
     if request.app.state.redis is not None:
         await check_dependency(request.app.state.redis.ping(), "Redis, where the rate limit lives, is not reachable.")
     return Health(status="ready")

@@ -1,17 +1,21 @@
-"""Database trouble (its file gone, its disk full) answers 503 with Retry-After, never a 500, and clears by itself
-once the trouble does. (A write lock held too long: tests/test_usage.py.)
+"""Database trouble (its file gone or replaced, its disk full, its lock held by another process) answers 503 with
+Retry-After within DB_TIMEOUT_S, never a 500, and clears by itself once the trouble does.
 
 A filesystem turned read-only under the server is not tested: Linux refuses to remount one read-only while
 the server has its files open for writing, and as root no file permission makes SQLite's writes fail. Its
 errors ("attempt to write a readonly database", "disk I/O error") are among the ones errors.py treats as 503."""
 
+import concurrent.futures
 import os
 import shutil
 import sqlite3
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import ONE_PIXEL, assert_error, log_rows, make_key, query, server_env
@@ -133,3 +137,60 @@ def test_a_backup_copied_over_the_database_is_what_comes_back(start_server, tmp_
         assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert list(path.parent.glob(f"{path.name}-wal.stale-*")) and list(path.parent.glob(f"{path.name}-shm.stale-*"))
     assert "was replaced" in running.log() and "Traceback" not in running.log()
+
+
+LOCK_HOLDER = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN IMMEDIATE")  # SQLite's one write lock, held until this process is killed
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_with_the_write_lock_held_by_another_process_each_request_waits_db_timeout_s_at_most(start_server):
+    """One deadline per request, not per statement: /v1/usage waited 2 x DB_TIMEOUT_S (its log row queued behind
+    another's failing commit), /v1/classify 3 x (its admission, then the log's commits), /readyz DB_TIMEOUT_S
+    (not its 2 s); and requests waiting for the lock held queue places, so others got 503 `overloaded`."""
+    timeout_s = 4
+    running = start_server({"DB_TIMEOUT_S": str(timeout_s), "MAX_QUEUE": "2", "MAX_IMAGES_PER_REQUEST": "1"})
+    key = make_key(running.database_url)
+    with running.client(key) as client:
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, running.database_url.removeprefix("sqlite:///")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+
+        def timed(method: str, path: str, delay_s: float, **options) -> tuple[httpx.Response, float]:
+            time.sleep(delay_s)
+            with running.client(key) as client:
+                started = time.monotonic()
+                response = client.request(method, path, **options)
+                return response, time.monotonic() - started
+
+        one_image = {"json": {"image": ONE_PIXEL}}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            models = pool.submit(timed, "GET", "/v1/models", 0)
+            usage = pool.submit(timed, "GET", "/v1/usage", 0.5)  # its row comes while the models row's commit waits
+            classify = [pool.submit(timed, "POST", "/v1/classify", 1, **one_image) for _ in range(4)]
+            ready = pool.submit(timed, "GET", "/readyz", 1.5)
+            answers = {"models": models.result(), "usage": usage.result(), "ready": ready.result(),
+                       **{f"classify {i}": future.result() for i, future in enumerate(classify)}}
+    finally:
+        holder.kill()
+        holder.wait()
+    seen = {name: (response.status_code, response.json()["error"]["code"], round(elapsed_s, 1))
+            for name, (response, elapsed_s) in answers.items()}
+    for name, (response, elapsed_s) in answers.items():
+        if name == "ready":
+            assert_error(response, 503, "not_ready")
+            assert elapsed_s < 3, seen
+        else:  # database_unavailable, never overloaded: none of them holds a queue place while it waits
+            assert response.json()["error"]["code"] == "database_unavailable", seen
+            assert_unavailable(response)
+            assert elapsed_s < 1.5 * timeout_s, seen
+    with running.client(key) as client:  # recovered by itself
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+    assert "Traceback" not in running.log()
