@@ -29,6 +29,7 @@ import numpy as np
 
 from backends import Backend
 from metrics import Gauge, Histogram
+from shutdown import ShuttingDown
 
 logger = logging.getLogger("classify")
 
@@ -48,10 +49,6 @@ class Overloaded(Exception):
 
 class DeadlineExceeded(Exception):
     """The image waited past its request's deadline and was not run."""
-
-
-class ShuttingDown(Exception):
-    """The server is stopping and its shutdown deadline passed before this image was run."""
 
 
 class InferenceFailed(Exception):

@@ -28,7 +28,7 @@ import metrics  # first: it decides where every metric below keeps its numbers
 
 from auth import CurrentKey, KeyCache
 from backends import load_backend
-from batching import Answer, Batcher, DeadlineExceeded, Overloaded, ShuttingDown, lower_priority
+from batching import Answer, Batcher, DeadlineExceeded, Overloaded, lower_priority
 from database_file import DatabaseFile
 from db import (ApiKey, SessionDep, make_engine, make_sessionmaker, migrate, not_waiting_for_the_database, ping,
                 waiting_until)
@@ -44,7 +44,7 @@ from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Health, I
                      MultiClassification, Usage)
 from security_headers import SecurityHeadersMiddleware
 from settings import Settings, usable_cores
-from shutdown import chain_termination_handlers
+from shutdown import Shutdown, ShuttingDown, chain_termination_handlers
 from uploads import MULTIPART_SCHEMA
 from usage import read_usage
 
@@ -88,13 +88,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     batcher.start()
     MODEL_INFO.labels(model.spec.name, backend.name, backend.precision, model.weights_source).set(1)
 
-    def begin_shutdown() -> None:
-        if app.state.shutdown_deadline is None:
-            app.state.shutdown_deadline = time.monotonic() + settings.shutdown_timeout_s
-            batcher.stop_by(app.state.shutdown_deadline)
-            logger.info("shutting down: admitted requests have %g s (SHUTDOWN_TIMEOUT_S)", settings.shutdown_timeout_s)
+    shutdown = Shutdown()
 
-    app.state.shutdown_deadline = None
+    def begin_shutdown(is_now: bool) -> None:
+        """`is_now`: a second Ctrl-C; what is still arriving or queued is answered at once."""
+        timeout_s = 0 if is_now else settings.shutdown_timeout_s
+        if shutdown.cut_to(time.monotonic() + timeout_s):
+            batcher.stop_by(time.monotonic() + timeout_s)
+            logger.info("shutting down: admitted requests have %g s%s", timeout_s,
+                        " (a second Ctrl-C)" if is_now else " (SHUTDOWN_TIMEOUT_S)")
+
+    app.state.shutdown = shutdown
     chain_termination_handlers(begin_shutdown)
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
     decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
@@ -227,12 +231,15 @@ async def read_classify_request(request: Request, key: ApiKey, settings: Setting
     """The body, read, parsed and checked; a request refused here still counts once against the limit."""
     try:
         with not_waiting_for_the_database():
-            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s,
+                                   request.app.state.shutdown)
         started = time.perf_counter()
         to_classify = await asyncio.get_running_loop().run_in_executor(
             request.app.state.decode_pool, parse_classify_request, body, request.headers.get("content-type", ""))
         add_timing(request, "parse", started)
         check_image_count(len(to_classify.sources), key, settings)
+    except ShuttingDown:
+        raise shutting_down() from None  # not the client's doing: not counted
     except (ApiError, RequestValidationError):
         await charge(request, key, limiter, 1)
         raise
@@ -273,7 +280,7 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
     the rate-limit headers.
     """
     deadline = time.monotonic() + settings.request_timeout_s
-    if request.app.state.shutdown_deadline is not None:
+    if request.app.state.shutdown.deadline is not None:
         raise shutting_down()  # a request that arrives after SIGTERM (on a connection already open) joins no queue
     # Refusals that need no body, so none is read: a window this server saw full, a queue with no room at all.
     if (known_full := limiter.known_full(key.id, key.rate_limit, key.window_s)) is not None:

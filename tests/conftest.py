@@ -108,7 +108,7 @@ def content_length(response: bytes) -> int:
 class Server:
     """One `uvicorn main:app` subprocess; its stdout+stderr go to `log_path`."""
 
-    def __init__(self, tmp: Path, env: dict[str, str], workers: int = 1) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str], workers: int = 1, args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -117,6 +117,7 @@ class Server:
         self.log_path = tmp / f"server-{self.port}.log"
         self.env = {**os.environ, "LOG_LEVEL": "INFO", **env}
         self.workers = workers
+        self.args = args  # more of uvicorn's options
         self.process: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Server":
@@ -124,6 +125,7 @@ class Server:
                    "--port", str(self.port)]
         if self.workers > 1:
             command += ["--workers", str(self.workers)]
+        command += self.args
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -310,9 +312,10 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     """Starts servers with other settings; stops them when the test ends."""
     started: list[Server] = []
 
-    def start(env: dict[str, str] | None = None, workers: int = 1, wait: bool = True, tmp: Path | None = None) -> Server:
+    def start(env: dict[str, str] | None = None, workers: int = 1, wait: bool = True, tmp: Path | None = None,
+              args: tuple[str, ...] = ()) -> Server:
         tmp = tmp or tmp_path_factory.mktemp("extra")
-        running = Server(tmp, {**server_env(tmp), **(env or {})}, workers=workers)
+        running = Server(tmp, {**server_env(tmp), **(env or {})}, workers=workers, args=args)
         started.append(running)
         return running.start(wait=wait)
 
