@@ -1,6 +1,6 @@
 """The image-classification API: the app, its start-up, and its routes.
 
-    $ uvicorn main:app --host 127.0.0.1 --port 8000
+    $ uvicorn main:app --http http_protocol:HttpProtocol --host 127.0.0.1 --port 8000
     $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -d '{"image": "'$(base64 -w0 cat.jpg)'"}'
 
 Start-up loads the model (and warms it) and migrates the database to the schema's head; until that is done

@@ -1,8 +1,8 @@
 """Fixtures: real uvicorn servers on loopback, real SQLite files, real PostgreSQL and Redis servers
 (tests/servers.py), real photos from scikit-image.
 
-Servers are started the way users start them (`uvicorn main:app`, settings in env vars) and talked to over
-HTTP with httpx. Keys are made by the same code the CLI uses, straight into the server's database.
+Servers are started the way users start them (`uvicorn main:app` with `make run`'s `--http`, settings in env
+vars) and talked to over HTTP with httpx. Keys are made by the same code the CLI uses, straight into the server's database.
 `backend_server` runs a test on each of SQLite and PostgreSQL, with and without Redis.
 """
 
@@ -106,7 +106,7 @@ def content_length(response: bytes) -> int:
 
 
 class Server:
-    """One `uvicorn main:app` subprocess; its stdout+stderr go to `log_path`."""
+    """One `uvicorn main:app --http http_protocol:...` subprocess; its stdout+stderr go to `log_path`."""
 
     def __init__(self, tmp: Path, env: dict[str, str], workers: int = 1, args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp

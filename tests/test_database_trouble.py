@@ -17,8 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
 
-from conftest import ONE_PIXEL, assert_error, log_rows, make_key, query, server_env
+from conftest import ONE_PIXEL, assert_error, log_rows, make_key, query, server_env, sync_engine
 
 
 @pytest.fixture
@@ -199,4 +200,25 @@ def test_with_the_write_lock_held_by_another_process_each_request_waits_db_timeo
     with running.client(key) as client:  # recovered by itself
         assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
         assert client.get("/readyz").status_code == 200
+    assert "Traceback" not in running.log()
+
+
+def test_on_postgresql_a_request_waits_for_locks_db_timeout_s_at_most_in_all(start_server, postgres):
+    """A session holding the key's row (FOR UPDATE) blocks the admission and then the log row's insert: each
+    waited lock_timeout (DB_TIMEOUT_S) in turn; the log row now waits only what the admission left."""
+    timeout_s = 3
+    database_url = postgres.create_database()
+    running = start_server({"DATABASE_URL": database_url, "DB_TIMEOUT_S": str(timeout_s)})
+    key = make_key(database_url)
+    with running.client(key) as client:
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        with sync_engine(database_url).connect() as holder:
+            holder.execute(text("SELECT id FROM api_keys FOR UPDATE"))
+            started = time.monotonic()
+            response = client.post("/v1/classify", json={"image": ONE_PIXEL})
+            elapsed_s = time.monotonic() - started
+            holder.rollback()
+        assert_unavailable(response)
+        assert elapsed_s < 1.5 * timeout_s, elapsed_s
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
     assert "Traceback" not in running.log()
