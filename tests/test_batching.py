@@ -150,10 +150,12 @@ def test_clients_that_hang_up_while_queued_are_logged_499_and_no_error(start_ser
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         busy = pool.submit(post_all, server.url, key, [{"images": [cat] * 16}])  # keeps the model busy
         time.sleep(0.2)
-        for _ in range(4):
-            with socket.create_connection(("127.0.0.1", server.port)) as sock:
-                sock.sendall(head + body)
-                time.sleep(0.1)  # the body is in; now hang up while its images wait
+        hanging_up = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+        for sock in hanging_up:
+            sock.sendall(head + body)
+        time.sleep(0.1)  # the bodies are in, their images queued behind the busy request's; now hang up
+        for sock in hanging_up:
+            sock.close()
         assert busy.result()[0].status_code == 200
     deadline = time.monotonic() + 30
     while len(rows := log_rows(server.database_url, "status_code = 499")) < 4:
