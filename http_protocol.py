@@ -22,6 +22,7 @@ import logging
 from typing import Any
 
 import h11
+from starlette.types import Message, Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -36,6 +37,8 @@ HEAD_END = b"\r\n\r\n"
 
 
 class HttpProtocol(H11Protocol):
+    """uvicorn's H11Protocol and the limits above; uvicorn makes one for each connection."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.served_app = self.app
@@ -68,10 +71,10 @@ class HttpProtocol(H11Protocol):
         self.transport.write(head.encode("latin-1") + b"\r\n" + body)
         self.transport.close()
 
-    async def serve(self, scope: Any, receive: Any, send: Any) -> None:
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         cycle = self.cycle  # this request's: the next one's starts only once this one is answered
 
-        async def send_closing_early(message: Any) -> None:
+        async def send_closing_early(message: Message) -> None:
             # more_body: h11 has not seen the body's end, so the connection cannot carry another request.
             if message["type"] == "http.response.start" and cycle.more_body:
                 headers = list(message.get("headers", []))

@@ -93,8 +93,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     def begin_shutdown(is_now: bool) -> None:
         """`is_now`: a second Ctrl-C; what is still arriving or queued is answered at once."""
         timeout_s = 0 if is_now else settings.shutdown_timeout_s
-        if shutdown.cut_to(time.monotonic() + timeout_s):
-            batcher.stop_by(time.monotonic() + timeout_s)
+        deadline = time.monotonic() + timeout_s
+        if shutdown.cut_to(deadline):
+            batcher.stop_by(deadline)
             logger.info("shutting down: admitted requests have %g s%s", timeout_s,
                         " (a second Ctrl-C)" if is_now else " (SHUTDOWN_TIMEOUT_S)")
 

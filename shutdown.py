@@ -59,9 +59,9 @@ class Shutdown:
     def _cut(self, timeout: asyncio.Timeout) -> None:
         if self.deadline is None or timeout.expired():
             return
-        loop = asyncio.get_running_loop()
-        when = loop.time() + (self.deadline - time.monotonic())
-        if timeout.when() is None or when < timeout.when():  # type: ignore[operator]
+        when = asyncio.get_running_loop().time() + (self.deadline - time.monotonic())
+        current = timeout.when()
+        if current is None or when < current:
             timeout.reschedule(when)
 
 
