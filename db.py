@@ -3,6 +3,9 @@ async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3), and bringing a dat
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
 integer division in every SQL dialect.
+
+A request's waits for the database share one deadline (`waiting_until`, which the request log's middleware
+opens with DB_TIMEOUT_S): every transaction it begins waits for locks only as long as that leaves.
 """
 
 import math
