@@ -9,10 +9,11 @@ PORT ?= 8000
 
 .PHONY: run test install bench clean screenshot
 
-# --timeout-graceful-shutdown: SHUTDOWN_TIMEOUT_S (20) and 5 s, for bodies still arriving at SIGTERM.
+# --http: uvicorn's h11 protocol with a real cap on request heads, and connections closed after early answers
+# (http_protocol.py). --timeout-graceful-shutdown: SHUTDOWN_TIMEOUT_S (20) and 5 s, a bound for what overruns it.
 run: $(VENV)/.installed
 	$(BIN)/python cli.py init
-	$(BIN)/uvicorn main:app --http h11 --host $(HOST) --port $(PORT) --no-server-header --timeout-graceful-shutdown 25
+	$(BIN)/uvicorn main:app --http http_protocol:HttpProtocol --host $(HOST) --port $(PORT) --no-server-header --timeout-graceful-shutdown 25
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

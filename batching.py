@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ import numpy as np
 
 from backends import Backend
 from metrics import Gauge, Histogram
+from shutdown import ShuttingDown
 
 logger = logging.getLogger("classify")
 
@@ -48,10 +49,6 @@ class Overloaded(Exception):
 
 class DeadlineExceeded(Exception):
     """The image waited past its request's deadline and was not run."""
-
-
-class ShuttingDown(Exception):
-    """The server is stopping and its shutdown deadline passed before this image was run."""
 
 
 class InferenceFailed(Exception):
@@ -85,7 +82,8 @@ def lower_priority() -> None:
 
 
 class Batcher:
-    """Owns the model's thread: requests queue their images with `infer`, inside `reserve`, and await them."""
+    """Owns the model's thread: requests take queue places (`reservation`), queue their images with `infer`, and
+    await them."""
 
     def __init__(self, backend: Backend, max_batch: int, batch_wait_ms: float, max_queue: int,
                  model_thread: ThreadPoolExecutor) -> None:
@@ -112,20 +110,28 @@ class Batcher:
         return self.accepted + image_count <= self.max_queue
 
     @contextmanager
-    def reserve(self, image_count: int) -> Iterator[None]:
-        """Room for `image_count` images until the block ends, or Overloaded now: a full queue makes no one wait."""
-        if not self.has_room(image_count):
-            raise Overloaded
-        self.accepted += image_count
-        QUEUE_DEPTH.set(self.accepted)
+    def reservation(self) -> Iterator[Callable[[int], None]]:
+        """`take(image_count)`: room for that many images until the block ends, or Overloaded at once (a full
+        queue makes no one wait). Called as the request is admitted, not before: while it waits for its
+        admission (the database's lock) it holds no place."""
+        taken = 0
+
+        def take(image_count: int) -> None:
+            nonlocal taken
+            if not self.has_room(image_count):
+                raise Overloaded
+            self.accepted += image_count
+            taken += image_count
+            QUEUE_DEPTH.set(self.accepted)
+
         try:
-            yield
+            yield take
         finally:
-            self.accepted -= image_count
+            self.accepted -= taken
             QUEUE_DEPTH.set(self.accepted)
 
     async def infer(self, images: list[np.ndarray], deadline: float) -> list[Answer]:
-        """Probabilities for each image, in order. Call inside `reserve(len(images))`.
+        """Probabilities for each image, in order. Call with room taken for them (`reservation`).
 
         Raises DeadlineExceeded if an image is still queued at `deadline` (one already in a forward pass is
         waited for: that takes one pass at most). If the caller is cancelled (its client went away), the images
@@ -140,6 +146,9 @@ class Batcher:
         for pending in pendings:
             self.queue.put_nowait(pending)
         answers = asyncio.gather(*(pending.future for pending in pendings))
+        # A caller that goes away (its client hung up) leaves this failed with CancelledError and unread: read, it
+        # is not logged as a lost exception, an ERROR line for every cancellation.
+        answers.add_done_callback(_read_outcome)
         try:
             try:
                 async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
@@ -241,6 +250,11 @@ class Batcher:
             pending = self.queue.get_nowait()
             if not pending.future.done():
                 pending.future.set_exception(InferenceFailed("the server stopped before the forward pass"))
+
+
+def _read_outcome(future: asyncio.Future[list[Answer]]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _log_if_failed(worker: asyncio.Task[None]) -> None:

@@ -1,21 +1,25 @@
-"""The database: three tables (keys, the request log, the rate limiter's window), the async engine on SQLite
-(aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to Alembic's head.
+"""The database: four tables (keys, the request log, the rate limiter's window, readiness's one row), the
+async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to Alembic's head.
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
 integer division in every SQL dialect.
+
+A request's waits for the database share one deadline (`waiting_until`, which the request log's middleware
+opens with DB_TIMEOUT_S): every transaction it begins waits for locks only as long as that leaves.
 """
 
 import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
 from alembic import command
 from alembic.config import Config
 from fastapi import Depends, Request
-from sqlalchemy import BigInteger, Connection, ForeignKey, Index, Integer, String, event, inspect, select, text
+from sqlalchemy import BigInteger, Connection, ForeignKey, Index, Integer, String, event, insert, inspect, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -77,22 +81,102 @@ class RateLimitHit(Base):
     __table_args__ = (Index("ix_rate_limit_hits_key_time", "key_id", "at_ms"),)
 
 
+# One row, rewritten by every /readyz: only a committed write shows that the database takes writes now (SQLite
+# writes nothing to disk for a transaction rolled back, so a full disk passes anything less). One row, so
+# the table never grows.
+class ReadinessCheck(Base):
+    __tablename__ = "readiness_check"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    checked_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class WaitBudget:
+    """How long a request may still wait for the database, all its transactions together: until `deadline`
+    (time.monotonic()), which moves on while the request waits for something else (`paused`)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.deadline += time.monotonic() - started
+
+
+# The budget of the request being served; tasks it starts (and SQLAlchemy's greenlets) see it too.
+wait_budget: ContextVar[WaitBudget | None] = ContextVar("database_wait_budget", default=None)
+
+
+@contextmanager
+def waiting_until(deadline: float | None) -> Iterator[WaitBudget | None]:
+    """Transactions begun in the block wait for locks until `deadline` (time.monotonic()) at most, all of them
+    together; None: each waits up to the engine's timeout, as outside requests (start-up, the CLI)."""
+    budget = WaitBudget(deadline) if deadline is not None else None
+    token = wait_budget.set(budget)
+    try:
+        yield budget
+    finally:
+        wait_budget.reset(token)
+
+
+@contextmanager
+def not_waiting_for_the_database() -> Iterator[None]:
+    """The block waits for something else (a body arriving, the model): its time is not the request's
+    database wait, so it does not use up the budget."""
+    budget = wait_budget.get()
+    if budget is None:
+        yield
+        return
+    with budget.paused():
+        yield
+
+
+# A transaction's lock wait is bounded anew only when its due bound is this far from the one in force, so most
+# transactions need no extra statement; a request may so wait this much past its deadline.
+WAIT_BOUND_SLACK_MS = 100
+
+
+def _wait_bound_ms(timeout_s: float) -> int:
+    """The longest the transaction beginning now may wait for a lock: the rest of the request's budget."""
+    default_ms = int(timeout_s * 1000)
+    budget = wait_budget.get()
+    return default_ms if budget is None else max(0, min(default_ms, int(budget.remaining_s() * 1000)))
+
+
 def make_engine(database_url: str, timeout_s: float, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
-    """An async engine on `database_url`, whose calls wait up to `timeout_s` for a lock or a connection."""
+    """An async engine on `database_url`, whose calls wait up to `timeout_s` for a lock or a connection, and
+    for locks no longer than the request's `wait_budget` leaves."""
     url = make_url(database_url)
     if url.get_backend_name() == "postgresql":
         # A lock wait (a key's admission queue) or a connection attempt longer than the timeout is a 503.
         lock_timeout = f"-c lock_timeout={int(timeout_s * 1000)}"
-        return create_async_engine(url.set(drivername="postgresql+psycopg"), pool_size=pool_size,
-                                   max_overflow=max_overflow, pool_timeout=timeout_s,
-                                   connect_args={"connect_timeout": max(2, math.ceil(timeout_s)), "options": lock_timeout})
+        engine = create_async_engine(url.set(drivername="postgresql+psycopg"), pool_size=pool_size,
+                                     max_overflow=max_overflow, pool_timeout=timeout_s,
+                                     connect_args={"connect_timeout": max(2, math.ceil(timeout_s)), "options": lock_timeout})
+        _bound_postgres_lock_waits(engine, timeout_s)
+        return engine
     url = url.set(drivername="sqlite+aiosqlite")
     engine = create_async_engine(url, connect_args={"timeout": timeout_s}, pool_size=8, max_overflow=8)
-    _use_explicit_sqlite_transactions(engine)
+    _use_explicit_sqlite_transactions(engine, timeout_s)
     return engine
 
 
-def _use_explicit_sqlite_transactions(engine: AsyncEngine) -> None:
+def _bound_postgres_lock_waits(engine: AsyncEngine, timeout_s: float) -> None:
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(connection: Any) -> None:
+        bound_ms = _wait_bound_ms(timeout_s)
+        if bound_ms < timeout_s * 1000 - WAIT_BOUND_SLACK_MS:  # a request that has waited already
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, bound_ms)}")  # 0 would mean no bound
+
+
+def _use_explicit_sqlite_transactions(engine: AsyncEngine, timeout_s: float) -> None:
     # The sqlite3 driver opens transactions lazily and always DEFERRED; a limiter that counts then inserts
     # needs BEGIN IMMEDIATE (the write lock first), so the driver is told to keep out and we emit BEGIN ourselves.
     @event.listens_for(engine.sync_engine, "connect")
@@ -106,6 +190,13 @@ def _use_explicit_sqlite_transactions(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(connection: Any) -> None:
+        # SQLite's busy timeout, how long a writer waits for the lock, belongs to the connection: it is set
+        # for this transaction when the one in force is off by more than the slack.
+        bound_ms = _wait_bound_ms(timeout_s)
+        info = connection.connection.info  # lives as long as the sqlite3 connection
+        if abs(info.get("busy_timeout_ms", timeout_s * 1000) - bound_ms) > WAIT_BOUND_SLACK_MS:
+            connection.exec_driver_sql(f"PRAGMA busy_timeout = {bound_ms}")
+            info["busy_timeout_ms"] = bound_ms
         is_immediate = connection.get_execution_options().get("sqlite_immediate", False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if is_immediate else "BEGIN")
 
@@ -186,6 +277,9 @@ def _check_pre_alembic_schema(connection: Connection) -> None:
 
 
 async def ping(engine: AsyncEngine) -> None:
-    """Raises unless the database can be written now: reads alone would pass while writers are locked out."""
+    """Raises unless the database takes a write now (locked, full, read-only or unreachable: it does not), by
+    committing one: reads alone would pass while every request's log row fails."""
     async with write_transaction(engine) as connection:
-        await connection.execute(select(ApiKey.id).limit(1))
+        checked = await connection.execute(update(ReadinessCheck).values(checked_at_ms=now_ms()))
+        if checked.rowcount == 0:  # someone deleted the row
+            await connection.execute(insert(ReadinessCheck).values(id=1, checked_at_ms=now_ms()))

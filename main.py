@@ -1,6 +1,6 @@
 """The image-classification API: the app, its start-up, and its routes.
 
-    $ .venv/bin/uvicorn main:app --host 127.0.0.1 --port 8000
+    $ .venv/bin/uvicorn main:app --http http_protocol:HttpProtocol --host 127.0.0.1 --port 8000
     $ (printf '{"image": "'; base64 -w0 "$IMG"; printf '"}') | curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -d @-
 
 Start-up loads the model (and warms it) and migrates the database to the schema's head; until that is done
@@ -31,13 +31,15 @@ import metrics  # first: it decides where every metric below keeps its numbers
 import api_docs
 from auth import CurrentKey, KeyCache
 from backends import load_backend
-from batching import Answer, Batcher, DeadlineExceeded, Overloaded, ShuttingDown, lower_priority
+from batching import Answer, Batcher, DeadlineExceeded, Overloaded, lower_priority
 from database_file import DatabaseFile
-from db import ApiKey, SessionDep, make_engine, make_sessionmaker, migrate, ping
+from db import (ApiKey, SessionDep, make_engine, make_sessionmaker, migrate, not_waiting_for_the_database, ping,
+                waiting_until)
 from errors import ApiError, ErrorResponse, install_error_handlers
 from inference import LoadedModel, ModelLoadError, load_model, top_predictions, unit_vectors
 from logs import configure_logging
-from ratelimit import Decision, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis
+from ratelimit import (Decision, OnAdmit, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage,
+                       make_redis)
 from request_body import ImagesToClassify, decode_images, parse_classify_request, read_body
 from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
 from requestlog import LogWriter, RequestLogMiddleware, add_timing
@@ -46,7 +48,7 @@ from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Embedding
                      Usage)
 from security_headers import SecurityHeadersMiddleware
 from settings import Settings, usable_cores
-from shutdown import chain_termination_handlers
+from shutdown import Shutdown, ShuttingDown, chain_termination_handlers
 from uploads import EMBEDDINGS_MULTIPART_SCHEMA, MULTIPART_SCHEMA
 from usage import read_usage
 
@@ -96,13 +98,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     batcher.start()
     MODEL_INFO.labels(model.spec.name, model.version, backend.name, backend.precision, model.weights_source).set(1)
 
-    def begin_shutdown() -> None:
-        if app.state.shutdown_deadline is None:
-            app.state.shutdown_deadline = time.monotonic() + settings.shutdown_timeout_s
-            batcher.stop_by(app.state.shutdown_deadline)
-            logger.info("shutting down: admitted requests have %g s (SHUTDOWN_TIMEOUT_S)", settings.shutdown_timeout_s)
+    shutdown = Shutdown()
 
-    app.state.shutdown_deadline = None
+    def begin_shutdown(is_now: bool) -> None:
+        """`is_now`: a second Ctrl-C; what is still arriving or queued is answered at once."""
+        timeout_s = 0 if is_now else settings.shutdown_timeout_s
+        deadline = time.monotonic() + timeout_s
+        if shutdown.cut_to(deadline):
+            batcher.stop_by(deadline)
+            logger.info("shutting down: admitted requests have %g s%s", timeout_s,
+                        " (a second Ctrl-C)" if is_now else " (SHUTDOWN_TIMEOUT_S)")
+
+    app.state.shutdown = shutdown
     chain_termination_handlers(begin_shutdown)
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
     decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
@@ -166,10 +173,11 @@ def rate_limit_headers(decision: Decision, window_s: int) -> dict[str, str]:
     }
 
 
-async def charge(request: Request, key: ApiKey, limiter: SlidingWindowLimiter, cost: int) -> None:
+async def charge(request: Request, key: ApiKey, limiter: SlidingWindowLimiter, cost: int,
+                 on_admit: OnAdmit | None = None) -> None:
     """`cost` slots of the key's window (all or none), or a 429. Counts whatever happens to the request next."""
     started = time.perf_counter()
-    decision = await limiter.hit(key.id, key.rate_limit, key.window_s, cost)
+    decision = await limiter.hit(key.id, key.rate_limit, key.window_s, cost, on_admit)
     add_timing(request, "limit", started)
     refuse_if_full(request, key, decision, cost)
 
@@ -234,13 +242,17 @@ async def read_classify_request(request: Request, key: ApiKey, settings: Setting
                                 schema: type[ImagesRequest] = ClassifyRequest) -> ImagesToClassify:
     """The body, read, parsed and checked; a request refused here still counts once against the limit."""
     try:
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        with not_waiting_for_the_database():
+            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s,
+                                   request.app.state.shutdown)
         started = time.perf_counter()
         to_classify = await asyncio.get_running_loop().run_in_executor(
             request.app.state.decode_pool, parse_classify_request, body, request.headers.get("content-type", ""),
             schema)
         add_timing(request, "parse", started)
         check_image_count(len(to_classify.sources), key, settings)
+    except ShuttingDown:
+        raise shutting_down() from None  # not the client's doing: not counted
     except (ApiError, RequestValidationError):
         await charge(request, key, limiter, 1)
         raise
@@ -254,7 +266,7 @@ async def run_images(request: Request, key: ApiKey, settings: Settings, limiter:
     counts one), decoding, and the forward pass that gives both outputs."""
     deadline = time.monotonic() + settings.request_timeout_s
     request.state.model_version = model.version  # for the request log's row
-    if request.app.state.shutdown_deadline is not None:
+    if request.app.state.shutdown.deadline is not None:
         raise shutting_down()  # a request that arrives after SIGTERM (on a connection already open) joins no queue
     # Refusals that need no body, so none is read: a window this server saw full, a queue with no room at all.
     if (known_full := limiter.known_full(key.id, key.rate_limit, key.window_s)) is not None:
@@ -263,13 +275,16 @@ async def run_images(request: Request, key: ApiKey, settings: Settings, limiter:
         raise overloaded(settings.max_queue)
     to_classify = await read_classify_request(request, key, settings, limiter, schema)
     try:
-        with batcher.reserve(len(to_classify.sources)):  # before charging: a full server does not use up the limit
-            await charge(request, key, limiter, len(to_classify.sources))
-            started = time.perf_counter()
-            images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
-                                         settings.max_image_pixels)
-            add_timing(request, "decode", started)
-            answers = await infer(request, batcher, images, deadline)
+        # Queue places are taken as the admission records its hits, in one step: a full server does not use up
+        # the limit, and a request waiting for the database's lock holds no place meanwhile.
+        with batcher.reservation() as take_places:
+            await charge(request, key, limiter, len(to_classify.sources), on_admit=take_places)
+            with not_waiting_for_the_database():
+                started = time.perf_counter()
+                images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
+                                             settings.max_image_pixels)
+                add_timing(request, "decode", started)
+                answers = await infer(request, batcher, images, deadline)
     except Overloaded:
         raise overloaded(settings.max_queue) from None
     request.state.timings["queue"] = max(answer.queue_ms for answer in answers)
@@ -389,10 +404,14 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
+READY_TIMEOUT_S = 2  # what /readyz waits for the database (and Redis) at most: probes time out soon after
+
+
 async def check_dependency(check: Awaitable[object], message: str) -> None:
-    """503 `not_ready` unless `check` succeeds within 2 s; what failed goes to the log, `message` to the client."""
+    """503 `not_ready` unless `check` succeeds in time; what failed goes to the log, `message` to the client."""
     try:
-        await asyncio.wait_for(check, timeout=2)
+        # The database's own lock waits end by READY_TIMEOUT_S (waiting_until); this ends anything else.
+        await asyncio.wait_for(check, timeout=READY_TIMEOUT_S + 0.5)
     except Exception as exc:  # whatever the failure, the answer is the same: not ready
         logger.warning("not ready: %s (%r)", message, exc)
         raise ApiError(503, "not_ready", message, {"Retry-After": "1"}) from None
@@ -407,7 +426,8 @@ async def readyz(request: Request) -> Health:
                                          "server.", {"Retry-After": "1"})
     if not await request.app.state.database_file.is_usable():
         raise ApiError(503, "not_ready", "The database file is missing.", {"Retry-After": "1"})
-    await check_dependency(ping(request.app.state.engine), "The database is not reachable.")
+    with waiting_until(time.monotonic() + min(READY_TIMEOUT_S, request.app.state.settings.db_timeout_s)):
+        await check_dependency(ping(request.app.state.engine), "The database cannot be written.")
     if request.app.state.redis is not None:
         await check_dependency(request.app.state.redis.ping(), "Redis, where the rate limit lives, is not reachable.")
     return Health(status="ready")

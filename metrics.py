@@ -11,12 +11,14 @@ worker is a child process with its own memory, and a scrape reaches only one of 
 writes its numbers to files in one directory, and a scrape sums the files of all (prometheus-client's
 multiprocess mode). prometheus-client picks memory or files when it is imported, from PROMETHEUS_MULTIPROC_DIR:
 that is why the variable is set here, before the import, and why other modules import the metric classes
-from here.
+from here. A worker's live gauges (the queue depth) leave the sums when it stops, or, if it was killed, when
+the next worker starts or the next scrape comes.
 """
 
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,10 +64,39 @@ def is_multiprocess() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
+def _is_sibling(pid: int, parent_pid: int) -> bool:
+    """Whether `pid` is a running child of `parent_pid`: a gone worker's pid may since belong to anything."""
+    if sys.platform != "linux":
+        return _is_alive(pid)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state, ppid = stat.rsplit(")", 1)[1].split()[:2]  # after "pid (command name)"
+    return state != "Z" and int(ppid) == parent_pid
+
+
+def forget_gone_workers() -> None:
+    """Takes the live gauges (queue depth) of workers that are gone out of the sums, as their clean stop would
+    have (process_stopped): a worker killed with SIGKILL, or by the OOM killer, never got to."""
+    parent = multiprocessing.parent_process()
+    if not is_multiprocess() or parent is None or parent.pid is None:
+        return
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _is_sibling(int(pid), parent.pid):
+            multiprocess.mark_process_dead(int(pid), directory)
+
+
+forget_gone_workers()  # as each worker starts (uvicorn replaces one that died)
+
+
 def render() -> tuple[bytes, str]:
     """The text exposition of every metric (of every worker, in multiprocess mode), and its content type."""
     if not is_multiprocess():
         return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    forget_gone_workers()  # and before each scrape, so a worker gone a moment ago is already out of the sum
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST

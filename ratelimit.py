@@ -13,6 +13,7 @@ Two storages: `SqlWindowStorage` (SQLite or PostgreSQL, the default) and `RedisW
 import math
 import secrets
 import time
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from redis.asyncio import Redis
@@ -44,11 +45,16 @@ class WindowState(NamedTuple):
     freeing_ms: int | None  # when `cost` more would not fit: the hit whose expiry makes room for them
 
 
+# Called with the cost as a request is admitted, before anything is recorded; if it raises, nothing is.
+OnAdmit = Callable[[int], None]
+
+
 class WindowStorage(Protocol):
     """Where the window lives. `admit` must be atomic per key: count, decide and record `cost` hits (all or
-    none) as one step."""
+    none) as one step; `on_admit` runs inside that step, once the hits are due to be recorded."""
 
-    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1) -> tuple[bool, WindowState]: ...
+    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1,
+                    on_admit: OnAdmit | None = None) -> tuple[bool, WindowState]: ...
 
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState: ...
 
@@ -65,7 +71,8 @@ class SqlWindowStorage:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1) -> tuple[bool, WindowState]:
+    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1,
+                    on_admit: OnAdmit | None = None) -> tuple[bool, WindowState]:
         async with write_transaction(self.engine) as connection:
             at_ms = await self._lock_key(connection, key_id)  # the clock read under the lock: recorded in order
             # Expired hits are never read again; dropping them keeps each key's rows at most its limit.
@@ -74,6 +81,8 @@ class SqlWindowStorage:
             state = await self._count(connection, key_id, limit, at_ms, window_ms, cost)
             is_allowed = state.count + cost <= limit
             if is_allowed:
+                if on_admit is not None:
+                    on_admit(cost)  # raising, it rolls the transaction back: nothing recorded
                 await connection.execute(insert(RateLimitHit), [{"key_id": key_id, "at_ms": at_ms}] * cost)
         return is_allowed, state
 
@@ -163,7 +172,10 @@ class RedisWindowStorage:
         self.key_prefix = key_prefix
         self.script = client.register_script(WINDOW_SCRIPT)  # EVALSHA, and EVAL again after Redis restarts
 
-    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1) -> tuple[bool, WindowState]:
+    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1,
+                    on_admit: OnAdmit | None = None) -> tuple[bool, WindowState]:
+        if on_admit is not None:
+            on_admit(cost)  # before the one script call that decides and records: there is no lock to wait for
         return await self._run(key_id, limit, window_ms, cost, is_recording=True)
 
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState:
@@ -201,14 +213,16 @@ class SlidingWindowLimiter:
         retry_after_s = max(1, _whole_seconds(wait_ms))
         return Decision(False, limit, 0, retry_after_s, retry_after_s)
 
-    async def hit(self, key_id: int, limit: int, window_s: int, cost: int = 1) -> Decision:
+    async def hit(self, key_id: int, limit: int, window_s: int, cost: int = 1,
+                  on_admit: OnAdmit | None = None) -> Decision:
         """Admit and record `cost` requests (all or none) if the window has room; otherwise say how long to wait.
 
-        `cost` must be at most `limit`: a larger one could never be admitted.
+        `cost` must be at most `limit`: a larger one could never be admitted. `on_admit(cost)` runs as the
+        request is admitted; if it raises, the request is not recorded and the exception comes out of here.
         """
         assert 1 <= cost <= limit
         asked_at = time.monotonic()  # before the storage read its clock: a full window is never assumed too long
-        is_allowed, state = await self.storage.admit(key_id, limit, window_s * 1000, cost)
+        is_allowed, state = await self.storage.admit(key_id, limit, window_s * 1000, cost, on_admit)
         if not is_allowed:
             if cost == 1 and state.freeing_ms is not None:  # full even for one: nothing fits until a hit expires
                 frees_in_s = (state.freeing_ms + window_s * 1000 - state.now_ms) / 1000

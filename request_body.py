@@ -1,7 +1,7 @@
 """The /v1/classify (and /v1/embeddings) body: read under its limits, parsed (JSON or multipart), and decoded
 into model inputs.
 
-    read_body               413 past MAX_BODY_BYTES (declared or streamed), 408 past BODY_TIMEOUT_S
+    read_body               413 past MAX_BODY_BYTES (declared or streamed), 408 past BODY_TIMEOUT_S, 503 at shutdown
     parse_classify_request  JSON {"image"} / {"images"} or a multipart `file` -> ImagesToClassify; 422 otherwise
                             (the route's schema says which options come with the images; before parsing, a
                             422 for JSON with more values than a valid body can hold)
@@ -9,8 +9,10 @@ into model inputs.
 """
 
 import asyncio
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,7 @@ from errors import ApiError
 from images import decode_base64, decode_for_model
 from inference import ModelSpec, preprocess
 from schemas import MAX_IMAGES, ClassifyRequest, EncodingFormat, ImagesRequest
+from shutdown import Shutdown, ShuttingDown
 from uploads import DEFAULT_TOP_K, is_multipart, parse_multipart
 
 # pydantic builds a body's whole JSON tree before it meets a field it forbids or a list over its cap, at about
@@ -31,22 +34,26 @@ from uploads import DEFAULT_TOP_K, is_multipart, parse_multipart
 MAX_JSON_SEPARATORS = 2 * MAX_IMAGES + 16
 
 
-async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, max_bytes: int, timeout_s: float, shutdown: Shutdown | None = None) -> bytes:
     """The body, refused with 413 as soon as it is known to be too big (Content-Length, or while streaming) and
-    with 408 if it has not all arrived within `timeout_s`."""
+    with 408 if it has not all arrived within `timeout_s`; ShuttingDown if the shutdown deadline comes first."""
     too_large = ApiError(413, "body_too_large", f"The request body is over {max_bytes} bytes (MAX_BODY_BYTES); "
                                                 "send a smaller or more compressed image.")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     body = bytearray()
+    body_deadline = time.monotonic() + timeout_s
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise too_large
+        async with asyncio.timeout(timeout_s) as timeout:
+            with shutdown.bounding(timeout) if shutdown is not None else nullcontext():
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise too_large
     except TimeoutError:
+        if shutdown is not None and shutdown.deadline is not None and shutdown.deadline <= body_deadline:
+            raise ShuttingDown from None
         raise ApiError(408, "body_timeout", f"The body did not arrive within {timeout_s:g} s (BODY_TIMEOUT_S).") from None
     except ClientDisconnect:
         raise ApiError(499, "client_closed_request", "The client closed the connection before sending the body.") from None

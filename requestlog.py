@@ -20,7 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from db import RequestLog, now_ms
+from db import RequestLog, now_ms, wait_budget, waiting_until
 from errors import ApiError, database_unavailable, internal_error, is_database_unavailable, json_error
 from metrics import Counter, Histogram
 
@@ -43,12 +43,14 @@ class LogWriter:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        # Each row with its request's database deadline (db.wait_budget; None outside a request) and its future.
+        self.pending: list[tuple[dict[str, Any], float | None, asyncio.Future[None]]] = []
         self.flushing: asyncio.Task[None] | None = None
 
     async def write(self, row: dict[str, Any]) -> None:
         future = asyncio.get_running_loop().create_future()
-        self.pending.append((row, future))
+        budget = wait_budget.get()
+        self.pending.append((row, budget.deadline if budget is not None else None, future))
         if self.flushing is None or self.flushing.done():
             self.flushing = asyncio.create_task(self._flush())
         await asyncio.shield(future)  # a caller that is cancelled does not take its row out of the group
@@ -56,9 +58,13 @@ class LogWriter:
     async def _flush(self) -> None:
         while self.pending:
             group, self.pending = self.pending, []
+            # A row's wait for the database includes the commits before its own: the group waits no longer than
+            # its most hurried request may (with none left, it still tries once).
+            deadline = min((deadline for _, deadline, _ in group if deadline is not None), default=None)
             try:
-                async with self.engine.begin() as connection:
-                    await connection.execute(insert(RequestLog), [row for row, _ in group])
+                with waiting_until(deadline):
+                    async with self.engine.begin() as connection:
+                        await connection.execute(insert(RequestLog), [row for row, _, _ in group])
             except BaseException as exc:  # cancelled too: no caller may be left waiting
                 if isinstance(exc, Exception) and len(group) > 1 and not is_database_unavailable(exc):
                     # One row the database refuses must not fail the requests that shared its commit.
@@ -68,16 +74,17 @@ class LogWriter:
                 if not isinstance(exc, Exception):
                     raise
             else:
-                for _, future in group:
+                for _, _, future in group:
                     future.set_result(None)
 
-    async def _write_one_by_one(self, group: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
-        for index, (row, future) in enumerate(group):
+    async def _write_one_by_one(self, group: list[tuple[dict[str, Any], float | None, asyncio.Future[None]]]) -> None:
+        for index, (row, deadline, future) in enumerate(group):
             try:
-                async with self.engine.begin() as connection:
-                    await connection.execute(insert(RequestLog), [row])
+                with waiting_until(deadline):
+                    async with self.engine.begin() as connection:
+                        await connection.execute(insert(RequestLog), [row])
             except Exception as exc:
-                _fail([(row, future)], exc)
+                _fail([(row, deadline, future)], exc)
             except BaseException as exc:
                 _fail(group[index:], exc)
                 raise
@@ -85,8 +92,8 @@ class LogWriter:
                 future.set_result(None)
 
 
-def _fail(group: list[tuple[dict[str, Any], asyncio.Future[None]]], exc: BaseException) -> None:
-    for _, future in group:
+def _fail(group: list[tuple[dict[str, Any], float | None, asyncio.Future[None]]], exc: BaseException) -> None:
+    for _, _, future in group:
         future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the log write was cancelled"))
         future.add_done_callback(_mark_seen)
 
@@ -161,14 +168,16 @@ class RequestLogMiddleware:
             self.report(scope, state, 503, started)
             await self.answer(database_unavailable(), scope, receive, send)
             return
-        try:
-            await self.app(scope, receive, send_after_recording)
-        except Exception as exc:
-            if is_started:
-                raise  # too late for another answer
-            logger.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
-            state["error_code"] = "internal_error"
-            await self.answer(internal_error(), scope, receive, send_after_recording)
+        # One deadline for all of the request's waits for the database, its log row's included.
+        with waiting_until(time.monotonic() + scope["app"].state.settings.db_timeout_s):
+            try:
+                await self.app(scope, receive, send_after_recording)
+            except Exception as exc:
+                if is_started:
+                    raise  # too late for another answer
+                logger.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
+                state["error_code"] = "internal_error"
+                await self.answer(internal_error(), scope, receive, send_after_recording)
 
     async def answer(self, error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
         """This middleware's own answer, in the one error shape, with CORS headers when the app's would have them."""

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     # Where keys, the request log and the rate-limit state live: sqlite:///path.db (relative to the cwd) or
     # postgresql+psycopg://user:password@host/dbname for several server processes on several hosts.
     database_url: str = "sqlite:///classify.db"
-    # How long a database (or Redis) call may wait for a lock, a connection or a pooled connection before a 503.
+    # How long a request may wait for the database in all (locks, connections), and a Redis call, before a 503.
     db_timeout_s: float = Field(10.0, gt=0)
 
     # The model that answers: any torchvision classification architecture (resnet50, mobilenet_v3_small, vit_b_16...)
@@ -113,7 +113,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # GET /metrics in Prometheus' text format; false makes it a 404.
     metrics_enabled: bool = True
-    # After SIGTERM, admitted requests get this long to be answered; images still queued then get a 503.
+    # After SIGTERM, admitted requests get this long to be answered; images still queued and bodies still
+    # arriving then get a 503.
     shutdown_timeout_s: float = Field(20.0, gt=0)
     # Browser origins allowed to call the API, comma-separated (https://app.example.com); empty: none, no CORS headers.
     cors_origins: str = ""

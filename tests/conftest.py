@@ -1,8 +1,8 @@
 """Fixtures: real uvicorn servers on loopback, real SQLite files, real PostgreSQL and Redis servers
 (tests/servers.py), real photos from scikit-image.
 
-Servers are started the way users start them (`uvicorn main:app`, settings in env vars) and talked to over
-HTTP with httpx. Keys are made by the same code the CLI uses, straight into the server's database.
+Servers are started the way users start them (`uvicorn main:app` with `make run`'s `--http`, settings in env
+vars) and talked to over HTTP with httpx. Keys are made by the same code the CLI uses, straight into the server's database.
 `backend_server` runs a test on each of SQLite and PostgreSQL, with and without Redis.
 """
 
@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import os
+import re
 import select
 import signal
 import socket
@@ -39,6 +40,8 @@ CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"
 START_TIMEOUT_S = 120
 MODEL_CACHE = ROOT / ".cache" / "test-models"  # exported ONNX graphs, kept between runs like a user's cache
 ONE_MEGABYTE = 1024 * 1024
+# The HTTP protocol `make run` serves with (http_protocol.py), read from the Makefile: the tests run what users run.
+HTTP_PROTOCOL = re.search(r"--http (\S+)", (ROOT / "Makefile").read_text()).group(1)
 
 
 def photo_path(name: str) -> Path:
@@ -103,9 +106,9 @@ def content_length(response: bytes) -> int:
 
 
 class Server:
-    """One `uvicorn main:app` subprocess; its stdout+stderr go to `log_path`."""
+    """One `uvicorn main:app --http http_protocol:...` subprocess; its stdout+stderr go to `log_path`."""
 
-    def __init__(self, tmp: Path, env: dict[str, str], workers: int = 1) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str], workers: int = 1, args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -114,12 +117,15 @@ class Server:
         self.log_path = tmp / f"server-{self.port}.log"
         self.env = {**os.environ, "LOG_LEVEL": "INFO", **env}
         self.workers = workers
+        self.args = args  # more of uvicorn's options
         self.process: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Server":
-        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [sys.executable, "-m", "uvicorn", "main:app", "--http", HTTP_PROTOCOL, "--host", "127.0.0.1",
+                   "--port", str(self.port)]
         if self.workers > 1:
             command += ["--workers", str(self.workers)]
+        command += self.args
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -306,9 +312,10 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     """Starts servers with other settings; stops them when the test ends."""
     started: list[Server] = []
 
-    def start(env: dict[str, str] | None = None, workers: int = 1, wait: bool = True, tmp: Path | None = None) -> Server:
+    def start(env: dict[str, str] | None = None, workers: int = 1, wait: bool = True, tmp: Path | None = None,
+              args: tuple[str, ...] = ()) -> Server:
         tmp = tmp or tmp_path_factory.mktemp("extra")
-        running = Server(tmp, {**server_env(tmp), **(env or {})}, workers=workers)
+        running = Server(tmp, {**server_env(tmp), **(env or {})}, workers=workers, args=args)
         started.append(running)
         return running.start(wait=wait)
 

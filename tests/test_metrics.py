@@ -1,14 +1,20 @@
 """GET /metrics: Prometheus' text format, numbers that move with traffic, right under `--workers 2`."""
 
+import concurrent.futures
+import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
+import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ONE_PIXEL, assert_error, make_key
+from conftest import ONE_PIXEL, assert_error, b64, make_key, photo_path
 
 Samples = dict[tuple[str, frozenset], float]
 
@@ -94,3 +100,58 @@ def test_two_workers_report_the_sum_of_both_and_clean_up_after_dead_servers(star
     directory = Path(tempfile.gettempdir()) / f"classify-metrics-{running.process.pid}"
     writers = {path.stem.rsplit("_", 1)[1] for path in directory.glob("counter_*.db")}
     assert len(writers) == 2, writers  # both workers keep their numbers there
+
+
+def workers_of(pid: int) -> set[int]:
+    """uvicorn's worker processes (its other child is multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {int(child) for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()}
+
+
+def queue_depth_of(directory: Path, pid: int) -> float:
+    """The inference_queue_depth one worker wrote to its file."""
+    files = [str(path) for path in directory.glob(f"gauge_livesum_{pid}.db")]
+    return sum(sample.value for metric in MultiProcessCollector.merge(files) for sample in metric.samples
+               if sample.name == "inference_queue_depth")
+
+
+@pytest.fixture(scope="module")
+def cat() -> str:
+    return b64(photo_path("chelsea.png").read_bytes())
+
+
+def test_a_killed_workers_queue_leaves_the_sum_once_its_replacement_starts(start_server, cat):
+    """Only a clean stop marked a worker dead: after `kill -9` of a worker with images queued, the idle server
+    reported them on every scrape, for good."""
+    running = start_server({"MAX_BATCH": "1"}, workers=2)
+    key = make_key(running.database_url, rate_limit=100_000)
+    directory = Path(tempfile.gettempdir()) / f"classify-metrics-{running.process.pid}"
+    workers = workers_of(running.process.pid)
+    assert len(workers) == 2
+
+    def post() -> int:
+        try:
+            with running.client(key) as client:
+                return client.post("/v1/classify", json={"images": [cat] * 8}).status_code
+        except httpx.TransportError:
+            return 0  # its worker was killed
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        posted = [pool.submit(post) for _ in range(8)]
+        deadline = time.monotonic() + 60
+        while not (queued := {pid: depth for pid in workers if (depth := queue_depth_of(directory, pid)) > 0}):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        victim = next(iter(queued))
+        os.kill(victim, signal.SIGKILL)
+        statuses = [future.result() for future in posted]
+    assert 0 in statuses, statuses  # (the kernel may have given every connection to the killed worker)
+    deadline = time.monotonic() + 120
+    while len(replacements := workers_of(running.process.pid) - workers) < 1:  # uvicorn starts another worker
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    running.wait_ready()
+    time.sleep(2)  # readiness came from either worker: give the new one its start-up
+    for _ in range(8):  # idle now, whichever worker answers the scrape
+        assert value(scrape(running.url), "inference_queue_depth") == 0
+    assert not list(directory.glob(f"gauge_livesum_{victim}.db"))

@@ -3,6 +3,7 @@
 
 import concurrent.futures
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -114,3 +115,81 @@ def test_past_the_shutdown_timeout_queued_images_are_answered_503_and_the_server
     assert "queued images answered 503 unrun" in server.log()
     rows = log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key))
     assert sorted(row["status_code"] for row in rows) == sorted(statuses + ([503] if late is not None else []))
+
+
+def start_upload(server: Server, key: str) -> socket.socket:
+    """A classify request whose head and first kilobyte have arrived; the rest never comes."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall((f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                  "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n").encode() + b'{"image": "' + b"A" * 1000)
+    return sock
+
+
+def answer_of(sock: socket.socket) -> tuple[httpx.Response, float]:
+    """The answer on `sock` (the server closes the connection after it), and when it came (time.monotonic())."""
+    answer = b""
+    while data := sock.recv(65536):
+        answer += data
+    arrived = time.monotonic()
+    head, body = answer.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(part.strip() for part in line.split(":", 1)) for line in lines[1:]]
+    return httpx.Response(int(lines[0].split()[1]), headers=headers, content=body), arrived
+
+
+def assert_answered_shutting_down(server: Server, key: str, response: httpx.Response) -> None:
+    assert_error(response, 503, "shutting_down")
+    assert response.headers["Connection"] == "close" and response.headers["Retry-After"] == "1"
+    rows = log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key))
+    assert [(row["status_code"], row["error_code"]) for row in rows] == [(503, "shutting_down")]
+    assert [row["request_id"] for row in rows] == [response.headers["X-Request-ID"]]
+
+
+def test_an_upload_in_progress_at_sigterm_is_answered_503_by_the_shutdown_deadline_and_logged(start_server):
+    """It got uvicorn's plain-text 500 when --timeout-graceful-shutdown ran out, and no row."""
+    server = start_server({"SHUTDOWN_TIMEOUT_S": "2"}, args=("--timeout-graceful-shutdown", "4"))
+    key = make_key(server.database_url)
+    with start_upload(server, key) as sock:
+        time.sleep(0.3)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        response, arrived = answer_of(sock)
+    assert 1.5 < arrived - signalled < 3.5, (response, response.text)  # at the deadline, before uvicorn gives up
+    assert server.wait_exit(30) == -signal.SIGTERM
+    assert_answered_shutting_down(server, key, response)
+    assert " ERROR " not in server.log() and "Traceback" not in server.log()
+
+
+def test_a_second_ctrl_c_answers_an_upload_in_progress_503_at_once_and_logs_it(start_server):
+    """The second Ctrl-C makes uvicorn stop waiting: what is still arriving is answered and logged first."""
+    server = start_server(args=("--timeout-graceful-shutdown", "25"))  # SHUTDOWN_TIMEOUT_S: 20
+    key = make_key(server.database_url)
+    with start_upload(server, key) as sock:
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        response, arrived = answer_of(sock)
+    assert arrived - signalled < 1.5, (response, response.text)
+    server.wait_exit(30)
+    assert_answered_shutting_down(server, key, response)
+    assert "Traceback" not in server.log()
+
+
+def test_a_request_uvicorn_gives_up_on_is_closed_unanswered_not_given_a_plain_500(start_server):
+    """--timeout-graceful-shutdown under SHUTDOWN_TIMEOUT_S (a misconfiguration): uvicorn cancels the upload
+    first. An answer now could not be logged, so there is none: no plain-text 500, no traceback."""
+    server = start_server(args=("--timeout-graceful-shutdown", "1"))
+    key = make_key(server.database_url)
+    with start_upload(server, key) as sock:
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+    assert received == b""
+    assert server.wait_exit(30) == -signal.SIGTERM
+    assert "closed unanswered" in server.log()
+    assert "Exception in ASGI application" not in server.log() and "Traceback" not in server.log()
+    assert log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key)) == []
