@@ -50,7 +50,7 @@ import httpx
 
 from client_answers import (AuthenticationError, Classification, ClientError, ImageResult, InvalidRequest,  # noqa: F401
                             ModelInfo, MultiClassification, Prediction, RateLimit, RateLimited, ResponseError,
-                            ServerError, ServerUnreachable, TimedOut, Usage, UsageBucket)
+                            ServerError, ServerUnreachable, TimedOut, Usage, UsageBucket, unexpected_answer)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)  # seconds; a big image on a busy server takes a while

@@ -107,7 +107,10 @@ def test_readiness_writes_and_the_database_does_not_grow_from_it(start_server, d
             assert client.get("/readyz").status_code == 200
     [checked_again] = query(database_url, "SELECT checked_at_ms FROM readiness_check")  # still one row, rewritten
     assert checked_again["checked_at_ms"] > checked["checked_at_ms"]
-    assert database_size(database_url) <= size + 8192  # one row rewritten: at most a page more, whatever the count
+    if database_url.startswith("sqlite"):
+        assert database_size(database_url) <= size + 8192  # one row rewritten: at most a page more, whatever the count
+    else:  # each UPDATE leaves a dead version until pruning or VACUUM takes it: a few pages, never one per probe
+        assert database_size(database_url) <= size + 8 * 8192
 
 
 
