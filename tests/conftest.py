@@ -89,13 +89,19 @@ def raw_http(port: int, head: bytes, body_chunks: list[bytes] | None = None, tim
             except (BrokenPipeError, ConnectionResetError):
                 break
             sent += len(chunk)
-        response = b""
-        while b"\r\n\r\n" not in response or len(response.split(b"\r\n\r\n", 1)[1]) < content_length(response):
-            data = sock.recv(65536)
-            if not data:
-                break
-            response += data
+        response = read_response(sock)
     return int(response.split(b" ", 2)[1]), sent, response
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One answer's head and its Content-Length body (the connection may stay open after it)."""
+    response = b""
+    while b"\r\n\r\n" not in response or len(response.split(b"\r\n\r\n", 1)[1]) < content_length(response):
+        data = sock.recv(65536)
+        if not data:
+            break
+        response += data
+    return response
 
 
 def content_length(response: bytes) -> int:

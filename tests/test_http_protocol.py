@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ONE_PIXEL, assert_error, make_key
+from conftest import ONE_PIXEL, assert_error, make_key, read_response
 
 HEAD_SIZES = [60_000, 66_000, 100_000, 1_000_000]
 CONNECTIONS = 20
@@ -17,24 +17,6 @@ CONNECTIONS = 20
 
 def head_of(size: int) -> bytes:
     return b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
-
-
-def read_answer(sock: socket.socket) -> bytes:
-    """The answer's head and its Content-Length body (the connection may stay open after it)."""
-    answer = b""
-    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < body_length(answer):
-        data = sock.recv(65536)
-        if not data:
-            break
-        answer += data
-    return answer
-
-
-def body_length(answer: bytes) -> int:
-    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            return int(line.split(b":", 1)[1])
-    return 0
 
 
 def send_until_answered(port: int, pieces: list[bytes], pause_s: float = 0) -> tuple[socket.socket, bytes]:
@@ -47,7 +29,7 @@ def send_until_answered(port: int, pieces: list[bytes], pause_s: float = 0) -> t
             sock.sendall(piece)
         except (BrokenPipeError, ConnectionResetError):
             break
-    return sock, read_answer(sock)
+    return sock, read_response(sock)
 
 
 def is_closed_by_server(sock: socket.socket, wait_s: float) -> bool:
