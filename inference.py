@@ -286,9 +286,12 @@ def preprocess(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def top_predictions(probabilities: np.ndarray, labels: tuple[str, ...], k: int) -> list[Prediction]:
+def top_predictions(probabilities: np.ndarray, labels: tuple[str, ...], k: int,
+                    min_confidence: float = 0.0) -> list[Prediction]:
+    """The `k` most likely labels, then only those at least `min_confidence` likely: maybe fewer, maybe none."""
     best = np.argsort(probabilities)[::-1][:k]
-    return [Prediction(label=labels[i], class_id=int(i), confidence=float(probabilities[i])) for i in best]
+    return [Prediction(label=labels[i], class_id=int(i), confidence=float(probabilities[i])) for i in best
+            if probabilities[i] >= min_confidence]
 
 
 def unit_vectors(x: np.ndarray) -> np.ndarray:

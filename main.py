@@ -319,17 +319,19 @@ router = APIRouter()
                  "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})
 async def classify(request: Request, response: Response, key: CurrentKey, settings: SettingsDep, limiter: LimiterDep,
                    batcher: BatcherDep, model: ModelDep) -> Classification | MultiClassification:
-    """Classify images: each one's `top_k` most likely labels (ImageNet's, or the model's own), most likely first.
+    """Classify images: each one's `top_k` most likely labels (ImageNet's, or the model's own), most likely first,
+    without those under `min_confidence`.
 
     Send `{"image": "<base64>", "top_k": 5}`, or `{"images": ["<base64>", ...]}` for several, or
-    multipart/form-data with the file in a `file` part and an optional `top_k` part, with
+    multipart/form-data with the file in a `file` part and optional `top_k` and `min_confidence` parts, with
     `Authorization: Bearer <key>`. Each image counts one request against the key's rate limit (all or none are
     admitted), even if one then turns out corrupt; a request whose body is refused counts one. Answers carry
     the rate-limit headers.
     """
     to_classify, answers = await run_images(request, key, settings, limiter, batcher, model, ClassifyRequest)
     response.headers.update(request.state.rate_limit_headers)
-    results = [ImageResult(predictions=top_predictions(answer.probabilities, model.spec.labels, to_classify.top_k),
+    results = [ImageResult(predictions=top_predictions(answer.probabilities, model.spec.labels, to_classify.top_k,
+                                                       to_classify.min_confidence),
                            inference_ms=round(answer.model_ms, 2), batch_size=answer.batch_size) for answer in answers]
     response_id = f"clf_{uuid.uuid4().hex}"
     if to_classify.is_list:
