@@ -30,6 +30,7 @@ from PIL import Image
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
+from configuration_errors import ConfigurationError
 from labels import LabelsError, read_labels
 from logs import printed_into_log
 from onnx_models import OnnxClassifier, OnnxModelError, file_sha256, read_onnx_classifier
@@ -83,7 +84,7 @@ def torchvision_spec(name: str) -> ModelSpec:
                      labels=tuple(weights.meta["categories"]))
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(ConfigurationError):
     """The server cannot start with the model it was asked for; the message says what to change."""
 
 

@@ -144,7 +144,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def crop_inside_resize(self) -> "Settings":
         if self.model_crop > self.model_resize:
-            raise ValueError("MODEL_CROP must be at most MODEL_RESIZE: the crop is taken from the resized image")
+            raise ValueError(f"MODEL_CROP={self.model_crop} is over MODEL_RESIZE={self.model_resize}: the crop is "
+                             "taken from the resized image; make MODEL_CROP at most MODEL_RESIZE")
         return self
 
     @field_validator("redis_url")
@@ -171,5 +172,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def queue_holds_a_request(self) -> "Settings":
         if self.max_queue < self.max_images_per_request:
-            raise ValueError("MAX_QUEUE must be at least MAX_IMAGES_PER_REQUEST, or the largest request never fits")
+            raise ValueError(f"MAX_QUEUE={self.max_queue} is below MAX_IMAGES_PER_REQUEST={self.max_images_per_request}"
+                             ": the largest request would never fit; raise MAX_QUEUE or lower MAX_IMAGES_PER_REQUEST")
         return self
