@@ -1,10 +1,11 @@
 """The command line of client.py: classify files and folders of images, or show the key's usage.
 
-    $ python client.py --url http://127.0.0.1:8000 --key sk-... classify photos/ cat.jpg [--top-k 3] [--min-confidence 0.1] [--concurrency 4] [--json]
+    $ python client.py --url http://127.0.0.1:8000 --key sk-... classify photos/ cat.jpg [--top-k 3] [--json]
     skipped photos/notes.txt: not an image (by its content)
     photos/cat.png: tiger cat 38.3%, Egyptian cat 36.7%, tabby 16.9%, lynx 1.3%, window screen 0.1%
     photos/broken.png: FAILED 400 corrupt_image: The image could not be decoded (Truncated File Read); it may be ...
     4 files: 2 classified, 1 failed, 1 skipped.
+    $ python client.py classify photos/ --min-confidence 0.1 --concurrency 8   # only labels >= 10 %; 8 at once
     $ python client.py usage [--json]              # the URL and key from CLASSIFY_URL and CLASSIFY_API_KEY
 
 Folders are searched recursively for images by their first bytes, not their names; files named outright are

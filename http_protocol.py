@@ -93,7 +93,8 @@ class HttpProtocol(H11Protocol):
     def start_head_timer(self) -> None:
         self.stop_head_timer()
         # A context of its own: started as an answer ends, it would otherwise log with that request's id.
-        self.head_timer = self.loop.call_later(self.header_timeout_s, self.head_timed_out, context=contextvars.Context())
+        self.head_timer = self.loop.call_later(self.header_timeout_s, self.head_timed_out,
+                                               context=contextvars.Context())
 
     def stop_head_timer(self) -> None:
         if self.head_timer is not None:

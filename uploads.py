@@ -1,5 +1,5 @@
 """multipart/form-data bodies for /v1/classify and /v1/embeddings: the `file` part's bytes and the route's optional
-small fields (`top_k` and `min_confidence`; `encoding_format`).
+small fields (`top_k`, `min_confidence`; `encoding_format`).
 
     $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -F file=@cat.jpg -F top_k=3 -F min_confidence=0.2
 
@@ -21,7 +21,8 @@ from schemas import MAX_TOP_K, ClassifyRequest
 MAX_HEADERS_PER_PART = 4  # Content-Disposition, Content-Type, and room for a client's extra one or two
 MAX_HEADER_BYTES = 1024  # one header line; a filename longer than this is no filename
 DEFAULT_TOP_K: int = ClassifyRequest.model_fields["top_k"].default
-MAX_FIELD_BYTES = 24  # "20", "0.25" or "base64" with room for digits and whitespace; a megabyte "number" is refused while it arrives
+# "20", "0.25" or "base64", with room for digits and whitespace; a megabyte "number" is refused while it arrives
+MAX_FIELD_BYTES = 24
 BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")  # RFC 2046's bchars
 
 # Both request bodies, as /openapi.json shows them; the route puts this beside the JSON one.
@@ -179,7 +180,8 @@ def parse_encoding_format(raw: bytes) -> str:
     return text
 
 
-OPTION_PARSERS = {"top_k": parse_top_k, "min_confidence": parse_min_confidence, "encoding_format": parse_encoding_format}
+OPTION_PARSERS = {"top_k": parse_top_k, "min_confidence": parse_min_confidence,
+                  "encoding_format": parse_encoding_format}
 OPTION_RULES = {"top_k": f"`top_k` must be a whole number from 1 to {MAX_TOP_K}",
                 "min_confidence": "`min_confidence` must be a number from 0 to 1, such as 0.25",
                 "encoding_format": "`encoding_format` must be `float` or `base64`"}

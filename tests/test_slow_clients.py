@@ -88,7 +88,8 @@ class SlowClients:
             sock.close()
 
     def open_after(self, seconds: float) -> int:
-        return sum(1 for sock, started in self.started.items() if self.closed.get(sock, float("inf")) > started + seconds)
+        return sum(1 for sock, started in self.started.items()
+                   if self.closed.get(sock, float("inf")) > started + seconds)
 
     def wait(self, timeout: float) -> None:
         self.thread.join(timeout)

@@ -42,7 +42,8 @@ def in_lifespan(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
             {"DATABASE_URL": f"postgresql+psycopg://app:{PASSWORD}@{nobody_listens}/classify", "DB_TIMEOUT_S": "2"},
             f"DATABASE_URL=postgresql+psycopg://app:***@{nobody_listens}/classify: the database is busy or "
             f"unreachable (connection failed: connection to server at \"127.0.0.1\", port "
-            f"{nobody_listens.split(':')[1]} failed: Connection refused); check that PostgreSQL runs at {nobody_listens}"),
+            f"{nobody_listens.split(':')[1]} failed: Connection refused); check that PostgreSQL runs at "
+            f"{nobody_listens}"),
     }
 
 
