@@ -9,8 +9,8 @@ PORT ?= 8000
 
 .PHONY: run test install bench clean screenshot
 
-# --http: uvicorn's h11 protocol with a real cap on request heads, and connections closed after early answers
-# (http_protocol.py). --timeout-graceful-shutdown: SHUTDOWN_TIMEOUT_S (20) and 5 s, a bound for what overruns it.
+# --http: uvicorn's h11 protocol with our connection limits (MAX_CONNECTIONS, HEADER_TIMEOUT_S, request heads, early
+# answers: http_protocol.py). --timeout-graceful-shutdown: SHUTDOWN_TIMEOUT_S (20) and 5 s, a bound for what overruns it.
 run: $(VENV)/.installed
 	$(BIN)/python cli.py init
 	$(BIN)/uvicorn main:app --http http_protocol:HttpProtocol --host $(HOST) --port $(PORT) --no-server-header --timeout-graceful-shutdown 25

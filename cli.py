@@ -16,8 +16,9 @@ within KEY_CACHE_TTL_S (they keep a key they have read that long); a new key wor
 Exit codes, for scripts:
     0  done
     1  no key matches, the prefix matches several keys, or rotate-key was given a revoked key
-    2  bad arguments (argparse's own code)
-    3  the database is busy or unreachable, or its SQLite file does not exist (only init and migrate create one)
+    2  bad arguments (argparse's own code), or a setting that is not valid (one line names it)
+    3  the database is busy or unreachable, or its SQLite file does not exist (only init and migrate create one);
+       one line names DATABASE_URL (its password hidden) and what to do
     4  the database's tables were not made by this server, so they are not migrated
     5  anything unexpected (a bug, a permission the database refuses): the traceback is printed
 """
@@ -34,11 +35,14 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auth import KEY_PATTERN, PREFIX_LENGTH, create_key, find_keys
+from configuration_errors import (ConfigurationError, UnusableDatabase, check_sqlite_file, load_settings,
+                                  unusable_database)
 from database_file import DatabaseFile
 from db import ApiKey, ForeignSchemaError, RequestLog, make_engine, make_sessionmaker, migrate, now_ms
 from settings import Settings
 
 EXIT_WRONG_KEY = 1
+EXIT_BAD_SETTING = 2  # as argparse's bad arguments: the command as given cannot run
 EXIT_DATABASE_UNAVAILABLE = 3
 EXIT_FOREIGN_SCHEMA = 4
 EXIT_UNEXPECTED = 5
@@ -229,6 +233,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             raise DatabaseMissing(f"There is no database file at {database_file} (DATABASE_URL); {args.command} "
                                   "creates none. If it was moved away, put it back with its -wal and -shm files; "
                                   "for a new database, run `python cli.py init`.")
+        check_sqlite_file(settings.database_url)
         await migrate(engine)
         async with make_sessionmaker(engine)() as session:
             # SQLite: the write lock first: a running server commits between our read and our write otherwise, and
@@ -236,6 +241,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             # Each command commits, then prints.
             await session.connection(execution_options={"sqlite_immediate": True})
             return await args.run(session, args, settings)
+    except OperationalError as exc:
+        raise unusable_database(settings.database_url, exc) from None
     finally:
         await engine.dispose()
 
@@ -243,16 +250,16 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return asyncio.run(run(args, Settings()))
+        return asyncio.run(run(args, load_settings()))
     except WrongKey as exc:
         print(exc, file=sys.stderr)
         return EXIT_WRONG_KEY
-    except DatabaseMissing as exc:
+    except (DatabaseMissing, UnusableDatabase) as exc:
         print(exc, file=sys.stderr)
         return EXIT_DATABASE_UNAVAILABLE
-    except OperationalError as exc:
-        print(f"The database is busy or unreachable ({exc.orig}); try again.", file=sys.stderr)
-        return EXIT_DATABASE_UNAVAILABLE
+    except ConfigurationError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_SETTING
     except ForeignSchemaError as exc:
         print(exc, file=sys.stderr)
         return EXIT_FOREIGN_SCHEMA

@@ -4,6 +4,8 @@
     >>> client = Client("localhost:8000", "sk-...")  # or from CLASSIFY_URL and CLASSIFY_API_KEY
     >>> [p.label for p in client.classify("chelsea.png", top_k=3).predictions]  # scikit-image's cat: a path or bytes
     ['tiger cat', 'Egyptian cat', 'tabby']
+    >>> [p.label for p in client.classify("chelsea.png", min_confidence=0.3).predictions]  # only labels >= 30 %
+    ['tiger cat', 'Egyptian cat']
     >>> [r.predictions[0].label for r in client.classify_many(["chelsea.png", "coffee.png"]).results]
     ['tiger cat', 'espresso']
     >>> client.models()[0].id, client.usage(start_time=time.time() - 3600, bucket_width="1m").total_requests
@@ -12,7 +14,7 @@
 (The labels are EfficientNet-Lite0's, the offline fallback's; ResNet-18's differ a little.)
 
     $ export CLASSIFY_URL=http://127.0.0.1:8000 CLASSIFY_API_KEY=sk-...
-    $ python client.py classify photos/ chelsea.png [--top-k 3] [--concurrency 4] [--json]
+    $ python client.py classify photos/ chelsea.png [--top-k 3] [--min-confidence 0.2] [--concurrency 4] [--json]
     $ python client.py --url localhost:8000 --key sk-... usage [--json]
 
 `AsyncClient` has the same methods, awaited. Both retry a bounded number of times (`max_attempts`): after the
@@ -140,13 +142,20 @@ def read_image(image: Image) -> tuple[str, bytes]:
     return Path(image).name, Path(image).read_bytes()
 
 
-def upload(name: str, data: bytes, top_k: int) -> dict[str, Any]:
-    return {"files": {"file": (name, data)}, "data": {"top_k": str(top_k)}}
+def options(top_k: int, min_confidence: float | None) -> dict[str, int | float]:
+    """/v1/classify's options; `min_confidence` only when given, so servers from before it still answer."""
+    return {"top_k": top_k} if min_confidence is None else {"top_k": top_k, "min_confidence": min_confidence}
 
 
-def several(images: list[bytes], top_k: int) -> dict[str, Any]:
+def upload(name: str, data: bytes, top_k: int, min_confidence: float | None) -> dict[str, Any]:
+    fields = {field: str(value) for field, value in options(top_k, min_confidence).items()}
+    return {"files": {"file": (name, data)}, "data": fields}
+
+
+def several(images: list[bytes], top_k: int, min_confidence: float | None) -> dict[str, Any]:
     """Several images go as one JSON body (a form carries one file): base64, as the API takes them."""
-    return {"json": {"images": [base64.b64encode(data).decode() for data in images], "top_k": top_k}}
+    return {"json": {"images": [base64.b64encode(data).decode() for data in images],
+                     **options(top_k, min_confidence)}}
 
 
 def usage_query(start_time: float | None, end_time: float | None, bucket_width: str | None) -> dict[str, Any]:
@@ -176,13 +185,17 @@ class Client:
         self.retries = retries
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
-    def classify(self, image: Image, top_k: int = DEFAULT_TOP_K) -> Classification:
-        """The `top_k` most likely labels of an image file (a path) or of an image's bytes."""
-        return Classification.from_response(self._request("POST", "/v1/classify", **upload(*read_image(image), top_k)))
+    def classify(self, image: Image, top_k: int = DEFAULT_TOP_K, *,
+                 min_confidence: float | None = None) -> Classification:
+        """The `top_k` most likely labels of an image file (a path) or of an image's bytes; with `min_confidence`
+        (0 to 1), only those at least that likely, so maybe fewer or none."""
+        body = upload(*read_image(image), top_k, min_confidence)
+        return Classification.from_response(self._request("POST", "/v1/classify", **body))
 
-    def classify_many(self, images: list[Image], top_k: int = DEFAULT_TOP_K) -> MultiClassification:
+    def classify_many(self, images: list[Image], top_k: int = DEFAULT_TOP_K, *,
+                      min_confidence: float | None = None) -> MultiClassification:
         """Several images in one request (each counts one against the limit): one result each, in order."""
-        body = several([read_image(image)[1] for image in images], top_k)
+        body = several([read_image(image)[1] for image in images], top_k, min_confidence)
         return MultiClassification.from_response(self._request("POST", "/v1/classify", **body))
 
     def models(self) -> list[ModelInfo]:
@@ -234,13 +247,17 @@ class AsyncClient:
         self.retries = retries
         self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
 
-    async def classify(self, image: Image, top_k: int = DEFAULT_TOP_K) -> Classification:
+    async def classify(self, image: Image, top_k: int = DEFAULT_TOP_K, *,
+                       min_confidence: float | None = None) -> Classification:
         name, data = await asyncio.to_thread(read_image, image)
-        return Classification.from_response(await self._request("POST", "/v1/classify", **upload(name, data, top_k)))
+        body = upload(name, data, top_k, min_confidence)
+        return Classification.from_response(await self._request("POST", "/v1/classify", **body))
 
-    async def classify_many(self, images: list[Image], top_k: int = DEFAULT_TOP_K) -> MultiClassification:
+    async def classify_many(self, images: list[Image], top_k: int = DEFAULT_TOP_K, *,
+                            min_confidence: float | None = None) -> MultiClassification:
         read = await asyncio.to_thread(lambda: [read_image(image)[1] for image in images])
-        return MultiClassification.from_response(await self._request("POST", "/v1/classify", **several(read, top_k)))
+        body = several(read, top_k, min_confidence)
+        return MultiClassification.from_response(await self._request("POST", "/v1/classify", **body))
 
     async def models(self) -> list[ModelInfo]:
         return ModelInfo.list_from_response(await self._request("GET", "/v1/models"))

@@ -1,14 +1,19 @@
 """The command line of client.py: classify files and folders of images, or show the key's usage.
 
-    $ python client.py --url http://127.0.0.1:8000 --key sk-... classify photos/ cat.jpg [--top-k 3] [--concurrency 4] [--json]
+    $ python client.py --url http://127.0.0.1:8000 --key sk-... classify photos/ cat.jpg [--top-k 3] [--json]
+    skipped photos/notes.txt: not an image (by its content)
     photos/cat.png: tiger cat 38.3%, Egyptian cat 36.7%, tabby 16.9%, lynx 1.3%, window screen 0.1%
     photos/broken.png: FAILED 400 corrupt_image: The image could not be decoded (Truncated File Read); it may be ...
+    4 files: 2 classified, 1 failed, 1 skipped.
+    $ python client.py classify photos/ --min-confidence 0.1 --concurrency 8   # only labels >= 10 %; 8 at once
     $ python client.py usage [--json]              # the URL and key from CLASSIFY_URL and CLASSIFY_API_KEY
 
 Folders are searched recursively for images by their first bytes, not their names; files named outright are
-sent whatever they hold. Files go `--concurrency` at a time, never more than the key's limit admits at once;
-429s are waited out (client.Retries). One line per file on stdout, in the order they finish; a progress bar
-on stderr when it is a terminal.
+sent whatever they hold. Every other file a folder holds is named on stderr as skipped (with --json: one object
+on stdout, `"skipped"` saying why), so nothing handed over disappears unsaid. Files go `--concurrency` at a
+time, never more than the key's limit admits at once; 429s are waited out (client.Retries). One line per file
+on stdout, in the order they finish; a progress bar on stderr when it is a terminal; last, on stderr, how many
+files were classified, failed and skipped.
 
 Exit codes:
     0  every file classified
@@ -39,28 +44,37 @@ IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a",
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_ARGUMENTS, EXIT_UNREACHABLE, EXIT_KEY_REFUSED = 0, 1, 2, 3, 4
 
 
-def looks_like_image(path: Path) -> bool:
-    """By the file's first bytes, as the server's decoder will see it, whatever its name says."""
+NOT_AN_IMAGE = "not an image"
+
+
+def why_not_an_image(path: Path) -> str | None:
+    """None for an image, judged by the file's first bytes as the server's decoder will see it, whatever its
+    name says; otherwise why it is skipped."""
     try:
         with path.open("rb") as file:
             head = file.read(12)
-    except OSError:
-        return False
-    return head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    return NOT_AN_IMAGE
 
 
-def find_images(paths: list[str]) -> tuple[list[Path], int]:
+def find_images(paths: list[str]) -> tuple[list[Path], dict[Path, str]]:
     """Files named outright (sent whatever they hold: the server says what is wrong with them), then the image
-    files found by content under each folder, recursively; and how many other files the folders held."""
+    files found by content under each folder, recursively; and the folders' other files, with why each is
+    skipped."""
     found: list[Path] = []
-    skipped = 0
+    skipped: dict[Path, str] = {}
     for given in map(Path, paths):
         if given.is_dir():
-            for path in sorted(p for p in given.rglob("*") if p.is_file()):
-                if looks_like_image(path):
+            for path in sorted(p for p in given.rglob("*") if not p.is_dir()):
+                if not path.is_file():
+                    skipped[path] = "not a file (a broken link, a pipe or a device)"
+                elif (reason := why_not_an_image(path)) is None:
                     found.append(path)
                 else:
-                    skipped += 1
+                    skipped[path] = reason
         elif given.exists():
             found.append(given)
         else:
@@ -97,10 +111,18 @@ class Progress:
             self.stream.flush()
 
 
-def result_line(path: Path, outcome: Classification | ClientError, as_json: bool) -> str:
+def skipped_line(path: Path, reason: str, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"path": str(path), "ok": False, "skipped": reason})
+    return f"skipped {path}: {reason}{' (by its content)' if reason == NOT_AN_IMAGE else ''}"
+
+
+def result_line(path: Path, outcome: Classification | ClientError, as_json: bool, min_confidence: float = 0) -> str:
     if isinstance(outcome, Classification):
         if as_json:
             return json.dumps({"path": str(path), "ok": True, **asdict(outcome)})
+        if not outcome.predictions:
+            return f"{path}: no label at least {min_confidence:.1%} likely"
         return f"{path}: " + ", ".join(f"{p.label} {p.confidence:.1%}" for p in outcome.predictions)
     if isinstance(outcome, ResponseError):
         status, code, message = outcome.status_code, outcome.code, outcome.message
@@ -112,7 +134,8 @@ def result_line(path: Path, outcome: Classification | ClientError, as_json: bool
     return f"{path}: FAILED {'' if status is None else f'{status} '}{code}: {message}"
 
 
-async def classify_files(client: AsyncClient, files: list[Path], top_k: int, concurrency: int,
+async def classify_files(client: AsyncClient, files: list[Path], top_k: int, min_confidence: float | None,
+                         concurrency: int,
                          show: Callable[[Path, Classification | ClientError], None]) -> ClientError | None:
     """Sends the files `concurrency` at a time, showing each outcome as it comes. A file the server refuses
     does not stop the others; an unreachable server or a refused key does: the error that stopped the run."""
@@ -124,7 +147,7 @@ async def classify_files(client: AsyncClient, files: list[Path], top_k: int, con
             if stopped:
                 return
             try:
-                show(path, await client.classify(path, top_k))
+                show(path, await client.classify(path, top_k, min_confidence=min_confidence))
             except (ServerUnreachable, AuthenticationError, ServerError) as exc:  # no other file would fare better
                 stopped.append(exc)
                 show(path, exc)
@@ -139,9 +162,8 @@ async def classify_files(client: AsyncClient, files: list[Path], top_k: int, con
 
 async def run_classify(client: AsyncClient, args: argparse.Namespace) -> int:
     files, skipped = find_images(args.paths)
-    if skipped:
-        print(f"Skipped {skipped} {'file that is not an image' if skipped == 1 else 'files that are not images'} "
-              "(by their content).", file=sys.stderr)
+    for path, reason in skipped.items():  # first: they are known before anything is sent
+        print(skipped_line(path, reason, args.json), file=sys.stdout if args.json else sys.stderr, flush=True)
     if not files:
         print("No image found in " + " ".join(args.paths) + ".", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
@@ -153,15 +175,16 @@ async def run_classify(client: AsyncClient, args: argparse.Namespace) -> int:
     def show(path: Path, outcome: Classification | ClientError) -> None:
         if not isinstance(outcome, Classification):
             failed.append(path)
-        progress.print(result_line(path, outcome, args.json))
+        progress.print(result_line(path, outcome, args.json, args.min_confidence or 0))
         progress.advance()
 
     progress.draw()
-    stopped = await classify_files(client, files, args.top_k, concurrency, show)
+    stopped = await classify_files(client, files, args.top_k, args.min_confidence, concurrency, show)
     progress.clear()
     unsent = len(files) - progress.done
-    print(f"{len(files) - len(failed) - unsent} of {counted(len(files), 'file')} classified"
-          + (f"; {unsent} not sent." if unsent else "."), file=sys.stderr)
+    print(f"{counted(len(files) + len(skipped), 'file')}: {len(files) - len(failed) - unsent} classified, "
+          f"{len(failed)} failed, {len(skipped)} skipped" + (f", {unsent} not sent." if unsent else "."),
+          file=sys.stderr)
     if stopped is not None:
         raise stopped
     return EXIT_SOME_FAILED if failed else EXIT_OK
@@ -191,6 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     classify.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders to search for images")
     classify.add_argument("--top-k", type=int_between(1, 20), default=DEFAULT_TOP_K, metavar="N",
                           help="labels per image, 1..20 (default 5)")
+    classify.add_argument("--min-confidence", type=fraction, metavar="P",
+                          help="only labels at least this likely, 0..1 (default: all top-k)")
     classify.add_argument("--concurrency", type=int_between(1, 64), default=DEFAULT_CONCURRENCY, metavar="N",
                           help="requests at once (default 4; never more than the key's limit)")
     classify.add_argument("--json", action="store_true", help="one JSON object per file")
@@ -208,6 +233,16 @@ def int_between(low: int, high: int) -> Callable[[str], int]:
         return int(text)
 
     return parse
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError("must be a number from 0 to 1, such as 0.2")
+    return value
 
 
 def seconds(text: str) -> float:

@@ -30,6 +30,7 @@ from PIL import Image
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
+from configuration_errors import ConfigurationError
 from labels import LabelsError, read_labels
 from logs import printed_into_log
 from onnx_models import OnnxClassifier, OnnxModelError, file_sha256, read_onnx_classifier
@@ -83,7 +84,7 @@ def torchvision_spec(name: str) -> ModelSpec:
                      labels=tuple(weights.meta["categories"]))
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(ConfigurationError):
     """The server cannot start with the model it was asked for; the message says what to change."""
 
 
@@ -286,9 +287,12 @@ def preprocess(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def top_predictions(probabilities: np.ndarray, labels: tuple[str, ...], k: int) -> list[Prediction]:
+def top_predictions(probabilities: np.ndarray, labels: tuple[str, ...], k: int,
+                    min_confidence: float = 0.0) -> list[Prediction]:
+    """The `k` most likely labels, then only those at least `min_confidence` likely: maybe fewer, maybe none."""
     best = np.argsort(probabilities)[::-1][:k]
-    return [Prediction(label=labels[i], class_id=int(i), confidence=float(probabilities[i])) for i in best]
+    return [Prediction(label=labels[i], class_id=int(i), confidence=float(probabilities[i])) for i in best
+            if probabilities[i] >= min_confidence]
 
 
 def unit_vectors(x: np.ndarray) -> np.ndarray:

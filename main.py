@@ -4,13 +4,12 @@
     $ (printf '{"image": "'; base64 -w0 "$IMG"; printf '"}') | curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -d @-
 
 Start-up loads the model (and warms it) and migrates the database to the schema's head; until that is done
-the port is not open.
+the port is not open. A setting it cannot run with stops it with one line saying which (configuration_errors.py).
 """
 
 import asyncio
 import base64
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -25,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import OperationalError
 
 import metrics  # first: it decides where every metric below keeps its numbers
 
@@ -32,11 +32,12 @@ import api_docs
 from auth import CurrentKey, KeyCache
 from backends import load_backend
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded, lower_priority
+from configuration_errors import StartupFailure, check_sqlite_file, settings_or_exit, unusable_database
 from database_file import DatabaseFile
-from db import (ApiKey, SessionDep, make_engine, make_sessionmaker, migrate, not_waiting_for_the_database, ping,
-                waiting_until)
+from db import (ApiKey, ForeignSchemaError, SessionDep, make_engine, make_sessionmaker, migrate,
+                not_waiting_for_the_database, ping, waiting_until)
 from errors import ApiError, ErrorResponse, install_error_handlers
-from inference import LoadedModel, ModelLoadError, load_model, top_predictions, unit_vectors
+from inference import LoadedModel, load_model, top_predictions, unit_vectors
 from logs import configure_logging
 from ratelimit import (Decision, OnAdmit, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage,
                        make_redis)
@@ -66,7 +67,6 @@ RATE_LIMITED = metrics.Counter("rate_limit_rejections_total", "/v1/classify requ
 # One series, value 1, whose labels say what answers: the Prometheus idiom for build and version info.
 MODEL_INFO = metrics.Gauge("model_info", "The model this server runs.",
                            ["model", "version", "backend", "precision", "weights_source"], multiprocess_mode="max")
-STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
 
 
 @asynccontextmanager
@@ -78,22 +78,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The backend is built and run on this one thread, so the runtime's own threads inherit its lower priority.
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=lower_priority)
     try:
-        await migrate(engine)
-        model = await asyncio.to_thread(load_model, settings)
+        try:
+            check_sqlite_file(settings.database_url)
+            await migrate(engine)
+        except (OperationalError, ForeignSchemaError) as exc:
+            raise unusable_database(settings.database_url, exc) from None
+        model = await asyncio.to_thread(load_model, settings)  # ModelLoadError is a ConfigurationError too
         max_batch = min(settings.max_batch, model.max_batch or settings.max_batch)  # 1 for a fixed batch axis
         backend = await loop.run_in_executor(model_thread, load_backend, model, settings.inference_backend,
                                              settings.inference_precision, settings.inference_threads,
                                              settings.model_cache_dir, max_batch)
-    except ModelLoadError as exc:
-        # One line that names the setting, then exit: failing the lifespan would add Starlette's traceback,
-        # which says nothing about the settings and buries the line that does.
-        logger.critical("cannot start: %s", exc)
+    except BaseException:
+        # Start-up failed (StartupFailure says why, in one line for a setting): nothing started may outlive it.
         model_thread.shutdown(wait=False)
         await engine.dispose()
         if redis is not None:
             await redis.aclose()
-        logging.shutdown()
-        os._exit(STARTUP_FAILURE)
+        raise
     batcher = Batcher(backend, max_batch, settings.batch_wait_ms, settings.max_queue, model_thread)
     batcher.start()
     MODEL_INFO.labels(model.spec.name, model.version, backend.name, backend.precision, model.weights_source).set(1)
@@ -319,17 +320,19 @@ router = APIRouter()
                  "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})
 async def classify(request: Request, response: Response, key: CurrentKey, settings: SettingsDep, limiter: LimiterDep,
                    batcher: BatcherDep, model: ModelDep) -> Classification | MultiClassification:
-    """Classify images: each one's `top_k` most likely labels (ImageNet's, or the model's own), most likely first.
+    """Classify images: each one's `top_k` most likely labels (ImageNet's, or the model's own), most likely first,
+    without those under `min_confidence`.
 
     Send `{"image": "<base64>", "top_k": 5}`, or `{"images": ["<base64>", ...]}` for several, or
-    multipart/form-data with the file in a `file` part and an optional `top_k` part, with
+    multipart/form-data with the file in a `file` part and optional `top_k` and `min_confidence` parts, with
     `Authorization: Bearer <key>`. Each image counts one request against the key's rate limit (all or none are
     admitted), even if one then turns out corrupt; a request whose body is refused counts one. Answers carry
     the rate-limit headers.
     """
     to_classify, answers = await run_images(request, key, settings, limiter, batcher, model, ClassifyRequest)
     response.headers.update(request.state.rate_limit_headers)
-    results = [ImageResult(predictions=top_predictions(answer.probabilities, model.spec.labels, to_classify.top_k),
+    results = [ImageResult(predictions=top_predictions(answer.probabilities, model.spec.labels, to_classify.top_k,
+                                                       to_classify.min_confidence),
                            inference_ms=round(answer.model_ms, 2), batch_size=answer.batch_size) for answer in answers]
     response_id = f"clf_{uuid.uuid4().hex}"
     if to_classify.is_list:
@@ -434,7 +437,7 @@ async def readyz(request: Request) -> Health:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or settings_or_exit()  # an invalid setting: one line, not a traceback of this import
     configure_logging(settings.log_level, settings.log_format)
     app = FastAPI(title="Image classification API", version="1.0.0", lifespan=lifespan,
                   description="ImageNet labels for your images: POST a base64 image to /v1/classify with a Bearer key.",
@@ -450,6 +453,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLogMiddleware, cors_options=cors_options if settings.cors_origin_list else None)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(StartupFailure)
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(api_docs.router)

@@ -64,7 +64,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float, shutdown
 class ImagesToClassify:
     sources: list[str | bytes]  # base64 text from JSON, or a multipart file's bytes
     is_list: bool  # sent as "images": answered as a list, and errors name the image
-    top_k: int = DEFAULT_TOP_K  # /v1/classify's option
+    top_k: int = DEFAULT_TOP_K  # /v1/classify's options
+    min_confidence: float = 0.0
     encoding_format: EncodingFormat = "float"  # /v1/embeddings' option
 
 

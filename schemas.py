@@ -52,6 +52,9 @@ class ClassifyRequest(ImagesRequest):
     """`image` for one image, or `images` for several (answered in order); exactly one of the two."""
 
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="How many labels to return, most likely first.")
+    min_confidence: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                                  description="Of those `top_k`, only labels at least this confident (0 to 1): an "
+                                              "answer may hold fewer, or none.")
 
 
 class EmbeddingsRequest(ImagesRequest):

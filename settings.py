@@ -6,6 +6,7 @@ Tests build their own `Settings(...)` or start a server with other env vars; not
 
 import importlib.util
 import os
+import resource
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -24,6 +25,13 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def default_max_connections() -> int:
+    """1000, or half the files this process may open (`ulimit -n`) when that is lower: the rest are for the
+    database, the model, the logs."""
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 1000 if soft_limit == resource.RLIM_INFINITY else max(1, min(1000, soft_limit // 2))
 
 
 def default_backend() -> BackendName:
@@ -94,6 +102,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     # A body still arriving after this long gets a 408: a slow sender cannot hold a slot forever.
     body_timeout_s: float = Field(30.0, gt=0)
+    # A request line and headers not all in this long after the connection opened (or its last answer ended)
+    # get a 408 and the connection is closed; one that sent nothing is closed. Needs http_protocol.HttpProtocol.
+    header_timeout_s: float = Field(10.0, gt=0)
+    # Connections one server process holds at most; past it a new one is answered 503 and closed at once, before
+    # connections use up its open files. Needs http_protocol.HttpProtocol.
+    max_connections: int = Field(default_factory=default_max_connections, ge=1)
     # Images whose header declares more pixels get a 413 before decoding (Pillow itself only warns at 89 MP).
     max_image_pixels: int = Field(25_000_000, ge=1)
 
@@ -144,7 +158,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def crop_inside_resize(self) -> "Settings":
         if self.model_crop > self.model_resize:
-            raise ValueError("MODEL_CROP must be at most MODEL_RESIZE: the crop is taken from the resized image")
+            raise ValueError(f"MODEL_CROP={self.model_crop} is over MODEL_RESIZE={self.model_resize}: the crop is "
+                             "taken from the resized image; make MODEL_CROP at most MODEL_RESIZE")
         return self
 
     @field_validator("redis_url")
@@ -171,5 +186,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def queue_holds_a_request(self) -> "Settings":
         if self.max_queue < self.max_images_per_request:
-            raise ValueError("MAX_QUEUE must be at least MAX_IMAGES_PER_REQUEST, or the largest request never fits")
+            raise ValueError(f"MAX_QUEUE={self.max_queue} is below MAX_IMAGES_PER_REQUEST={self.max_images_per_request}"
+                             ": the largest request would never fit; raise MAX_QUEUE or lower MAX_IMAGES_PER_REQUEST")
         return self

@@ -1,7 +1,7 @@
 """multipart/form-data bodies for /v1/classify and /v1/embeddings: the `file` part's bytes and the route's optional
-small fields (`top_k`; `encoding_format`).
+small fields (`top_k`, `min_confidence`; `encoding_format`).
 
-    $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -F file=@cat.jpg -F top_k=3
+    $ curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -F file=@cat.jpg -F top_k=3 -F min_confidence=0.2
 
 The body has already been read whole under MAX_BODY_BYTES (request_body.read_body), so what is bounded here is what
 multipart itself adds for an attacker to play with: the boundary (at most 70 characters, RFC 2046), the number
@@ -21,7 +21,8 @@ from schemas import MAX_TOP_K, ClassifyRequest
 MAX_HEADERS_PER_PART = 4  # Content-Disposition, Content-Type, and room for a client's extra one or two
 MAX_HEADER_BYTES = 1024  # one header line; a filename longer than this is no filename
 DEFAULT_TOP_K: int = ClassifyRequest.model_fields["top_k"].default
-MAX_FIELD_BYTES = 16  # "20" or "base64" with room for whitespace; a megabyte "number" is refused while it arrives
+# "20", "0.25" or "base64", with room for digits and whitespace; a megabyte "number" is refused while it arrives
+MAX_FIELD_BYTES = 24
 BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")  # RFC 2046's bchars
 
 # Both request bodies, as /openapi.json shows them; the route puts this beside the JSON one.
@@ -33,6 +34,9 @@ MULTIPART_SCHEMA = {
         "file": FILE_SCHEMA,
         "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": DEFAULT_TOP_K,
                   "description": "How many labels to return, most likely first."},
+        "min_confidence": {"type": "number", "minimum": 0, "maximum": 1, "default": 0,
+                           "description": "Of those, only labels at least this confident: an answer may hold fewer, "
+                                          "or none."},
     },
 }
 EMBEDDINGS_MULTIPART_SCHEMA = {
@@ -158,6 +162,17 @@ def parse_top_k(raw: bytes) -> int:
     return int(text)
 
 
+def parse_min_confidence(raw: bytes) -> float:
+    text = raw.decode("ascii", errors="replace").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:  # NaN fails both comparisons
+        raise invalid(f"{OPTION_RULES['min_confidence']}, not {text[:20]!r}")
+    return value
+
+
 def parse_encoding_format(raw: bytes) -> str:
     text = raw.decode("ascii", errors="replace").strip()
     if text not in ("float", "base64"):
@@ -165,6 +180,8 @@ def parse_encoding_format(raw: bytes) -> str:
     return text
 
 
-OPTION_PARSERS = {"top_k": parse_top_k, "encoding_format": parse_encoding_format}
+OPTION_PARSERS = {"top_k": parse_top_k, "min_confidence": parse_min_confidence,
+                  "encoding_format": parse_encoding_format}
 OPTION_RULES = {"top_k": f"`top_k` must be a whole number from 1 to {MAX_TOP_K}",
+                "min_confidence": "`min_confidence` must be a number from 0 to 1, such as 0.25",
                 "encoding_format": "`encoding_format` must be `float` or `base64`"}

@@ -60,7 +60,8 @@ def torchvision_weights(name: str) -> tuple[dict[str, torch.Tensor], WeightsSour
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from a file holding one, a training checkpoint around one, or a whole pickled ResNet."""
     if not path.is_file():
-        raise WeightsError(f"MODEL_WEIGHTS={path}: no such file.")
+        problem = "a folder, not a file" if path.is_dir() else "no such file"
+        raise WeightsError(f"MODEL_WEIGHTS={path}: {problem}; set it to a weights file (.pth), or unset it.")
     try:
         with torch.serialization.safe_globals(RESNET_MODULES):
             saved = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file

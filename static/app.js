@@ -1,4 +1,5 @@
-// The page's only script: sends the picked image to /v1/classify (multipart) and shows the answer.
+// The page's only script: sends the picked image to /v1/classify (multipart) and shows the answer: the labels
+// the server returns, which min_confidence may make fewer than five, or none.
 // The key stays in this tab unless "Remember" is ticked; then, and only then, it is kept in localStorage.
 "use strict";
 
@@ -42,9 +43,16 @@ function showError(message) {
   $("result").hidden = true;
 }
 
-function showPredictions(answer, roundTripMs) {
+function minConfidencePercent() {
+  const value = $("min-confidence").valueAsNumber;
+  return Number.isNaN(value) ? 0 : value;  // an empty box: no minimum
+}
+
+function showPredictions(answer, roundTripMs, minPercent) {
   const list = $("predictions");
   list.replaceChildren();
+  $("no-predictions").hidden = answer.predictions.length > 0;
+  $("no-predictions").textContent = `No label is at least ${minPercent} % likely: lower the minimum to see some.`;
   for (const prediction of answer.predictions) {
     const percent = (prediction.confidence * 100).toFixed(1);
     const item = document.createElement("li");
@@ -67,12 +75,15 @@ async function classify(file) {
   // A key pasted with an invisible or curly character would make fetch throw, and look like a dead server.
   if (!KEY_SHAPE.test(key)) return showError("That does not look like a whole API key: sk- and 43 letters, " +
                                              "digits, - or _. Paste it again.");
+  const minPercent = minConfidencePercent();
+  if (!(minPercent >= 0 && minPercent <= 100)) return showError("The minimum must be a number from 0 to 100 %.");
   rememberKey();
   if ($("preview").src) URL.revokeObjectURL($("preview").src);
   $("preview").src = URL.createObjectURL(file);
   const form = new FormData();
   form.append("file", file);
   form.append("top_k", String(TOP_K));
+  form.append("min_confidence", String(minPercent / 100));
   const started = performance.now();
   let response;
   try {
@@ -84,7 +95,7 @@ async function classify(file) {
   showQuota(response.headers);
   const body = await response.json().catch(() => null);
   if (!response.ok) return showError(plainError(response.status, body, response.headers));
-  showPredictions(body, roundTripMs);
+  showPredictions(body, roundTripMs, minPercent);
 }
 
 function rememberKey() {

@@ -189,7 +189,7 @@ def test_openapi_documents_bodies_examples_errors_and_auth(server):
         spec = client.get("/openapi.json").json()
     classify_op = spec["paths"]["/v1/classify"]["post"]
     body_schema = classify_op["requestBody"]["content"]["application/json"]["schema"]
-    assert set(body_schema["properties"]) == {"image", "images", "top_k"}
+    assert set(body_schema["properties"]) == {"image", "images", "top_k", "min_confidence"}
     assert body_schema["properties"]["image"]["examples"]
     for status in ("400", "401", "413", "422", "429"):
         assert classify_op["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")

@@ -197,7 +197,8 @@ def test_the_command_line_classifies_a_folder_within_a_tiny_limit(server, photos
     assert lines[str(photos / "cat.png")].split(" ")[0] in {label.split(" ")[0] for label in CAT_LABELS}
     assert lines[str(photos / "kitchen" / "cup")].startswith("espresso ")
     assert lines[str(photos / "broken.png")].startswith("FAILED 400 corrupt_image: ")
-    assert "Skipped 1 file that is not an image" in done.stderr and "2 of 3 files classified" in done.stderr
+    assert f"skipped {photos / 'notes.png'}: not an image (by its content)" in done.stderr.splitlines()
+    assert done.stderr.splitlines()[-1] == "4 files: 2 classified, 1 failed, 1 skipped."
     statuses = [row["status_code"] for row in log_rows(server.database_url, "key_id = :key_id AND endpoint = '/v1/classify'",
                                                         key_id=key_id(server.database_url, key))]
     assert 429 in statuses and statuses.count(200) == 2 and statuses.count(400) == 1
@@ -230,7 +231,31 @@ def test_the_command_line_prints_json_lines_and_a_bar_on_a_terminal(server, key,
 
 def test_the_command_line_counts_one_file_in_the_singular(server, key):
     done = client_cli("--url", server.url, "--key", key, "classify", str(photo_path("coffee.png")))
-    assert done.returncode == 0 and done.stderr.strip() == "1 of 1 file classified.", done.stderr
+    assert done.returncode == 0 and done.stderr.strip() == "1 file: 1 classified, 0 failed, 0 skipped.", done.stderr
+
+
+def test_the_command_line_names_every_file_it_skips(server, key, photos):
+    """Before, a folder's other files were only counted ("Skipped 2 files that are not images"): a user with
+    hundreds of files could not find them."""
+    (photos / "kitchen" / "recipe.txt").write_text("two eggs")
+    (photos / "gone.png").symlink_to(photos / "nowhere.png")
+    skipped = {photos / "notes.png": "not an image", photos / "kitchen" / "recipe.txt": "not an image",
+               photos / "gone.png": "not a file (a broken link, a pipe or a device)"}
+    done = client_cli("--url", server.url, "--key", key, "classify", str(photos))
+    assert done.returncode == 1, done.stderr  # broken.png
+    lines = done.stderr.splitlines()
+    for path, reason in skipped.items():
+        by_content = " (by its content)" if reason == "not an image" else ""
+        assert f"skipped {path}: {reason}{by_content}" in lines, lines
+    assert lines[-1] == "6 files: 2 classified, 1 failed, 3 skipped."
+    assert not any(str(path) in done.stdout for path in skipped)
+
+    as_json = client_cli("--url", server.url, "--key", key, "classify", str(photos), "--json")
+    objects = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [o for o in objects if "skipped" in o] == [{"path": str(path), "ok": False, "skipped": reason}
+                                                      for path, reason in sorted(skipped.items())]
+    assert sorted(Path(o["path"]).name for o in objects if "skipped" not in o) == ["broken.png", "cat.png", "cup"]
+    assert as_json.stderr.splitlines()[-1] == "6 files: 2 classified, 1 failed, 3 skipped."
 
 
 def test_the_command_line_shows_usage(server, key):

@@ -129,6 +129,30 @@ def test_a_used_up_key_says_how_long_to_wait_and_a_text_file_is_not_an_image(pag
     assert any(word.isdigit() and int(word) > 500 for word in message.split()), message  # the window's wait
 
 
+def test_the_minimum_confidence_is_sent_and_the_page_shows_what_the_api_returns(page, server):
+    key = new_key(server)
+    page.fill("#min-confidence", "30")
+    send(page, key, photo_path("chelsea.png"))
+    page.wait_for_selector("#result", state="visible")
+    shown = page.locator("#predictions .percent").all_text_contents()
+    assert 0 < len(shown) < 5 and all(float(text.split()[0]) >= 30 for text in shown), shown  # the cat: 38 %, 37 %
+    assert page.is_hidden("#no-predictions")
+    # What the API answers for the same minimum, label for label.
+    with server.client(key) as client:
+        answer = client.post("/v1/classify", files={"file": ("chelsea.png", photo_path("chelsea.png").read_bytes())},
+                             data={"top_k": "5", "min_confidence": "0.3"}).json()
+    assert page.locator("#predictions .name").all_text_contents() == [p["label"] for p in answer["predictions"]]
+
+    page.fill("#min-confidence", "99")
+    page.set_input_files("#file", str(photo_path("chelsea.png")))
+    page.wait_for_selector("#no-predictions", state="visible")
+    assert page.locator("#predictions li").count() == 0
+    assert "No label is at least 99 % likely" in page.text_content("#no-predictions")
+    page.fill("#min-confidence", "150")
+    page.set_input_files("#file", str(photo_path("chelsea.png")))
+    assert "from 0 to 100" in error_text(page)
+
+
 DROP_FILE = """([base64, name]) => {
     const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
     const dropped = new DataTransfer();
