@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from conftest import ONE_PIXEL, Server, assert_error, make_key, server_env
-from test_http_protocol import error_body, is_closed_by_server, open_files, read_answer
+from conftest import ONE_PIXEL, Server, assert_error, make_key, read_response, server_env
+from test_http_protocol import error_body, is_closed_by_server, open_files
 
 HEADER_TIMEOUT_S = 6
 FRESH, KEPT_ALIVE = 250, 50  # slow connections: new ones, and ones that were answered once first
@@ -42,7 +42,7 @@ class SlowClients:
         for _ in range(kept_alive):
             sock = socket.create_connection(("127.0.0.1", port), timeout=30)
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert read_answer(sock).startswith(b"HTTP/1.1 200 "), "the first request is answered"
+            assert read_response(sock).startswith(b"HTTP/1.1 200 "), "the first request is answered"
             self.begin(sock)
         for _ in range(fresh):
             self.begin(socket.create_connection(("127.0.0.1", port), timeout=30))
@@ -147,11 +147,11 @@ def test_a_head_in_time_is_served_and_each_answer_restarts_the_timer(slow_server
         for line in (b"GET /healthz HTTP/1.1\r\n", b"Host: x\r\n", b"X-Slowly: yes\r\n", b"\r\n"):
             sock.sendall(line)
             time.sleep(HEADER_TIMEOUT_S / 5)  # the whole head within 4/5 of the timeout
-        assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
         for _ in range(2):  # the connection lives on past the timeout: each head is timed from the last answer
             time.sleep(HEADER_TIMEOUT_S / 2)
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
+            assert read_response(sock).startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_connection_that_sends_nothing_is_closed_without_an_answer(slow_server):
@@ -174,7 +174,7 @@ def test_past_max_connections_new_ones_are_answered_503_and_closed_at_once(start
         for _ in range(50):
             with socket.create_connection(("127.0.0.1", running.port), timeout=10) as extra:
                 started = time.monotonic()
-                response = error_body(read_answer(extra))
+                response = error_body(read_response(extra))
                 assert_error(response, 503, "too_many_connections")
                 assert response.headers["Retry-After"] == "1" and response.headers["Connection"] == "close"
                 assert is_closed_by_server(extra, 2) and time.monotonic() - started < 2
