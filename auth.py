@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db import ApiKey, SessionDep, now_ms
+from db import ApiKey, now_ms
 from errors import ApiError
 from metrics import Counter
 from requestlog import add_timing
@@ -96,7 +96,7 @@ def unauthorized(code: str, message: str, headers: dict[str, str]) -> ApiError:
     return ApiError(401, code, message, headers)
 
 
-async def get_current_key(request: Request, session: SessionDep,
+async def get_current_key(request: Request,
                           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> ApiKey:
     """The calling key, from `Authorization: Bearer sk-...`; 401 for anything else."""
     challenge = {"WWW-Authenticate": 'Bearer realm="api"'}
@@ -112,8 +112,8 @@ async def get_current_key(request: Request, session: SessionDep,
         cache: KeyCache = request.app.state.key_cache
         key_hash = hash_key(token)
         api_key = cache.get(key_hash)
-        if api_key is None:
-            async with session.begin():
+        if api_key is None:  # a session only then: most requests find their key in the cache
+            async with request.app.state.sessions() as session, session.begin():
                 api_key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == key_hash))
             if api_key is not None:
                 cache.put(key_hash, api_key)  # detached and fully loaded (expire_on_commit=False): safe to share

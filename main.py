@@ -33,6 +33,7 @@ from auth import CurrentKey, KeyCache
 from backends import load_backend
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded, lower_priority
 from database_file import DatabaseFile
+from database_writer import DatabaseWriter
 from db import (ApiKey, SessionDep, make_engine, make_sessionmaker, migrate, not_waiting_for_the_database, ping,
                 waiting_until)
 from errors import ApiError, ErrorResponse, install_error_handlers
@@ -42,7 +43,7 @@ from ratelimit import (Decision, OnAdmit, RedisWindowStorage, SlidingWindowLimit
                        make_redis)
 from request_body import ImagesToClassify, decode_images, parse_classify_request, read_body
 from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
-from requestlog import LogWriter, RequestLogMiddleware, add_timing
+from requestlog import RequestLogMiddleware, add_timing
 from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Embedding, Embeddings, EmbeddingsRequest,
                      Health, ImageResult, ImagesRequest, ModelInfo, ModelList, MultiClassification, Preprocessing,
                      Usage)
@@ -113,13 +114,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     chain_termination_handlers(begin_shutdown)
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
     decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
+    # The request path's writes (admissions, log rows) go through one thread, in groups; reads use the engine.
+    writer = DatabaseWriter(settings.database_url, settings.db_timeout_s)
+    writer.start()
     app.state.engine = engine
-    app.state.database_file = DatabaseFile(engine)
+    app.state.database_writer = writer
+    app.state.database_file = DatabaseFile(engine, on_replaced=writer.reconnect)
     app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
-    app.state.log_writer = LogWriter(engine)
     app.state.redis = redis
-    storage: WindowStorage = RedisWindowStorage(redis, settings.redis_key_prefix) if redis else SqlWindowStorage(engine)
+    storage: WindowStorage = RedisWindowStorage(redis, settings.redis_key_prefix) if redis else SqlWindowStorage(writer)
     app.state.limiter = SlidingWindowLimiter(storage)
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     app.state.model = model
@@ -134,25 +138,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.stop()
         model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
+        await writer.stop()
         await engine.dispose()
         if redis is not None:
             await redis.aclose()
         metrics.process_stopped()
 
 
-def get_settings(request: Request) -> Settings:
+# async, as every dependency here: FastAPI runs a plain `def` one in its thread pool, a hop for each request.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_model(request: Request) -> LoadedModel:
+async def get_model(request: Request) -> LoadedModel:
     return request.app.state.model
 
 
-def get_batcher(request: Request) -> Batcher:
+async def get_batcher(request: Request) -> Batcher:
     return request.app.state.batcher
 
 
-def get_limiter(request: Request) -> SlidingWindowLimiter:
+async def get_limiter(request: Request) -> SlidingWindowLimiter:
     return request.app.state.limiter
 
 
