@@ -56,7 +56,7 @@ class Transaction:
 
     def execute(self, statement: Executable, **params: Any) -> Any:
         """Runs `statement` with its bind parameters; the driver's cursor, to fetch from."""
-        sql, names, defaults = self._compile(statement, statement)
+        sql, names, defaults = self._compiled.get(statement) or self._compile(statement, statement)
         bound = _bound(names, defaults, params)
         try:
             return self.cursor.execute(sql, bound)
@@ -80,7 +80,8 @@ class Transaction:
     def insert(self, table: TableLike, rows: list[dict[str, Any]]) -> None:
         """One INSERT of `rows`, which all have the same keys."""
         columns = tuple(rows[0])
-        sql, names, defaults = self._compile(("insert", table, columns), insert(table), columns)
+        key = (table, columns)
+        sql, names, defaults = self._compiled.get(key) or self._compile(key, insert(table), columns)
         bound = [_bound(names, defaults, row) for row in rows]
         try:
             self.cursor.executemany(sql, bound)
@@ -95,12 +96,11 @@ class Transaction:
 
     def _compile(self, key: Hashable, statement: Executable,
                  columns: tuple[str, ...] = ()) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
-        if (found := self._compiled.get(key)) is None:
-            compiled = statement.compile(dialect=self.dialect, column_keys=list(columns) or None)
-            # Literal values (a LIMIT 1) become parameters too: they are bound from here.
-            defaults = {name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required}
-            positions = tuple(compiled.positiontup) if compiled.positiontup is not None else None
-            found = self._compiled[key] = (compiled.string, positions, defaults)
+        compiled = statement.compile(dialect=self.dialect, column_keys=list(columns) or None)
+        # Literal values (a LIMIT 1) become parameters too: they are bound from here.
+        defaults = {name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required}
+        positions = tuple(compiled.positiontup) if compiled.positiontup is not None else None
+        found = self._compiled[key] = (compiled.string, positions, defaults)
         return found
 
 
