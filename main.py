@@ -425,9 +425,13 @@ async def check_dependency(check: Awaitable[object], message: str) -> None:
 @router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, tags=["health"],
                   responses={503: ERRORS[503]})
 async def readyz(request: Request) -> Health:
-    """Readiness: the model's worker runs, and the database (and Redis, when the limiter uses it) answer."""
+    """Readiness: the model's worker and the database thread run, and the database (and Redis, when the limiter
+    uses it) answer."""
     if not request.app.state.batcher.is_running:
         raise ApiError(503, "not_ready", "The model's worker has stopped (the server log says why); restart the "
+                                         "server.", {"Retry-After": "1"})
+    if not request.app.state.database_writer.is_running:
+        raise ApiError(503, "not_ready", "The database thread has stopped (the server log says why); restart the "
                                          "server.", {"Retry-After": "1"})
     if not await request.app.state.database_file.is_usable():
         raise ApiError(503, "not_ready", "The database file is missing.", {"Retry-After": "1"})
