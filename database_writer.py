@@ -253,28 +253,33 @@ class DatabaseWriter:
     def _end_quietly(self, transaction: Transaction, cause: BaseException) -> None:
         """Rolls back after `cause`; a connection that cannot even do that is replaced before the next group."""
         if isinstance(cause, DBAPIError) and cause.connection_invalidated:
-            self._disconnect()
+            self._disconnect(is_broken=True)
             return
         try:
             self._end(transaction, "ROLLBACK")
         except Exception as exc:
-            logger.warning("closing the database thread's connection after a failed rollback: %s", exc)
-            self._disconnect()
+            logger.warning("replacing the database thread's connection after a failed rollback: %s", exc)
+            self._disconnect(is_broken=True)
 
     def _connect(self) -> PoolProxiedConnection:
         if self._is_reconnect_due:
             self._is_reconnect_due = False
             self._disconnect()
         if self._connection is None:
-            self._connection = self.engine.raw_connection()  # a failure is a DBAPIError: a 503 if transient
+            try:
+                self._connection = self.engine.raw_connection()
+            except self.engine.dialect.loaded_dbapi.Error as exc:  # SQLAlchemy's error, a 503 if transient
+                raise DBAPIError.instance(None, None, exc, self.engine.dialect.loaded_dbapi.Error,
+                                          dialect=self.engine.dialect) from exc
             self._busy_timeout_ms = None
         return self._connection
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, is_broken: bool = False) -> None:
+        """Closes the connection; a broken one is dropped without the rollback a close would try first."""
         if self._connection is not None:
             connection, self._connection = self._connection, None
             try:
-                connection.close()
+                connection.invalidate() if is_broken else connection.close()
             except Exception as exc:  # a connection already lost
                 logger.debug("closing the database thread's connection: %s", exc)
 
