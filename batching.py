@@ -94,6 +94,7 @@ class Batcher:
         self.model_thread = model_thread  # one thread: the backend is built and run only there
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.accepted = 0  # images reserved and not yet answered: what MAX_QUEUE bounds
+        self._places_lock = threading.Lock()  # `accepted` changes in the event loop and the database's thread
         self.is_stopped = False  # past the shutdown deadline: nothing more is run
         self._worker: asyncio.Task[None] | None = None
 
@@ -113,22 +114,27 @@ class Batcher:
     def reservation(self) -> Iterator[Callable[[int], None]]:
         """`take(image_count)`: room for that many images until the block ends, or Overloaded at once (a full
         queue makes no one wait). Called as the request is admitted, not before: while it waits for its
-        admission (the database's lock) it holds no place."""
+        admission (the database's lock) it holds no place. `take` may be called from the database's thread
+        (database_writer.py); once the block has ended it takes nothing and raises Overloaded."""
         taken = 0
+        is_open = True
 
         def take(image_count: int) -> None:
             nonlocal taken
-            if not self.has_room(image_count):
-                raise Overloaded
-            self.accepted += image_count
-            taken += image_count
-            QUEUE_DEPTH.set(self.accepted)
+            with self._places_lock:
+                if not is_open or not self.has_room(image_count):
+                    raise Overloaded
+                self.accepted += image_count
+                taken += image_count
+                QUEUE_DEPTH.set(self.accepted)
 
         try:
             yield take
         finally:
-            self.accepted -= taken
-            QUEUE_DEPTH.set(self.accepted)
+            with self._places_lock:
+                is_open = False
+                self.accepted -= taken
+                QUEUE_DEPTH.set(self.accepted)
 
     async def infer(self, images: list[np.ndarray], deadline: float) -> list[Answer]:
         """Probabilities for each image, in order. Call with room taken for them (`reservation`).

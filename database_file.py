@@ -17,6 +17,7 @@ with a warning, before anything opens the new one; a `-wal` made for the new fil
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -36,8 +37,9 @@ def _identity(path: Path) -> Identity:
 
 
 class DatabaseFile:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, on_replaced: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        self.on_replaced = on_replaced  # for connections the engine does not pool (database_writer.py's)
         database = engine.url.database
         is_file = engine.url.get_backend_name() == "sqlite" and database not in (None, "", ":memory:")
         self.path = Path(database).resolve() if is_file and database else None  # None: not a file database
@@ -72,6 +74,8 @@ class DatabaseFile:
         logger.warning("database file %s was replaced: reconnecting%s", self.path,
                        f"; the old file's {' and '.join(moved)} moved aside, or SQLite would have applied them "
                        "to the new one" if moved else "")
+        if self.on_replaced is not None:
+            self.on_replaced()
         await self.engine.dispose()  # closes the connections to the old file (ones in use close when returned)
         return True
 

@@ -19,8 +19,10 @@ from typing import Annotated, Any
 from alembic import command
 from alembic.config import Config
 from fastapi import Depends, Request
-from sqlalchemy import BigInteger, Connection, ForeignKey, Index, Integer, String, event, insert, inspect, text, update
+from sqlalchemy import (BigInteger, Connection, Engine, ForeignKey, Index, Integer, String, create_engine, event, insert,
+                        inspect, text, update)
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -143,11 +145,17 @@ def not_waiting_for_the_database() -> Iterator[None]:
 WAIT_BOUND_SLACK_MS = 100
 
 
+def lock_wait_ms(timeout_s: float, deadline: float | None) -> int:
+    """The longest a transaction beginning now may wait for a lock: until `deadline` (time.monotonic()), and
+    never past `timeout_s`; `timeout_s` when there is no deadline."""
+    default_ms = int(timeout_s * 1000)
+    return default_ms if deadline is None else max(0, min(default_ms, int((deadline - time.monotonic()) * 1000)))
+
+
 def _wait_bound_ms(timeout_s: float) -> int:
     """The longest the transaction beginning now may wait for a lock: the rest of the request's budget."""
-    default_ms = int(timeout_s * 1000)
     budget = wait_budget.get()
-    return default_ms if budget is None else max(0, min(default_ms, int(budget.remaining_s() * 1000)))
+    return lock_wait_ms(timeout_s, budget.deadline if budget is not None else None)
 
 
 def make_engine(database_url: str, timeout_s: float, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine:
@@ -155,17 +163,33 @@ def make_engine(database_url: str, timeout_s: float, pool_size: int = 10, max_ov
     for locks no longer than the request's `wait_budget` leaves."""
     url = make_url(database_url)
     if url.get_backend_name() == "postgresql":
-        # A lock wait (a key's admission queue) or a connection attempt longer than the timeout is a 503.
-        lock_timeout = f"-c lock_timeout={int(timeout_s * 1000)}"
         engine = create_async_engine(url.set(drivername="postgresql+psycopg"), pool_size=pool_size,
                                      max_overflow=max_overflow, pool_timeout=timeout_s,
-                                     connect_args={"connect_timeout": max(2, math.ceil(timeout_s)), "options": lock_timeout})
+                                     connect_args=_postgres_connect_args(timeout_s))
         _bound_postgres_lock_waits(engine, timeout_s)
         return engine
-    url = url.set(drivername="sqlite+aiosqlite")
-    engine = create_async_engine(url, connect_args={"timeout": timeout_s}, pool_size=8, max_overflow=8)
+    engine = create_async_engine(url.set(drivername="sqlite+aiosqlite"), connect_args={"timeout": timeout_s},
+                                 pool_size=8, max_overflow=8)
+    _configure_sqlite_connections(engine.sync_engine)
     _use_explicit_sqlite_transactions(engine, timeout_s)
     return engine
+
+
+def make_writer_engine(database_url: str, timeout_s: float) -> Engine:
+    """A synchronous engine on `database_url` whose connections are set up as make_engine's are, for the one
+    thread that writes (database_writer.py): it manages its transactions and lock waits itself."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "postgresql":
+        return create_engine(url.set(drivername="postgresql+psycopg"), poolclass=NullPool,
+                             connect_args=_postgres_connect_args(timeout_s))
+    engine = create_engine(url.set(drivername="sqlite+pysqlite"), poolclass=NullPool, connect_args={"timeout": timeout_s})
+    _configure_sqlite_connections(engine)
+    return engine
+
+
+def _postgres_connect_args(timeout_s: float) -> dict[str, Any]:
+    # A lock wait (a key's admission queue) or a connection attempt longer than the timeout is a 503.
+    return {"connect_timeout": max(2, math.ceil(timeout_s)), "options": f"-c lock_timeout={int(timeout_s * 1000)}"}
 
 
 def _bound_postgres_lock_waits(engine: AsyncEngine, timeout_s: float) -> None:
@@ -176,10 +200,10 @@ def _bound_postgres_lock_waits(engine: AsyncEngine, timeout_s: float) -> None:
             connection.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, bound_ms)}")  # 0 would mean no bound
 
 
-def _use_explicit_sqlite_transactions(engine: AsyncEngine, timeout_s: float) -> None:
+def _configure_sqlite_connections(engine: Engine) -> None:
     # The sqlite3 driver opens transactions lazily and always DEFERRED; a limiter that counts then inserts
     # needs BEGIN IMMEDIATE (the write lock first), so the driver is told to keep out and we emit BEGIN ourselves.
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -188,6 +212,8 @@ def _use_explicit_sqlite_transactions(engine: AsyncEngine, timeout_s: float) -> 
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
+
+def _use_explicit_sqlite_transactions(engine: AsyncEngine, timeout_s: float) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(connection: Any) -> None:
         # SQLite's busy timeout, how long a writer waits for the lock, belongs to the connection: it is set

@@ -34,6 +34,7 @@ from backends import load_backend
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded, lower_priority
 from configuration_errors import StartupFailure, check_sqlite_file, settings_or_exit, unusable_database
 from database_file import DatabaseFile
+from database_writer import DatabaseWriter
 from db import (ApiKey, ForeignSchemaError, SessionDep, make_engine, make_sessionmaker, migrate,
                 not_waiting_for_the_database, ping, waiting_until)
 from errors import ApiError, ErrorResponse, install_error_handlers
@@ -41,9 +42,9 @@ from inference import LoadedModel, load_model, top_predictions, unit_vectors
 from logs import configure_logging
 from ratelimit import (Decision, OnAdmit, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage,
                        make_redis)
-from request_body import ImagesToClassify, decode_images, parse_classify_request, read_body
+from request_body import ImagesToClassify, decode_images, parse_body, read_body
 from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
-from requestlog import LogWriter, RequestLogMiddleware, add_timing
+from requestlog import RequestLogMiddleware, add_timing
 from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Embedding, Embeddings, EmbeddingsRequest,
                      Health, ImageResult, ImagesRequest, ModelInfo, ModelList, MultiClassification, Preprocessing,
                      Usage)
@@ -114,13 +115,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     chain_termination_handlers(begin_shutdown)
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
     decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
+    # The request path's writes (admissions, log rows) go through one thread, in groups; reads use the engine.
+    writer = DatabaseWriter(settings.database_url, settings.db_timeout_s)
+    writer.start()
     app.state.engine = engine
-    app.state.database_file = DatabaseFile(engine)
+    app.state.database_writer = writer
+    app.state.database_file = DatabaseFile(engine, on_replaced=writer.reconnect)
     app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
-    app.state.log_writer = LogWriter(engine)
     app.state.redis = redis
-    storage: WindowStorage = RedisWindowStorage(redis, settings.redis_key_prefix) if redis else SqlWindowStorage(engine)
+    storage: WindowStorage = RedisWindowStorage(redis, settings.redis_key_prefix) if redis else SqlWindowStorage(writer)
     app.state.limiter = SlidingWindowLimiter(storage)
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     app.state.model = model
@@ -135,29 +139,26 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.stop()
         model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
+        await writer.stop()
         await engine.dispose()
         if redis is not None:
             await redis.aclose()
         metrics.process_stopped()
 
 
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-def get_model(request: Request) -> LoadedModel:
+# async, as every dependency here: FastAPI runs a plain `def` one in its thread pool, a hop for each request.
+async def get_model(request: Request) -> LoadedModel:
     return request.app.state.model
 
 
-def get_batcher(request: Request) -> Batcher:
+async def get_batcher(request: Request) -> Batcher:
     return request.app.state.batcher
 
 
-def get_limiter(request: Request) -> SlidingWindowLimiter:
+async def get_limiter(request: Request) -> SlidingWindowLimiter:
     return request.app.state.limiter
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 ModelDep = Annotated[LoadedModel, Depends(get_model)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 LimiterDep = Annotated[SlidingWindowLimiter, Depends(get_limiter)]
@@ -247,9 +248,8 @@ async def read_classify_request(request: Request, key: ApiKey, settings: Setting
             body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s,
                                    request.app.state.shutdown)
         started = time.perf_counter()
-        to_classify = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.decode_pool, parse_classify_request, body, request.headers.get("content-type", ""),
-            schema)
+        to_classify = await parse_body(request.app.state.decode_pool, body, request.headers.get("content-type", ""),
+                                       schema)
         add_timing(request, "parse", started)
         check_image_count(len(to_classify.sources), key, settings)
     except ShuttingDown:
@@ -260,11 +260,16 @@ async def read_classify_request(request: Request, key: ApiKey, settings: Setting
     return to_classify
 
 
-async def run_images(request: Request, key: ApiKey, settings: Settings, limiter: SlidingWindowLimiter,
-                     batcher: Batcher, model: LoadedModel,
+async def run_images(request: Request, key: ApiKey,
                      schema: type[ImagesRequest]) -> tuple[ImagesToClassify, list[Answer]]:
     """What /v1/classify and /v1/embeddings share: refusals that need no body, the body, the limit (each image
     counts one), decoding, and the forward pass that gives both outputs."""
+    # Read here, not as dependencies: each one FastAPI solves costs the request CPU.
+    state = request.app.state
+    settings: Settings = state.settings
+    limiter: SlidingWindowLimiter = state.limiter
+    batcher: Batcher = state.batcher
+    model: LoadedModel = state.model
     deadline = time.monotonic() + settings.request_timeout_s
     request.state.model_version = model.version  # for the request log's row
     if request.app.state.shutdown.deadline is not None:
@@ -318,8 +323,7 @@ router = APIRouter()
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": ClassifyRequest.model_json_schema()},
                  "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})
-async def classify(request: Request, response: Response, key: CurrentKey, settings: SettingsDep, limiter: LimiterDep,
-                   batcher: BatcherDep, model: ModelDep) -> Classification | MultiClassification:
+async def classify(request: Request, response: Response, key: CurrentKey) -> Classification | MultiClassification:
     """Classify images: each one's `top_k` most likely labels (ImageNet's, or the model's own), most likely first,
     without those under `min_confidence`.
 
@@ -329,7 +333,8 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
     admitted), even if one then turns out corrupt; a request whose body is refused counts one. Answers carry
     the rate-limit headers.
     """
-    to_classify, answers = await run_images(request, key, settings, limiter, batcher, model, ClassifyRequest)
+    to_classify, answers = await run_images(request, key, ClassifyRequest)
+    model: LoadedModel = request.app.state.model
     response.headers.update(request.state.rate_limit_headers)
     results = [ImageResult(predictions=top_predictions(answer.probabilities, model.spec.labels, to_classify.top_k,
                                                        to_classify.min_confidence),
@@ -346,20 +351,20 @@ async def classify(request: Request, response: Response, key: CurrentKey, settin
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": EmbeddingsRequest.model_json_schema()},
                  "multipart/form-data": {"schema": EMBEDDINGS_MULTIPART_SCHEMA}}}})
-async def embeddings(request: Request, response: Response, key: CurrentKey, settings: SettingsDep,
-                     limiter: LimiterDep, batcher: BatcherDep, model: ModelDep) -> Embeddings:
+async def embeddings(request: Request, response: Response, key: CurrentKey) -> Embeddings:
     """Embed images: each one's vector (the input of the model's final classification layer), of length 1.
 
     The same bodies as /v1/classify, with `encoding_format` (`float` or `base64`) instead of `top_k`; the same
     forward pass, limits, batching and errors. Near images have a dot product near 1.
     """
+    model: LoadedModel = request.app.state.model
     if model.embedding_dimensions is None:
         request.state.model_version = model.version
         fix = ("its operator must name the ONNX graph's embedding output with MODEL_EMBEDDING_OUTPUT"
                if model.onnx is not None else "its final layer is not a linear layer whose input could be one")
         raise ApiError(400, "embeddings_unavailable", f"This server's model ({model.spec.name}) gives no "
                                                       f"embeddings: {fix}.")
-    to_embed, answers = await run_images(request, key, settings, limiter, batcher, model, EmbeddingsRequest)
+    to_embed, answers = await run_images(request, key, EmbeddingsRequest)
     response.headers.update(request.state.rate_limit_headers)
     vectors = unit_vectors(np.stack([answer.embedding for answer in answers]))  # (B, D)
     if to_embed.encoding_format == "base64":
@@ -423,9 +428,13 @@ async def check_dependency(check: Awaitable[object], message: str) -> None:
 @router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, tags=["health"],
                   responses={503: ERRORS[503]})
 async def readyz(request: Request) -> Health:
-    """Readiness: the model's worker runs, and the database (and Redis, when the limiter uses it) answer."""
+    """Readiness: the model's worker and the database thread run, and the database (and Redis, when the limiter
+    uses it) answer."""
     if not request.app.state.batcher.is_running:
         raise ApiError(503, "not_ready", "The model's worker has stopped (the server log says why); restart the "
+                                         "server.", {"Retry-After": "1"})
+    if not request.app.state.database_writer.is_running:
+        raise ApiError(503, "not_ready", "The database thread has stopped (the server log says why); restart the "
                                          "server.", {"Retry-After": "1"})
     if not await request.app.state.database_file.is_usable():
         raise ApiError(503, "not_ready", "The database file is missing.", {"Retry-After": "1"})

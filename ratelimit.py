@@ -14,15 +14,16 @@ import math
 import secrets
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from sqlalchemy import BigInteger, cast, delete, func, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import BigInteger, bindparam, cast, delete, func, select
 
-from db import ApiKey, RateLimitHit, now_ms, write_transaction
+from database_writer import DatabaseWriter, Transaction
+from db import ApiKey, RateLimitHit, now_ms
 
 # PostgreSQL's own clock, in ms: hosts whose clocks disagree still record admissions in one order.
 POSTGRES_NOW_MS = cast(func.floor(func.extract("epoch", func.clock_timestamp()) * 1000), BigInteger)
@@ -59,69 +60,89 @@ class WindowStorage(Protocol):
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState: ...
 
 
+# Module-level, so each is compiled once (database_writer.Transaction); `since_ms` is now - window.
+IN_WINDOW = (RateLimitHit.key_id == bindparam("key_id"), RateLimitHit.at_ms > bindparam("since_ms"))
+DELETE_EXPIRED = delete(RateLimitHit).where(RateLimitHit.key_id == bindparam("key_id"),
+                                            RateLimitHit.at_ms <= bindparam("since_ms"))
+COUNT = select(func.count(), func.min(RateLimitHit.at_ms)).where(*IN_WINDOW)
+HIT_AT_OFFSET = select(RateLimitHit.at_ms).where(*IN_WINDOW).order_by(RateLimitHit.at_ms).offset(
+    bindparam("offset")).limit(1)
+# FOR NO KEY UPDATE, not FOR UPDATE: request-log inserts, whose foreign key only share-locks the row, pass.
+# The clock is read by the outer query, after the CTE holds the lock: in one SELECT ... FOR UPDATE it would be
+# read when the row is first met, before the wait, and a hit stamped early leaves early.
+LOCK_KEY_AND_READ_CLOCK = select(POSTGRES_NOW_MS).select_from(
+    select(ApiKey.id).where(ApiKey.id == bindparam("key_id")).with_for_update(key_share=True)
+    .cte("locked").prefix_with("MATERIALIZED"))
+READ_CLOCK = select(POSTGRES_NOW_MS)
+
+
 class SqlWindowStorage:
-    """The window as rows of `rate_limit_hits`, counted and added in one write transaction.
+    """The window as rows of `rate_limit_hits`, counted and added in the database thread's write transaction
+    (database_writer.py), among the other writes of its group.
 
     On SQLite that transaction starts with BEGIN IMMEDIATE, so it holds the database's single write lock from
-    its first statement to the insert, whatever that statement is: requests racing in one process, or in
-    several processes on one file, queue there, and none can count before another has recorded.
-    On PostgreSQL its first statement locks the key's row, so the same holds per key, across every host.
+    its first statement to the commit: requests racing in one process, or in several processes on one file,
+    queue there, and none can count before another has recorded.
+    On PostgreSQL an admission's first statement locks the key's row, so the same holds per key, across every host.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, writer: DatabaseWriter) -> None:
+        self.writer = writer
 
     async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1,
                     on_admit: OnAdmit | None = None) -> tuple[bool, WindowState]:
-        async with write_transaction(self.engine) as connection:
-            at_ms = await self._lock_key(connection, key_id)  # the clock read under the lock: recorded in order
-            # Expired hits are never read again; dropping them keeps each key's rows at most its limit.
-            await connection.execute(
-                delete(RateLimitHit).where(RateLimitHit.key_id == key_id, RateLimitHit.at_ms <= at_ms - window_ms))
-            state = await self._count(connection, key_id, limit, at_ms, window_ms, cost)
-            is_allowed = state.count + cost <= limit
-            if is_allowed:
-                if on_admit is not None:
-                    on_admit(cost)  # raising, it rolls the transaction back: nothing recorded
-                await connection.execute(insert(RateLimitHit), [{"key_id": key_id, "at_ms": at_ms}] * cost)
-        return is_allowed, state
+        # Once: the group may be written again item by item, and the places taken stay taken.
+        on_admit_once = _once(on_admit) if on_admit is not None else None
+        return await self.writer.run(partial(self._admit, key_id, limit, window_ms, cost, on_admit_once), order=key_id)
 
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState:
-        async with self.engine.connect() as connection:
-            at_ms = await connection.scalar(select(POSTGRES_NOW_MS)) if _is_postgres(connection) else now_ms()
-            return await self._count(connection, key_id, limit, at_ms, window_ms)
+        return await self.writer.run(partial(self._peek, key_id, limit, window_ms), order=key_id)
 
-    @staticmethod
-    async def _lock_key(connection: AsyncConnection, key_id: int) -> int:
-        """Makes the other admissions of this key wait until this transaction ends; the time to record, in ms."""
-        if not _is_postgres(connection):
-            return now_ms()  # BEGIN IMMEDIATE holds SQLite's one write lock already; one host, one clock
-        # FOR NO KEY UPDATE, not FOR UPDATE: request-log inserts, whose foreign key only share-locks the row, pass.
-        # The clock is read by the outer query, after the CTE holds the lock: in one SELECT ... FOR UPDATE it
-        # would be read when the row is first met, before the wait, and a hit stamped early leaves early.
-        locked = (select(ApiKey.id).where(ApiKey.id == key_id).with_for_update(key_share=True)
-                  .cte("locked").prefix_with("MATERIALIZED"))
-        at_ms = await connection.scalar(select(POSTGRES_NOW_MS).select_from(locked))
+    @classmethod
+    def _admit(cls, key_id: int, limit: int, window_ms: int, cost: int, on_admit: OnAdmit | None,
+               transaction: Transaction) -> tuple[bool, WindowState]:
+        # The clock read under the lock: recorded in order.
+        at_ms = transaction.scalar(LOCK_KEY_AND_READ_CLOCK, key_id=key_id) if transaction.is_postgres else now_ms()
         assert at_ms is not None, f"no api_keys row {key_id}: keys are revoked, never deleted"
-        return at_ms
+        # Expired hits are never read again; dropping them keeps each key's rows at most its limit.
+        transaction.execute(DELETE_EXPIRED, key_id=key_id, since_ms=at_ms - window_ms)
+        state = cls._count(transaction, key_id, limit, at_ms, window_ms, cost)
+        is_allowed = state.count + cost <= limit
+        if is_allowed:
+            if on_admit is not None:
+                on_admit(cost)  # raising, it is this admission's answer, and nothing is recorded
+            transaction.insert(RateLimitHit, [{"key_id": key_id, "at_ms": at_ms}] * cost)
+        return is_allowed, state
+
+    @classmethod
+    def _peek(cls, key_id: int, limit: int, window_ms: int, transaction: Transaction) -> WindowState:
+        at_ms = transaction.scalar(READ_CLOCK) if transaction.is_postgres else now_ms()
+        return cls._count(transaction, key_id, limit, at_ms, window_ms)
 
     @staticmethod
-    async def _count(connection: AsyncConnection, key_id: int, limit: int, at_ms: int, window_ms: int,
-                     cost: int = 1) -> WindowState:
-        in_window = (RateLimitHit.key_id == key_id, RateLimitHit.at_ms > at_ms - window_ms)
-        count, oldest_ms = (await connection.execute(
-            select(func.count(), func.min(RateLimitHit.at_ms)).where(*in_window))).one()
+    def _count(transaction: Transaction, key_id: int, limit: int, at_ms: int, window_ms: int,
+               cost: int = 1) -> WindowState:
+        since_ms = at_ms - window_ms
+        count, oldest_ms = transaction.one(COUNT, key_id=key_id, since_ms=since_ms)
         freeing_ms = None
         if count + cost > limit:
             # Room for `cost` comes when the hit at this offset expires (a lowered limit can leave more than
             # `limit` hits, so the offset is not always 0).
-            freeing_ms = await connection.scalar(select(RateLimitHit.at_ms).where(*in_window)
-                                                 .order_by(RateLimitHit.at_ms).offset(count + cost - limit - 1).limit(1))
+            freeing_ms = transaction.scalar(HIT_AT_OFFSET, key_id=key_id, since_ms=since_ms,
+                                            offset=count + cost - limit - 1)
         return WindowState(at_ms, count, oldest_ms, freeing_ms)
 
 
-def _is_postgres(connection: AsyncConnection) -> bool:
-    return connection.dialect.name == "postgresql"
+def _once(on_admit: OnAdmit) -> OnAdmit:
+    is_called = False
+
+    def call_once(cost: int) -> None:
+        nonlocal is_called
+        if not is_called:
+            on_admit(cost)
+            is_called = True
+
+    return call_once
 
 
 # Our own script, not the `limits` library's moving window: that one timestamps with each host's clock (skewed

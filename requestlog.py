@@ -1,26 +1,26 @@
 """The request log: every /v1 request becomes a `request_log` row, committed before its response starts.
 
 So the log never holds fewer requests than were answered, and `/v1/usage` (usage.py) can be read from it.
+The row is handed to the database thread (database_writer.py), which commits it with the other writes of
+its moment: the rows and admissions of requests answered together share one transaction.
 Every HTTP request, /v1 or not, is also counted in the metrics below and gets one line in the server's log
 (logs.py): its id, route, status, latency, key prefix, model and batch size.
 Its response header `Server-Timing` says where the request's time went (auth, limit, parse, decode, queue,
 model, log: milliseconds), so a benchmark can find the next bottleneck.
 """
 
-import asyncio
 import logging
 import time
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from db import RequestLog, now_ms, wait_budget, waiting_until
+from database_writer import DatabaseWriter
+from db import RequestLog, now_ms, waiting_until
 from errors import ApiError, database_unavailable, internal_error, is_database_unavailable, json_error
 from metrics import Counter, Histogram
 
@@ -34,72 +34,6 @@ REQUEST_SECONDS = Histogram("http_request_duration_seconds", "Time from a reques
                             ["route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 QUIET_ROUTES = {"/healthz", "/readyz", "/metrics"}  # probed every few seconds: their lines are DEBUG
 URL_PATH_CHARACTERS = "/:@!$&'()*+,;="  # RFC 3986's, beside letters, digits and -._~
-
-
-class LogWriter:
-    """Commits rows in groups: each caller waits for the commit that holds its row, and rows that arrive while
-    one commit runs go together in the next. Under load that is one transaction for several requests instead
-    of one each, and the database's write lock is taken once for them all."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        # Each row with its request's database deadline (db.wait_budget; None outside a request) and its future.
-        self.pending: list[tuple[dict[str, Any], float | None, asyncio.Future[None]]] = []
-        self.flushing: asyncio.Task[None] | None = None
-
-    async def write(self, row: dict[str, Any]) -> None:
-        future = asyncio.get_running_loop().create_future()
-        budget = wait_budget.get()
-        self.pending.append((row, budget.deadline if budget is not None else None, future))
-        if self.flushing is None or self.flushing.done():
-            self.flushing = asyncio.create_task(self._flush())
-        await asyncio.shield(future)  # a caller that is cancelled does not take its row out of the group
-
-    async def _flush(self) -> None:
-        while self.pending:
-            group, self.pending = self.pending, []
-            # A row's wait for the database includes the commits before its own: the group waits no longer than
-            # its most hurried request may (with none left, it still tries once).
-            deadline = min((deadline for _, deadline, _ in group if deadline is not None), default=None)
-            try:
-                with waiting_until(deadline):
-                    async with self.engine.begin() as connection:
-                        await connection.execute(insert(RequestLog), [row for row, _, _ in group])
-            except BaseException as exc:  # cancelled too: no caller may be left waiting
-                if isinstance(exc, Exception) and len(group) > 1 and not is_database_unavailable(exc):
-                    # One row the database refuses must not fail the requests that shared its commit.
-                    await self._write_one_by_one(group)
-                    continue
-                _fail(group, exc)
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                for _, _, future in group:
-                    future.set_result(None)
-
-    async def _write_one_by_one(self, group: list[tuple[dict[str, Any], float | None, asyncio.Future[None]]]) -> None:
-        for index, (row, deadline, future) in enumerate(group):
-            try:
-                with waiting_until(deadline):
-                    async with self.engine.begin() as connection:
-                        await connection.execute(insert(RequestLog), [row])
-            except Exception as exc:
-                _fail([(row, deadline, future)], exc)
-            except BaseException as exc:
-                _fail(group[index:], exc)
-                raise
-            else:
-                future.set_result(None)
-
-
-def _fail(group: list[tuple[dict[str, Any], float | None, asyncio.Future[None]]], exc: BaseException) -> None:
-    for _, _, future in group:
-        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("the log write was cancelled"))
-        future.add_done_callback(_mark_seen)
-
-
-def _mark_seen(future: asyncio.Future[None]) -> None:
-    future.exception()  # a caller cancelled meanwhile never reads it; asyncio would log it as lost
 
 
 def endpoint(path: str) -> str:
@@ -208,13 +142,13 @@ class RequestLogMiddleware:
     @staticmethod
     async def record(scope: Scope, state: dict[str, Any], status_code: int, started: float) -> ApiError | None:
         """Writes the row; if it cannot be written, the error to answer instead."""
-        writer: LogWriter = scope["app"].state.log_writer
+        writer: DatabaseWriter = scope["app"].state.database_writer
         row = {"key_id": state.get("key_id"), "endpoint": endpoint(scope["path"]), "method": scope["method"][:8],
                "status_code": status_code, "latency_ms": (time.perf_counter() - started) * 1000,
                "created_at_ms": now_ms(), "error_code": state.get("error_code"),
                "request_id": state.get("request_id"), "model_version": state.get("model_version")}
         try:
-            await writer.write(row)
+            await writer.insert(RequestLog, row)  # committed with the other writes of its group
         except Exception as exc:
             if is_database_unavailable(exc):
                 logger.warning("request log unavailable, answering 503: %s", exc)

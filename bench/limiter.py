@@ -6,8 +6,10 @@
 One process, one event loop, `--concurrency` tasks each calling `SlidingWindowLimiter.hit` in a loop for
 `--seconds`, as one server process's requests would. Two loads: "1000 keys" (each hit on a random key of
 1000, never refused: independent keys) and "1 key" (every hit on the same key: admissions of one key queue
-behind its lock). The database servers run on the same cores as the benchmark. Also counts what each
-admission sends: SQL statements with BEGIN and COMMIT (each a round trip on PostgreSQL), or Redis calls.
+behind its lock). The database servers run on the same cores as the benchmark. Also counts what one
+admission alone sends, as the database saw it: SQL statements with BEGIN and COMMIT (each a round trip on
+PostgreSQL; SQLite's trace callback, PostgreSQL's pg_stat_statements), or Redis calls. Admissions that arrive
+together share their transaction in the database thread (database_writer.py), as in the server.
 """
 
 import argparse
@@ -18,18 +20,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from sqlalchemy import event  # noqa: E402
+from sqlalchemy import event, text  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
 
 from auth import create_key  # noqa: E402
+from database_writer import DatabaseWriter  # noqa: E402
 from db import make_engine, make_sessionmaker, migrate  # noqa: E402
 from ratelimit import RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis  # noqa: E402
 from servers import PostgresServer, RedisServer  # noqa: E402  (the tests' throwaway servers)
@@ -46,16 +49,31 @@ async def make_keys(engine: AsyncEngine, count: int) -> list[int]:
     return ids
 
 
-def count_round_trips(engine: AsyncEngine) -> list[int]:
-    """A one-item list that grows by one for each statement, BEGIN, COMMIT and ROLLBACK the engine sends."""
+def count_sqlite_statements(writer: DatabaseWriter) -> Callable[[], Awaitable[int]]:
+    """Statements the writer's SQLite connection has run so far, BEGIN and COMMIT included."""
     counter = [0]
 
-    def bump(*_: Any, **__: Any) -> None:
+    def bump(_statement: str) -> None:
         counter[0] += 1
 
-    for name in ("before_cursor_execute", "begin", "commit", "rollback"):
-        event.listen(engine.sync_engine, name, bump)
-    return counter
+    event.listen(writer.engine, "connect", lambda connection, _record: connection.set_trace_callback(bump))
+
+    async def count() -> int:
+        return counter[0]
+
+    return count
+
+
+def count_postgres_statements(engine: AsyncEngine) -> Callable[[], Awaitable[int]]:
+    """Statements the database has run so far (pg_stat_statements, BEGIN and COMMIT included), less this count's."""
+    async def count() -> int:
+        async with engine.connect() as connection:
+            calls = await connection.scalar(text("SELECT sum(calls) FROM pg_stat_statements s JOIN pg_database d "
+                                                 "ON d.oid = s.dbid WHERE d.datname = current_database()"))
+            await connection.rollback()
+        return int(calls or 0)
+
+    return count
 
 
 async def run_load(limiter: SlidingWindowLimiter, key_ids: list[int], seconds: float, concurrency: int) -> dict:
@@ -77,19 +95,26 @@ async def run_load(limiter: SlidingWindowLimiter, key_ids: list[int], seconds: f
 
 
 async def measure(name: str, storage: WindowStorage, key_ids: list[int], args: argparse.Namespace,
-                  round_trips: list[int] | None) -> None:
+                  statements: Callable[[], Awaitable[int]] | None) -> None:
     limiter = SlidingWindowLimiter(storage)
-    await run_load(limiter, key_ids, 1, args.concurrency)  # warm the pools
-    if round_trips is not None:
-        before = round_trips[0]
+    await run_load(limiter, key_ids, 1, args.concurrency)  # warm the connections
+    if statements is not None:
+        before = await statements()
         await limiter.hit(key_ids[0], NEVER_REACHED, 60)
-        per_admission = f"{round_trips[0] - before} statements, BEGIN and COMMIT included"
+        # Less the counting query itself, with its BEGIN and ROLLBACK, on PostgreSQL
+        per_admission = f"{await statements() - before - (3 if 'PostgreSQL' in name else 0)} statements, BEGIN and COMMIT included"
     else:
         per_admission = "1 EVALSHA (one script)"
     for load, keys in (("1000 keys", key_ids), ("1 key", key_ids[:1])):
         result = await run_load(limiter, keys, args.seconds, args.concurrency)
         print(f"| {name} | {load} | {result['admissions_per_s']:,.0f} | {result['p50_ms']:.1f} | "
               f"{result['p99_ms']:.1f} | {per_admission} |", flush=True)
+
+
+def started_writer(database_url: str) -> DatabaseWriter:
+    writer = DatabaseWriter(database_url, timeout_s=30)
+    writer.start()
+    return writer
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -99,18 +124,27 @@ async def main(args: argparse.Namespace) -> None:
     print("| storage | load | admissions/s | p50 ms | p99 ms | per admission |")
     print("| --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
-        sqlite = make_engine(f"sqlite:///{tmp}/bench.db", timeout_s=30)
-        await measure("SQLite (WAL, synchronous=NORMAL)", SqlWindowStorage(sqlite), await make_keys(sqlite, KEYS),
-                      args, count_round_trips(sqlite))
+        sqlite_url = f"sqlite:///{tmp}/bench.db"
+        sqlite = make_engine(sqlite_url, timeout_s=30)
+        key_ids = await make_keys(sqlite, KEYS)
+        writer = started_writer(sqlite_url)
+        await measure("SQLite (WAL, synchronous=NORMAL)", SqlWindowStorage(writer), key_ids, args,
+                      count_sqlite_statements(writer))
+        await writer.stop()
         await sqlite.dispose()
 
     for label, options in (("PostgreSQL 15 (defaults: commits fsync'd)", {}),
                            ("PostgreSQL 15 (synchronous_commit=off)", {"synchronous_commit": "off"})):
-        postgres = PostgresServer(options).start()
+        postgres = PostgresServer({**options, "shared_preload_libraries": "pg_stat_statements"}).start()
         try:
-            engine = make_engine(postgres.create_database(), timeout_s=30, pool_size=args.concurrency)
+            database_url = postgres.create_database()
+            engine = make_engine(database_url, timeout_s=30, pool_size=2)
             key_ids = await make_keys(engine, KEYS)
-            await measure(label, SqlWindowStorage(engine), key_ids, args, count_round_trips(engine))
+            async with engine.begin() as connection:
+                await connection.execute(text("CREATE EXTENSION pg_stat_statements"))
+            writer = started_writer(database_url)
+            await measure(label, SqlWindowStorage(writer), key_ids, args, count_postgres_statements(engine))
+            await writer.stop()
             await engine.dispose()
         finally:
             postgres.remove()

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from conftest import key_id, make_key
+from database_writer import DatabaseWriter
 from db import make_engine
 from ratelimit import RedisWindowStorage, SqlWindowStorage, WindowStorage, make_redis
 
@@ -28,7 +29,13 @@ def storage_factory(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Cal
     else:
         database_url = f"sqlite:///{tmp_path / 'window.db'}"
     key = make_key(database_url)
-    return (lambda: SqlWindowStorage(make_engine(database_url, timeout_s=5))), key_id(database_url, key)
+    return (lambda: SqlWindowStorage(started_writer(database_url))), key_id(database_url, key)
+
+
+def started_writer(database_url: str) -> DatabaseWriter:
+    writer = DatabaseWriter(database_url, timeout_s=5)
+    writer.start()
+    return writer
 
 
 def run(storage_factory: tuple[Callable[[], WindowStorage], int],
@@ -41,7 +48,7 @@ def run(storage_factory: tuple[Callable[[], WindowStorage], int],
             await steps(storage, key)
         finally:
             if isinstance(storage, SqlWindowStorage):
-                await storage.engine.dispose()
+                await storage.writer.stop()
             else:
                 await storage.client.aclose()
 
@@ -97,7 +104,7 @@ def test_on_postgresql_a_hit_is_stamped_after_its_wait_for_the_key_lock(postgres
     key = key_id(database_url, make_key(database_url))
 
     async def go() -> None:
-        holder, storage = make_engine(database_url, timeout_s=5), SqlWindowStorage(make_engine(database_url, timeout_s=5))
+        holder, storage = make_engine(database_url, timeout_s=5), SqlWindowStorage(started_writer(database_url))
         try:
             async with holder.begin() as connection:
                 await connection.execute(text("SELECT id FROM api_keys WHERE id = :id FOR NO KEY UPDATE"), {"id": key})
@@ -108,7 +115,7 @@ def test_on_postgresql_a_hit_is_stamped_after_its_wait_for_the_key_lock(postgres
             assert allowed and state.now_ms >= released_ms
         finally:
             await holder.dispose()
-            await storage.engine.dispose()
+            await storage.writer.stop()
 
     asyncio.run(go())
 
