@@ -42,10 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from backends import Backend, OnnxBackend, TorchBackend, onnx_file, photo_inputs  # noqa: E402
+from backends import Backend, OnnxBackend, onnx_file, photo_inputs  # noqa: E402
 from conftest import Server, make_key, photo  # noqa: E402  (the tests' real-server harness)
 from images import decode_base64  # noqa: E402
-from inference import LoadedModel, from_network, load_efficientnet_lite0, preprocess, torchvision_spec  # noqa: E402
+from inference import LoadedModel, preprocess  # noqa: E402
+from networks import TorchBackend, from_network, load_efficientnet_lite0, torchvision_spec  # noqa: E402
 from schemas import ClassifyRequest  # noqa: E402
 from settings import Settings, usable_cores  # noqa: E402
 
@@ -116,7 +117,7 @@ def int8_agreement(cache_dir: Path, threads: int) -> dict[str, float]:
     are not to be had here, and random weights agree on nothing): top-1 labels equal, and the top-5 sets' overlap.
     The odd-numbered photos were never seen by the calibration; they are reported on their own too."""
     model = load_efficientnet_lite0(fallback_reason=None)
-    x = np.stack(photo_inputs(model))  # (21, 224, 224, 3)
+    x = np.stack(photo_inputs(model.spec))  # (21, 224, 224, 3)
     fp32 = OnnxBackend(onnx_file(model, "fp32", cache_dir), "fp32", threads).run(x).probabilities
     int8 = OnnxBackend(onnx_file(model, "int8", cache_dir), "int8", threads).run(x).probabilities
     top1 = fp32.argmax(1) == int8.argmax(1)
