@@ -16,6 +16,9 @@ within SHUTDOWN_TIMEOUT_S however long the queue was.
 import asyncio
 import logging
 import math
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +39,8 @@ BATCH_SIZE = Histogram("inference_batch_size", "Images in one forward pass.", bu
 # livesum: under --workers N, the sum over the workers that are running (a stopped one's queue is gone).
 QUEUE_DEPTH = Gauge("inference_queue_depth", "Images accepted and not yet answered (what MAX_QUEUE bounds).",
                     multiprocess_mode="livesum")
+
+MODEL_NICENESS = 10
 
 
 class Overloaded(Exception):
@@ -66,6 +71,14 @@ class Answer:
     batch_size: int  # images in the forward pass that answered this one
     queue_ms: float  # from the queue to the start of that pass
     model_ms: float  # the pass itself
+
+
+def lower_priority() -> None:
+    # Linux niceness is per thread, and threads inherit it: the model's threads (ONNX Runtime's and torch's
+    # pools are created from this one) give way to the event loop, the decoders and the database, so
+    # /v1/usage and health checks stay quick while the model keeps every core busy.
+    if sys.platform == "linux":  # elsewhere this call would lower the whole process
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MODEL_NICENESS)
 
 
 class Batcher:

@@ -7,14 +7,14 @@
     model_pool            ONNX Runtime's (or torch's) own threads, started from the model's thread
 """
 
-import os
 import sys
 import threading
 from pathlib import Path
 
+from batching import lower_priority
+
 MODEL_THREAD = "model"
 MODEL_POOL = "model_pool"
-MODEL_NICENESS = 10
 
 
 def name_os_thread(name: str | None = None) -> None:
@@ -25,14 +25,9 @@ def name_os_thread(name: str | None = None) -> None:
 
 
 def start_model_thread() -> None:
-    """The model thread's initializer: its name, and a lower priority that the runtime's threads inherit."""
+    """The model thread's initializer: its name, and a lower priority, both inherited by the runtime's threads."""
     name_os_thread(MODEL_THREAD)
-    # Linux niceness is per thread, and threads inherit it: the model's threads (ONNX Runtime's and torch's
-    # pools are created from this one) give way to the event loop, the decoders and the database, so
-    # /v1/usage and health checks stay quick while the model keeps every core busy.
-    if sys.platform == "linux":  # elsewhere this call would lower the whole process
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MODEL_NICENESS)
-
+    lower_priority()
 
 
 def name_model_pool() -> None:

@@ -26,6 +26,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cores_per_worker(workers: int) -> int:
+    """One server process's share of the cores it may run on, when `workers` processes share them."""
+    return max(1, usable_cores() // workers)
+
+
 def default_backend() -> BackendName:
     return "onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch"
 
@@ -71,8 +76,12 @@ class Settings(BaseSettings):
     inference_backend: BackendName = Field(default_factory=default_backend)
     # int8 (ONNX Runtime only): statically quantized, faster, and not quite the same answers (see the README).
     inference_precision: Precision = "fp32"
-    # The model's threads: one forward pass at a time, on all the cores.
-    inference_threads: int = Field(default_factory=usable_cores, ge=1)
+    # Server processes on this machine's cores: uvicorn starts this many workers when --workers is not given, and
+    # each reads it here to take its share of the cores (uvicorn never tells a worker how many there are).
+    web_concurrency: int = Field(1, ge=1)
+    # The model's threads: one forward pass at a time, on this process's share of the cores (all of them with one
+    # worker; N workers each with all would make the cores' schedulers take turns between N pools).
+    inference_threads: int = Field(default_factory=lambda data: cores_per_worker(data.get("web_concurrency", 1)), ge=1)
     # Exported ONNX graphs, named by a hash of what they hold (weights, architecture, preprocessing), so a restart
     # reuses them.
     model_cache_dir: Path = Path.home() / ".cache" / "classify"

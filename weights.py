@@ -67,12 +67,12 @@ def locate_weights(settings: Settings) -> Located | None:
     if settings.model_onnx is not None and settings.model_weights is not None:
         raise ModelLoadError(f"MODEL_ONNX={settings.model_onnx} and MODEL_WEIGHTS={settings.model_weights} are "
                              "both set: an ONNX file holds its own weights; unset one of them.")
-    if settings.model_onnx is not None:
-        return Located(settings.model_onnx.stem, settings.model_onnx, "onnx file") if settings.model_onnx.is_file() else None
+    if (onnx_file := settings.model_onnx) is not None:
+        return Located(onnx_file.stem, onnx_file, "onnx file") if onnx_file.is_file() else None
     if settings.model_name == EFFICIENTNET_LITE0:
         return Located(EFFICIENTNET_LITE0, efficientnet_lite0_file(), "fallback package")
-    if settings.model_weights is not None:
-        return Located(settings.model_name, settings.model_weights, "file") if settings.model_weights.is_file() else None
+    if (weights_file := settings.model_weights) is not None:
+        return Located(settings.model_name, weights_file, "file") if weights_file.is_file() else None
     url = remembered_weights_url(settings.model_cache_dir, settings.model_name)
     if url is None:
         return None

@@ -37,7 +37,8 @@ def answers(server: Server) -> dict:
             classified = client.post("/v1/classify", json={"image": image, "top_k": 3}).json()
             embedded = client.post("/v1/embeddings", json={"image": image})
             found[name] = {key: value for key, value in classified.items() if key != "id"}
-            found[f"{name} embedding"] = embedded.json()["data"][0]["embedding"] if embedded.status_code == 200 else None
+            is_embedded = embedded.status_code == 200
+            found[f"{name} embedding"] = embedded.json()["data"][0]["embedding"] if is_embedded else None
     return found
 
 
