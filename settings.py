@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     # Exported ONNX graphs, named by a hash of what they hold (weights, architecture, preprocessing), so a restart
     # reuses them.
     model_cache_dir: Path = Path.home() / ".cache" / "classify"
-    # A forward pass takes up to max_batch waiting images, and waits up to batch_wait_ms for more once it has one.
+    # A forward pass takes up to max_batch waiting images, and waits up to batch_wait_ms for more once it has one
+    # (2 ms: with 8 clients, 0 or 5 ms changed neither the model's CPU per image nor the requests answered).
     max_batch: int = Field(8, ge=1, le=256)
     batch_wait_ms: float = Field(2.0, ge=0, le=1000)
     # Images accepted and not yet answered; beyond this /v1/classify answers 503 at once instead of queueing.
