@@ -92,6 +92,7 @@ def test_a_cached_graph_is_served_without_torch_and_answers_as_the_export_did(st
     server.start()
     assert torch_state(server) == "not loaded"
     assert_same(exported, answers(server))
+    assert server.peak_rss_mb() < 400  # torch and torchvision alone are 615 MB; the export's start held a GB
     if case == "the offline fallback":  # the banner and the reason, as when torch tried the download
         assert server.log().count("FALLING BACK to EfficientNet-Lite0") == 2
         assert "resnet18 weights unavailable" in exported["models"]["data"][0]["fallback_reason"]
