@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple, Protocol
@@ -92,17 +93,12 @@ class OnnxBackend:
         return Outputs(outputs[0], outputs[1] if len(outputs) > 1 else None)
 
 
+@cache  # once per process: ONNX Runtime refuses a second allocator for the same device
 def _register_exact_arena(ort: ModuleType) -> None:
     """One CPU arena for the process's sessions, extended by exactly what is asked (kSameAsRequested)."""
-    global _is_arena_registered
-    if not _is_arena_registered:
-        config = ort.OrtArenaCfg({"arena_extend_strategy": 1, "initial_chunk_size_bytes": 1 << 20})
-        ort.create_and_register_allocator(ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
-                                                            ort.OrtMemType.DEFAULT), config)
-        _is_arena_registered = True
-
-
-_is_arena_registered = False
+    config = ort.OrtArenaCfg({"arena_extend_strategy": 1, "initial_chunk_size_bytes": 1 << 20})
+    ort.create_and_register_allocator(ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                                        ort.OrtMemType.DEFAULT), config)
 
 
 def release_freed_memory() -> None:
@@ -151,9 +147,13 @@ def serve_cached(located: Located, settings: Settings) -> tuple[LoadedModel, Bac
         return None
     logger.info("loaded %s from the cached graph %s (weights: %s)", model.spec.name, path, located.path)
     if model.is_batch_fixed:
-        logger.warning("MODEL_ONNX=%s has a batch axis fixed to 1: images are served one at a time (MAX_BATCH "
-                       "does not apply). Export it with a dynamic batch axis to batch them.", located.path)
+        warn_one_at_a_time(located.path)
     return model, backend
+
+
+def warn_one_at_a_time(path: Path) -> None:
+    logger.warning("MODEL_ONNX=%s has a batch axis fixed to 1: images are served one at a time (MAX_BATCH does not "
+                   "apply). Export it with a dynamic batch axis to batch them.", path)
 
 
 def built_backend(model: LoadedModel, settings: Settings) -> Backend:

@@ -50,10 +50,10 @@ def graph_files(cache_dir: Path, model_name: str, weights_digest: str, onnx_opti
     """Where the graph of these weights is cached. `onnx_options`: MODEL_ONNX's preprocessing and outputs."""
     if onnx_options is None:
         package = "efficientnet-lite-pytorch" if model_name == EFFICIENTNET_LITE0 else "torchvision"
-        made_by: object = [package, importlib.metadata.version(package)]
+        defined_by: object = [package, importlib.metadata.version(package)]
     else:
-        made_by = onnx_options
-    key = hashlib.sha256(json.dumps([model_name, weights_digest, made_by], sort_keys=True).encode()).hexdigest()
+        defined_by = onnx_options
+    key = hashlib.sha256(json.dumps([model_name, weights_digest, defined_by], sort_keys=True).encode()).hexdigest()
     stem = f"{model_name}-{key[:16]}-v{EXPORT_VERSION}"
     return GraphFiles(cache_dir / f"{stem}-fp32.onnx",
                       cache_dir / f"{stem}-int8-ort{importlib.metadata.version('onnxruntime')}.onnx",

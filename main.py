@@ -127,8 +127,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     logger.info("ready: %s version %s (weights: %s) on %s %s (torch %s), %d threads, batches of up to %d, "
                 "database %s, rate limit in %s", model.spec.name, model.version, model.weights_source, backend.name,
                 backend.precision, "loaded" if is_torch_loaded() else "not loaded", settings.inference_threads,
-                max_batch,
-                engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
+                max_batch, engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
     try:
         yield
     finally:

@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
-from backends import Outputs
+from backends import Outputs, warn_one_at_a_time
 from inference import EFFICIENTNET_LITE0, RESAMPLING, LoadedModel, ModelLoadError, ModelSpec, file_sha256, onnx_spec
 from logs import printed_into_log
 from onnx_models import OnnxModelError, read_onnx_classifier
@@ -128,8 +128,7 @@ def load_onnx(settings: Settings) -> LoadedModel:
     onnx = read_onnx_classifier(settings.model_onnx, settings.model_crop, settings.model_output,
                                 settings.model_embedding_output)
     if onnx.is_batch_fixed:
-        logger.warning("MODEL_ONNX=%s has a batch axis fixed to 1: images are served one at a time (MAX_BATCH "
-                       "does not apply). Export it with a dynamic batch axis to batch them.", settings.model_onnx)
+        warn_one_at_a_time(settings.model_onnx)
     spec = onnx_spec(settings)
     spec = ModelSpec(spec.name, spec.resize, spec.crop, spec.mean, spec.std, spec.interpolation, IMAGENET_LABELS)
     logger.info("loaded %s from MODEL_ONNX=%s: %d classes, embedding %s", spec.name, settings.model_onnx,

@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     # The model's threads: one forward pass at a time, on this process's share of the cores (all of them with one
     # worker; N workers each with all would make the cores' schedulers take turns between N pools).
     inference_threads: int = Field(default_factory=lambda data: cores_per_worker(data.get("web_concurrency", 1)), ge=1)
-    # Exported ONNX graphs, named by a hash of what they hold (weights, architecture, preprocessing), so a restart
-    # reuses them.
+    # Exported ONNX graphs, named by a hash of what they compute (weights, architecture, preprocessing), so a restart
+    # serves them, without torch (graph_cache.py).
     model_cache_dir: Path = Path.home() / ".cache" / "classify"
     # A forward pass takes up to max_batch waiting images, and waits up to batch_wait_ms for more once it has one
     # (2 ms: with 8 clients, 0 or 5 ms changed neither the model's CPU per image nor the requests answered).

@@ -45,6 +45,9 @@ def test_each_worker_takes_its_share_of_the_cores(server, start_server):
     """One process runs its forward passes on every core; each of two workers on half of them."""
     alone = thread_names(server.process.pid).count("model_pool")
     two = start_server(workers=2)
+    deadline = time.monotonic() + 60  # /readyz answers once one worker is ready; the other may still be loading
+    while two.log().count("ready: ") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     workers = workers_of(two)
     assert len(workers) == 2
     share = max(1, usable_cores() // 2)
