@@ -85,7 +85,10 @@ def sidecar(model: LoadedModel) -> dict[str, object]:
 def find_cached(located: Located, settings: Settings) -> tuple[LoadedModel, GraphFiles] | None:
     """The model as its sidecar describes it, and its files, if an earlier start exported the graph of exactly
     these weights; None otherwise (or if the sidecar is unreadable: the torch path writes it anew)."""
-    digest = file_sha256(located.path)
+    try:
+        digest = file_sha256(located.path)
+    except OSError:  # unreadable: the torch path says so, in the words of the setting that named it
+        return None
     options = None
     if located.source == "onnx file":
         options = onnx_options(onnx_spec(settings), settings.model_output, settings.model_embedding_output)
