@@ -130,9 +130,9 @@ def group_of(pid: int, tid: int, comm: str, python_name: str) -> str:
     return "other"
 
 
-def cpu_by_group(pids: list[int], names: dict[int, dict[int, str]]) -> dict[str, float]:
-    """CPU seconds so far of every thread of the serving processes, added up by group."""
-    seconds: dict[str, float] = defaultdict(float)
+def thread_cpu(pids: list[int], names: dict[int, dict[int, str]]) -> dict[tuple[int, int], tuple[str, float]]:
+    """(pid, thread id) -> (group, CPU seconds so far) for every thread of the serving processes."""
+    seconds = {}
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").iterdir():
             try:
@@ -141,8 +141,18 @@ def cpu_by_group(pids: list[int], names: dict[int, dict[int, str]]) -> dict[str,
             except OSError:  # a thread that has just ended
                 continue
             group = group_of(pid, int(task.name), comm, names.get(pid, {}).get(int(task.name), ""))
-            seconds[group] += (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime + stime
+            seconds[pid, int(task.name)] = (group, (int(fields[11]) + int(fields[12])) / TICKS_PER_S)  # utime+stime
     return seconds
+
+
+def cpu_between(before: dict[tuple[int, int], tuple[str, float]],
+                after: dict[tuple[int, int], tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each group spent between two readings: threads started meanwhile count whole, threads that
+    ended meanwhile are lost (AnyIO's idle workers, a few milliseconds)."""
+    spent: dict[str, float] = defaultdict(float)
+    for thread, (group, seconds) in after.items():
+        spent[group] += seconds - before.get(thread, (group, 0.0))[1]
+    return spent
 
 
 def batch_totals(url: str) -> tuple[float, float]:
@@ -230,13 +240,13 @@ def measure(running: Running, key: str, load: Callable[[], dict], images_per_req
     request and per image by thread group, the forward passes' mean batch size, memory after."""
     names = {pid: python_names(pid) for pid in running.pids}
     images_before, passes_before = batch_totals(running.url)
-    cpu_before = cpu_by_group(running.pids, names)
+    cpu_before = thread_cpu(running.pids, names)
     with usage_probe(running.url, key) as usage:
         result = load()
-    cpu_after = cpu_by_group(running.pids, names)
+    spent = cpu_between(cpu_before, thread_cpu(running.pids, names))
     images_after, passes_after = batch_totals(running.url)
     requests = max(1, result["requests"])
-    cpu_ms = {group: (cpu_after[group] - cpu_before[group]) * 1000 / requests for group in GROUPS}
+    cpu_ms = {group: spent[group] * 1000 / requests for group in GROUPS}
     return {**result, "images_per_request": images_per_request, "usage_p50_ms": percentile(usage, 50),
             "usage_p99_ms": percentile(usage, 99), "cpu_ms_per_request": cpu_ms,
             "cpu_ms_per_image": {group: ms / images_per_request for group, ms in cpu_ms.items()},
