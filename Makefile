@@ -1,4 +1,5 @@
 # make run: install, create the database and a first key (printed once), serve on 127.0.0.1:8000.
+#   make run WORKERS=2: two server processes, each with its share of the cores (see the README's production advice).
 # make test: install, then the whole test suite.
 # make screenshot: docs/screenshot.png, taken by the web page's browser test (needs chromium).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -6,14 +7,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+WORKERS ?= 1
 
 .PHONY: run test install bench clean screenshot
 
 # --http: uvicorn's h11 protocol with our connection limits (MAX_CONNECTIONS, HEADER_TIMEOUT_S, request heads, early
 # answers: http_protocol.py). --timeout-graceful-shutdown: SHUTDOWN_TIMEOUT_S (20) and 5 s, a bound for what overruns it.
+# WEB_CONCURRENCY: uvicorn starts that many workers, and each reads it to take its share of the cores.
 run: $(VENV)/.installed
 	$(BIN)/python cli.py init
-	$(BIN)/uvicorn main:app --http http_protocol:HttpProtocol --host $(HOST) --port $(PORT) --no-server-header --timeout-graceful-shutdown 25
+	WEB_CONCURRENCY=$(WORKERS) $(BIN)/uvicorn main:app --http http_protocol:HttpProtocol --host $(HOST) --port $(PORT) --no-server-header --timeout-graceful-shutdown 25
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

@@ -1,42 +1,45 @@
-"""Where the forward pass runs: torch eager, or ONNX Runtime on a graph exported from the same weights.
+"""Where the forward pass runs, and the model loaded with it: ONNX Runtime on a graph exported from the weights,
+or torch eager.
 
-    INFERENCE_BACKEND=onnxruntime  the loaded model is exported once to ONNX (dynamic batch axis) and cached in
-                                   MODEL_CACHE_DIR under a hash of what the graph holds, so a restart loads the
-                                   file instead; if export or loading fails, torch answers instead and the log
-                                   says why. A MODEL_ONNX file is wrapped (onnx_models.py) and cached the same way,
-                                   and runs only here.
-    INFERENCE_BACKEND=torch        the torch model itself.
+    INFERENCE_BACKEND=onnxruntime  a graph cached by an earlier start (graph_cache.py) is served without importing
+                                   torch: the graph, its sidecar and the weights file's digest are all it takes.
+                                   Otherwise torch builds the model (networks.py) and exports it once (dynamic batch
+                                   axis); a MODEL_ONNX file is wrapped (onnx_models.py) and cached the same way, and
+                                   runs only here. If export or loading fails, torch answers and the log says why.
+    INFERENCE_BACKEND=torch        the torch model itself (networks.TorchBackend).
     INFERENCE_PRECISION=int8       ONNX Runtime only: static int8 quantization (QDQ, per channel), calibrated on
-                                   the photos that ship with scikit-image, cached like the fp32 graph.
+                                   the photos that ship with scikit-image, cached beside the fp32 graph; made from
+                                   that graph, without torch.
 
 Both take (B, H, W, 3) uint8 pixels and return (B, N) probabilities and, when the model has one, (B, D)
-embeddings (inference.ImageToOutputs): one forward pass for both. Beside each cached graph, a small JSON file
-says what serving it needs (preprocessing, classes, labels, embedding size, where the weights came from).
+embeddings (networks.ImageToOutputs): one forward pass for both. torch, onnx and the quantizer are imported where
+they are used, so a start that finds its graph cached pays for none of them (torch alone: 600 MB and 3 s).
 """
 
+import ctypes
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple, Protocol
 
 import numpy as np
-import onnx
-import torch
 
+from graph_cache import GraphFiles, files_of, find_cached, sidecar
 from images import decode_for_model
-from inference import LoadedModel, ModelLoadError, preprocess
-from onnx_models import first_line, wrap_for_serving
+from inference import LoadedModel, ModelLoadError, ModelSpec, first_line, preprocess, with_settings
 from settings import BackendName, Precision, Settings
+from weights import Located, locate_weights
 
 logger = logging.getLogger("classify")
 
-EXPORT_VERSION = "5"  # bump when the exported graph (or int8's calibration) changes, so cached files are not reused
 MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default  # what the API allows
-MAX_EXPORTED_BATCH = 1024
 
 # Real photos (not drawings or test patterns) in scikit-image's data folder: int8's calibration (the even-numbered
 # ones, zoomed and mirrored) and the set its agreement with fp32 is measured on (all of them, as served).
@@ -60,20 +63,6 @@ class Backend(Protocol):
         ...
 
 
-class TorchBackend:
-    name: BackendName = "torch"
-    precision: Precision = "fp32"
-
-    def __init__(self, model: LoadedModel, threads: int) -> None:
-        torch.set_num_threads(threads)
-        self.graph = model.graph()
-
-    def run(self, x: np.ndarray) -> Outputs:
-        with torch.inference_mode():
-            outputs = [output.numpy() for output in self.graph(torch.from_numpy(x))]
-        return Outputs(outputs[0], outputs[1] if len(outputs) > 1 else None)
-
-
 class OnnxBackend:
     name: BackendName = "onnxruntime"
 
@@ -83,7 +72,19 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # What a session keeps is mostly the activations of its largest batch. ORT's default arena grows in powers
+        # of two and, with a memory pattern planned per input shape, keeps a block for every batch size it has
+        # run: EfficientNet-Lite0 held 101 MB of activations after batches of 1 to 8, against 49 MB in an arena
+        # that grows by what is asked and no patterns, at the same CPU per image (10.0 ms, 1 thread, b1 and b8).
+        options.enable_mem_pattern = False
+        # No spinning: ORT's pool threads spin between batches, on the cores the request path needs next. With 8
+        # clients (EfficientNet-Lite0 fp32, 2 cores shared with other work) the model cost 18.3 ms of CPU per image
+        # spinning against 11.5 not, at the same batch sizes, and the server did 43 requests/s against 62.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        _register_exact_arena(ort)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        release_freed_memory()  # the graph file's bytes and the unoptimised weights, freed once the session is built
         self.input_name = self.session.get_inputs()[0].name
         self.precision = precision
 
@@ -92,20 +93,81 @@ class OnnxBackend:
         return Outputs(outputs[0], outputs[1] if len(outputs) > 1 else None)
 
 
-def load_backend(model: LoadedModel, name: BackendName, precision: Precision, threads: int, cache_dir: Path,
-                 max_batch: int) -> Backend:
-    """The backend asked for, warmed up; torch if ONNX Runtime cannot be had, with a warning that says why.
-    A MODEL_ONNX file runs on ONNX Runtime whatever INFERENCE_BACKEND says (there is no torch network)."""
+@cache  # once per process: ONNX Runtime refuses a second allocator for the same device
+def _register_exact_arena(ort: ModuleType) -> None:
+    """One CPU arena for the process's sessions, extended by exactly what is asked (kSameAsRequested)."""
+    config = ort.OrtArenaCfg({"arena_extend_strategy": 1, "initial_chunk_size_bytes": 1 << 20})
+    ort.create_and_register_allocator(ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                                        ort.OrtMemType.DEFAULT), config)
+
+
+def release_freed_memory() -> None:
+    """Hands memory the process has freed back to the OS: glibc keeps it in its heaps otherwise (25 MB after an
+    EfficientNet-Lite0 session is built)."""
+    if sys.platform == "linux":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to hand back this way
+            pass
+
+
+def load_backend(settings: Settings) -> tuple[LoadedModel, Backend]:
+    """The model the settings ask for, with its labels and version, and the backend that runs it, warmed up;
+    ModelLoadError says what to change. A MODEL_ONNX file runs on ONNX Runtime whatever INFERENCE_BACKEND says."""
+    if settings.model_onnx is not None and settings.inference_backend == "torch":
+        logger.warning("MODEL_ONNX runs on ONNX Runtime; INFERENCE_BACKEND=torch does not apply to it")
+    located = locate_weights(settings)
+    if located is not None and (settings.inference_backend == "onnxruntime" or located.source == "onnx file"):
+        if (served := serve_cached(located, settings)) is not None:
+            return served
+    import networks  # torch: to export the graph, or to run the model itself
+
+    built = networks.load_model(settings, located)
+    model = with_settings(built, settings)  # a labels file that does not fit stops the start before an export
+    return model, built_backend(built, settings)
+
+
+def serve_cached(located: Located, settings: Settings) -> tuple[LoadedModel, Backend] | None:
+    """The cached graph of these weights on ONNX Runtime, or None if there is none this ONNX Runtime can run."""
+    found = find_cached(located, settings)
+    if found is None:
+        return None
+    cached, files = found
+    model = with_settings(cached, settings)
+    path = files.graph(settings.inference_precision)
+    try:
+        if not path.is_file():
+            make_int8(files, cached.spec)
+        backend = OnnxBackend(path, settings.inference_precision, settings.inference_threads)
+        warm_up(backend, model.spec.crop, model.batch_limit(settings.max_batch))
+    except Exception:  # made by another ONNX Runtime, or damaged: made again, by torch if need be
+        logger.warning("cannot serve the cached graph %s; making it again", path, exc_info=True)
+        files.fp32.unlink(missing_ok=True)
+        files.int8.unlink(missing_ok=True)
+        return None
+    logger.info("loaded %s from the cached graph %s (weights: %s)", model.spec.name, path, located.path)
+    if model.is_batch_fixed:
+        warn_one_at_a_time(located.path)
+    return model, backend
+
+
+def warn_one_at_a_time(path: Path) -> None:
+    logger.warning("MODEL_ONNX=%s has a batch axis fixed to 1: images are served one at a time (MAX_BATCH does not "
+                   "apply). Export it with a dynamic batch axis to batch them.", path)
+
+
+def built_backend(model: LoadedModel, settings: Settings) -> Backend:
+    """The backend for a model torch built (or MODEL_ONNX as read): its graph exported and cached, or torch."""
+    precision, threads, cache_dir = settings.inference_precision, settings.inference_threads, settings.model_cache_dir
+    max_batch = model.batch_limit(settings.max_batch)
     if model.onnx is not None:
-        if name == "torch":
-            logger.warning("MODEL_ONNX runs on ONNX Runtime; INFERENCE_BACKEND=torch does not apply to it")
         try:
             return onnx_backend(model, precision, threads, cache_dir, max_batch)
         except Exception as exc:
             logger.debug("ONNX Runtime cannot serve %s", model.onnx.path, exc_info=True)
             raise ModelLoadError(f"MODEL_ONNX={model.onnx.path} cannot be served by ONNX Runtime ({precision}): "
                                  f"{type(exc).__name__}: {first_line(exc)}") from None
-    if name == "onnxruntime":
+    if settings.inference_backend == "onnxruntime":
         try:
             return onnx_backend(model, precision, threads, cache_dir, max_batch)
         except Exception:
@@ -113,6 +175,8 @@ def load_backend(model: LoadedModel, name: BackendName, precision: Precision, th
                            precision, exc_info=True)
     elif precision != "fp32":
         logger.warning("INFERENCE_PRECISION=%s needs ONNX Runtime; torch runs fp32", precision)
+    from networks import TorchBackend
+
     backend = TorchBackend(model, threads)
     warm_up(backend, model.spec.crop, max_batch)
     return backend
@@ -122,7 +186,7 @@ def onnx_backend(model: LoadedModel, precision: Precision, threads: int, cache_d
     path = onnx_file(model, precision, cache_dir)
     try:
         backend = OnnxBackend(path, precision, threads)
-    except Exception:  # a cached file this ONNX Runtime cannot read (another version made it?): make it anew
+    except Exception:  # a cached file this ONNX Runtime cannot read: make it anew
         logger.warning("cannot load %s; exporting it again", path, exc_info=True)
         path.unlink()
         backend = OnnxBackend(onnx_file(model, precision, cache_dir), precision, threads)
@@ -130,8 +194,9 @@ def onnx_backend(model: LoadedModel, precision: Precision, threads: int, cache_d
     return backend
 
 
-def warm_up(backend: Backend, side: int, max_batch: int, passes: int = 3) -> None:
-    """The first passes of each batch size pay for allocation and kernel selection; nobody's request should."""
+def warm_up(backend: Backend, side: int, max_batch: int, passes: int = 1) -> None:
+    """The first pass of each batch size pays for allocation (the arena grows to it); nobody's request should.
+    Later passes cost what the second does (ResNet-18, batch 8: 323 ms, then 286 to 306), so one is enough."""
     for size in sorted({1, max_batch}):
         for _ in range(passes):
             backend.run(np.zeros((size, side, side, 3), dtype=np.uint8))
@@ -140,50 +205,38 @@ def warm_up(backend: Backend, side: int, max_batch: int, passes: int = 3) -> Non
 def onnx_file(model: LoadedModel, precision: Precision, cache_dir: Path) -> Path:
     """The model's ONNX graph on disk, exported (and quantized) only if no earlier start left one there."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{model.spec.name}-{model.graph_key()[:16]}-torch{torch.__version__}-v{EXPORT_VERSION}"
-    fp32_path = cache_dir / f"{stem}-fp32.onnx"
-    if not fp32_path.is_file():
-        with _atomic_path(fp32_path) as partial:
+    files = files_of(model, cache_dir)
+    if not files.fp32.is_file():
+        with _atomic_path(files.fp32) as partial:
             if model.onnx is not None:
-                logger.info("wrapping %s for serving: %s", model.onnx.path, fp32_path)
+                import onnx
+
+                from onnx_models import wrap_for_serving
+
+                logger.info("wrapping %s for serving: %s", model.onnx.path, files.fp32)
                 onnx.save(wrap_for_serving(model.onnx, model.spec.crop, model.spec.mean, model.spec.std), partial)
             else:
-                logger.info("exporting %s to ONNX: %s", model.spec.name, fp32_path)
+                from networks import export_onnx
+
+                logger.info("exporting %s to ONNX: %s", model.spec.name, files.fp32)
                 export_onnx(model, partial)
-    facts = json.dumps(serving_facts(model))
-    facts_path = cache_dir / f"{stem}.json"
-    if not facts_path.is_file() or facts_path.read_text() != facts:  # labels and version may change between starts
-        with _atomic_path(facts_path) as partial:
+    facts = json.dumps(sidecar(model))
+    if not files.sidecar.is_file() or files.sidecar.read_text() != facts:
+        with _atomic_path(files.sidecar) as partial:
             partial.write_text(facts)
-    if precision == "fp32":
-        return fp32_path
-    int8_path = cache_dir / f"{stem}-int8.onnx"
-    if not int8_path.is_file():
-        logger.info("quantizing %s to int8 (calibrating on %d photos): %s", model.spec.name, len(PHOTOS), int8_path)
-        with _atomic_path(int8_path) as partial:
-            quantize_int8(fp32_path, partial, model)
-    return int8_path
+    if precision == "int8" and not files.int8.is_file():
+        make_int8(files, model.spec)
+    return files.graph(precision)
 
 
-def export_onnx(model: LoadedModel, path: Path) -> None:
-    example = torch.zeros((2, model.spec.crop, model.spec.crop, 3), dtype=torch.uint8)  # (B, 224, 224, 3)
-    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORTED_BATCH)
-    outputs = ["probabilities", "embedding"] if model.head is not None else ["probabilities"]
-    program = torch.onnx.export(model.graph(), (example,), dynamo=True, verbose=False, input_names=["image"],
-                                output_names=outputs, dynamic_shapes=({0: batch},))
-    program.save(path, external_data=False)  # one self-contained file
+def make_int8(files: GraphFiles, spec: ModelSpec) -> None:
+    logger.info("quantizing %s to int8 (calibrating on %d photos): %s", spec.name, len(PHOTOS), files.int8)
+    with _atomic_path(files.int8) as partial:
+        quantize_int8(files.fp32, partial, spec)
 
 
-def serving_facts(model: LoadedModel) -> dict[str, object]:
-    """What serving the cached graph needs besides the graph, as this start serves it (labels, version)."""
-    return {"model": model.spec.name, "version": model.version, "weights_digest": model.weights_digest,
-            "weights_source": model.weights_source, "preprocessing": model.spec.preprocessing(),
-            "classes": model.classes, "labels": list(model.spec.labels),
-            "embedding_dimensions": model.embedding_dimensions,
-            "max_batch": model.max_batch, "export_version": EXPORT_VERSION}
-
-
-def quantize_int8(fp32_path: Path, int8_path: Path, model: LoadedModel) -> None:
+def quantize_int8(fp32_path: Path, int8_path: Path, spec: ModelSpec) -> None:
+    import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
 
@@ -191,14 +244,17 @@ def quantize_int8(fp32_path: Path, int8_path: Path, model: LoadedModel) -> None:
 
     class Photos(CalibrationDataReader):
         def __init__(self) -> None:
-            self.inputs = ({input_name: x[None]} for x in calibration_inputs(model))
+            self.inputs = ({input_name: x[None]} for x in calibration_inputs(spec))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.inputs, None)
 
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))  # folds and fuses first, so fewer tensors are quantized
+        # Folds and fuses first, so fewer tensors are quantized. Without symbolic shape inference, which is for
+        # transformers' dynamic sizes (ONNX's own gives these graphs every shape: EfficientNet-Lite0's int8 graph
+        # came out node for node the same and answered the 21 photos identically) and would import torch.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         # Activations uint8 and weights int8 (U8S8): x86's fast int8 path. Measured on 2 cores with AVX-512 VNNI,
         # batch 1: ResNet-18 133 images/s against 43 for S8S8 and 55 for fp32; EfficientNet-Lite0 294 against 169
         # for fp32, with top-1 equal to fp32's on 19 of 21 photos (convolutions alone: 9 of 21, so the adds,
@@ -224,21 +280,25 @@ def photo_paths() -> list[Path]:
     return [Path(skimage.__file__).parent / "data" / name for name in PHOTOS]
 
 
-def photo_inputs(model: LoadedModel, paths: list[Path] | None = None, resize: int | None = None) -> list[np.ndarray]:
+def photo_inputs(spec: ModelSpec, paths: list[Path] | None = None, resize: int | None = None) -> list[np.ndarray]:
     """Each photo as the model sees it from the API (or zoomed to another `resize`): (224, 224, 3) uint8."""
-    spec = model.spec
     return [preprocess(decode_for_model(path.read_bytes(), MAX_PIXELS, resize or spec.resize, spec.crop,
                                         spec.interpolation)) for path in paths or photo_paths()]
 
 
-def calibration_inputs(model: LoadedModel) -> Iterator[np.ndarray]:
+def calibration_inputs(spec: ModelSpec) -> Iterator[np.ndarray]:
     """44 inputs with the pixel statistics of real use, none of them an input the agreement is measured on: the
     even-numbered photos zoomed out and in, and mirrored (the odd-numbered ones are never seen)."""
     calibration_photos = photo_paths()[::2]
-    for resize in (model.spec.crop, model.spec.resize + 64):
-        for x in photo_inputs(model, calibration_photos, resize):
+    for resize in (spec.crop, spec.resize + 64):
+        for x in photo_inputs(spec, calibration_photos, resize):
             yield x
             yield x[:, ::-1].copy()
+
+
+def is_torch_loaded() -> bool:
+    """Whether this process has imported torch (for the start-up line: a cached graph is served without it)."""
+    return "torch" in sys.modules
 
 
 @contextmanager

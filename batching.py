@@ -76,7 +76,9 @@ class Answer:
 def lower_priority() -> None:
     # Linux niceness is per thread, and threads inherit it: the model's threads (ONNX Runtime's and torch's
     # pools are created from this one) give way to the event loop, the decoders and the database, so
-    # /v1/usage and health checks stay quick while the model keeps every core busy.
+    # /v1/usage and health checks stay quick while the model keeps every core busy. 10, measured with 8 clients:
+    # at 0 /v1/usage took 40 / 168 ms (p50 / p99) and the model 1.22x its raw CPU per image (batches of 1.7 on
+    # average), at 10 14 / 63 ms and 1.07x (3.8), at 19 12 / 50 ms and 1.10x with 9% fewer requests answered.
     if sys.platform == "linux":  # elsewhere this call would lower the whole process
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MODEL_NICENESS)
 

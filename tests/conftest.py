@@ -129,8 +129,8 @@ class Server:
     def start(self, wait: bool = True) -> "Server":
         command = [sys.executable, "-m", "uvicorn", "main:app", "--http", HTTP_PROTOCOL, "--host", "127.0.0.1",
                    "--port", str(self.port)]
-        if self.workers > 1:
-            command += ["--workers", str(self.workers)]
+        if self.workers > 1:  # as `make run WORKERS=N` asks for them: uvicorn and each worker read it
+            self.env["WEB_CONCURRENCY"] = str(self.workers)
         command += self.args
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,

@@ -13,9 +13,10 @@ import pytest
 import torch
 import torchvision
 
-from backends import OnnxBackend, TorchBackend, onnx_file, photo_inputs
+from backends import OnnxBackend, onnx_file, photo_inputs
 from conftest import CAT_LABELS, assert_error, b64, encode, key_id, log_rows, make_key, photo, photo_path, query
-from inference import from_network, load_efficientnet_lite0, top_predictions, torchvision_spec
+from inference import top_predictions
+from networks import TorchBackend, from_network, load_efficientnet_lite0, torchvision_spec
 
 
 
@@ -61,7 +62,7 @@ def test_concurrent_requests_share_forward_passes_and_get_the_answers_they_would
 
 def test_onnx_runtime_and_torch_agree_on_real_photos(tmp_path):
     model = load_efficientnet_lite0(fallback_reason=None)
-    x = np.stack(photo_inputs(model))  # (21, 224, 224, 3)
+    x = np.stack(photo_inputs(model.spec))  # (21, 224, 224, 3)
     ort = OnnxBackend(onnx_file(model, "fp32", tmp_path), "fp32", threads=2).run(x).probabilities
     eager = TorchBackend(model, threads=2).run(x).probabilities
     assert np.abs(ort - eager).max() < 1e-4
@@ -73,7 +74,7 @@ def test_onnx_runtime_and_torch_agree_on_real_photos(tmp_path):
 def test_resnet18_exports_with_its_own_weights(tmp_path):
     torch.manual_seed(0)
     model = from_network(torchvision_spec("resnet18"), torchvision.models.resnet18(weights=None), "file")
-    x = np.stack(photo_inputs(model)[:4])
+    x = np.stack(photo_inputs(model.spec)[:4])
     ort = OnnxBackend(onnx_file(model, "fp32", tmp_path), "fp32", threads=2).run(x).probabilities
     assert np.abs(ort - TorchBackend(model, threads=2).run(x).probabilities).max() < 1e-4
 

@@ -1,0 +1,45 @@
+"""The server's threads as the operating system sees them: names that `top -H`, `ps -L` and
+/proc/PID/task/*/comm show (and `make bench` adds CPU time up by), and the model's lower priority.
+
+    (the process's name)  the event loop: the main thread, whose thread id is the process id
+    decode_N              the decoding pool: body parsing, base64, decode, crop (main.py)
+    model                 the model's thread, which runs every forward pass (batching.py)
+    model_pool            ONNX Runtime's (or torch's) own threads, started from the model's thread
+"""
+
+import sys
+import threading
+from pathlib import Path
+
+from batching import lower_priority
+
+MODEL_THREAD = "model"
+MODEL_POOL = "model_pool"
+
+
+def name_os_thread(name: str | None = None) -> None:
+    """Gives the calling thread `name` (by default its Python name) as the OS shows it; Linux keeps 15 bytes."""
+    if sys.platform == "linux":  # Python 3.11 names threads for itself only
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_bytes(
+            (name or threading.current_thread().name).encode()[:15])
+
+
+def start_model_thread() -> None:
+    """The model thread's initializer: its name, and a lower priority, both inherited by the runtime's threads."""
+    name_os_thread(MODEL_THREAD)
+    lower_priority()
+
+
+def name_model_pool() -> None:
+    """Called on the model's thread once the runtime has started its pool: the threads that inherited this one's
+    name get their own, so CPU time tells the thread that hands batches over from the ones that only compute."""
+    if sys.platform != "linux":
+        return
+    this_thread = threading.get_native_id()
+    for task in Path("/proc/self/task").iterdir():
+        comm = task / "comm"
+        try:
+            if int(task.name) != this_thread and comm.read_text().strip() == MODEL_THREAD:
+                comm.write_text(MODEL_POOL)
+        except OSError:  # a thread that has just ended
+            pass
