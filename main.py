@@ -347,7 +347,8 @@ async def classify(request: Request, response: Response, key: CurrentKey) -> Cla
     multipart/form-data with the file in a `file` part and optional `top_k` and `min_confidence` parts, with
     `Authorization: Bearer <key>`. Each image counts one request against the key's rate limit (all or none are
     admitted), even if one then turns out corrupt; a request whose body is refused counts one. Answers carry
-    the rate-limit headers.
+    the rate-limit headers. With an `Idempotency-Key` header, a repeat gets the stored 200 answer, uncounted,
+    with `Idempotent-Replayed: true`.
     """
     to_classify, answers = await run_images(request, key, ClassifyRequest)
     model: LoadedModel = request.app.state.model
