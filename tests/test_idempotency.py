@@ -3,6 +3,7 @@ uncharged, unrun and logged as a replay; another body is a 422, a repeat of a ru
 are kept; exact under concurrency on one process, two workers and two hosts; kept across restarts; pruned."""
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -12,7 +13,8 @@ import httpx
 import pytest
 
 from client import Client
-from conftest import ONE_PIXEL, Server, assert_error, b64, key_id, log_rows, make_key, query, server_env
+from conftest import (ONE_PIXEL, Server, assert_error, b64, backend_env, key_id, log_rows, make_key, query,
+                      server_env)
 from test_client import client_cli
 from test_metrics import scrape, value
 
@@ -137,7 +139,7 @@ def test_the_clients_retries_after_a_read_timeout_are_charged_and_run_once(slow_
     retries, with the same key, get a 409 while it runs and then its stored answer."""
     key = make_key(slow_server.database_url)
     photo = tmp_path / "pixel.png"
-    photo.write_bytes(__import__("base64").b64decode(ONE_PIXEL))
+    photo.write_bytes(base64.b64decode(ONE_PIXEL))
     before = images_run(slow_server)
     done = client_cli("--url", slow_server.url, "--key", key, "--timeout", "0.5", "--max-attempts", "10",
                       "classify", str(photo))
@@ -150,7 +152,7 @@ def test_the_clients_retries_after_a_read_timeout_are_charged_and_run_once(slow_
 
 
 def test_the_client_sends_a_fresh_key_per_call_or_the_one_given(server, key):
-    pixel = __import__("base64").b64decode(ONE_PIXEL)
+    pixel = base64.b64decode(ONE_PIXEL)
     with Client(server.url, key) as client:
         client.classify(pixel)
         client.classify(pixel)  # a new call: a new key, processed and charged again
@@ -181,7 +183,6 @@ def simultaneous(servers: list[Server], key: str, count: int) -> list[httpx.Resp
 @pytest.mark.parametrize("layout", ["one process", "one process, Redis limiter", "two workers",
                                     "two hosts on PostgreSQL"])
 def test_simultaneous_duplicates_are_charged_and_run_once(layout, request, start_server, tmp_path):
-    from conftest import backend_env
     backend = {"one process, Redis limiter": "sqlite+redis", "two hosts on PostgreSQL": "postgresql"}.get(layout, "sqlite")
     env = backend_env(request, backend, tmp_path)
     servers = [start_server(env, workers=2 if layout == "two workers" else 1)]
