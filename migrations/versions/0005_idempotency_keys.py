@@ -1,8 +1,8 @@
 """Idempotency keys: the `idempotency_keys` table, and the request log's `replayed`.
 
-Revision ID: 0006
-Revises: 0005
-Create Date: 2026-11-27
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-11-26
 """
 
 from collections.abc import Sequence
@@ -10,8 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006"
-# TODO(integrator): "0005" once 0005_usage_rollups is merged; "0004" only until then, so this branch migrates.
+revision: str = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
