@@ -18,8 +18,10 @@
     $ python client.py --url localhost:8000 --key sk-... usage [--json]
 
 `AsyncClient` has the same methods, awaited. Both retry a bounded number of times (`max_attempts`): after the
-`Retry-After` seconds on 429 and 503, and with exponential backoff and jitter on connection errors, timeouts
-and 502/503/504. Any other 4xx is the request's own fault and is raised at once.
+`Retry-After` seconds on 409, 429 and 503, and with exponential backoff and jitter on connection errors,
+timeouts and 502/503/504. Any other 4xx is the request's own fault and is raised at once. Each classify and
+embeddings call sends a fresh `Idempotency-Key` (or `idempotency_key=`), the same on its retries: a retry of a
+request the server did get is answered with its stored answer, neither run nor charged again.
 
 Exceptions:
 
@@ -44,6 +46,7 @@ import os
 import random
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +64,9 @@ DEFAULT_BACKOFF_S = 0.5  # the first wait after a connection error or a 502/503/
 DEFAULT_MAX_BACKOFF_S = 20.0
 DEFAULT_MAX_RETRY_AFTER_S = 120.0  # a server asking for a longer wait gets its error raised instead
 DEFAULT_TOP_K = 5
-RETRIED_STATUSES = {429, 502, 503, 504}
-# Classifying is idempotent, so a request that may have reached the server is sent again too; at worst the
-# key's window counts it twice.
+RETRIED_STATUSES = {409, 429, 502, 503, 504}  # 409: the same Idempotency-Key's first request is still running
+# A request that may have reached the server is sent again too, with its Idempotency-Key: the server answers
+# it once, and counts it once.
 RETRIED_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 Image = str | os.PathLike[str] | bytes
 
@@ -96,7 +99,7 @@ def next_wait_s(retries: Retries, attempt: int, outcome: httpx.Response | Except
     if isinstance(outcome, httpx.Response):
         if outcome.status_code not in RETRIED_STATUSES:
             return None
-        asked = retry_after_s(outcome.headers.get("Retry-After")) if outcome.status_code in (429, 503) else None
+        asked = retry_after_s(outcome.headers.get("Retry-After")) if outcome.status_code in (409, 429, 503) else None
         if asked is not None:
             # A little jitter, so that clients told the same second do not all come back at once.
             return None if asked > retries.max_retry_after_s else asked + jitter * retries.backoff_s
@@ -158,6 +161,11 @@ def several(images: list[bytes], top_k: int, min_confidence: float | None) -> di
                      **options(top_k, min_confidence)}}
 
 
+def idempotent(idempotency_key: str | None) -> dict[str, Any]:
+    """The Idempotency-Key header for one call, sent unchanged with each of its retries."""
+    return {"headers": {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}}
+
+
 def usage_query(start_time: float | None, end_time: float | None, bucket_width: str | None) -> dict[str, Any]:
     """/v1/usage's range (Unix seconds, whole ones as the API takes them) and buckets (1m, 1h or 1d), if given."""
     query = {"start_time": start_time, "end_time": end_time, "bucket_width": bucket_width}
@@ -185,18 +193,21 @@ class Client:
         self.retries = retries
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
-    def classify(self, image: Image, top_k: int = DEFAULT_TOP_K, *,
-                 min_confidence: float | None = None) -> Classification:
+    def classify(self, image: Image, top_k: int = DEFAULT_TOP_K, *, min_confidence: float | None = None,
+                 idempotency_key: str | None = None) -> Classification:
         """The `top_k` most likely labels of an image file (a path) or of an image's bytes; with `min_confidence`
-        (0 to 1), only those at least that likely, so maybe fewer or none."""
+        (0 to 1), only those at least that likely, so maybe fewer or none. `idempotency_key`: your own (1 to 255
+        printable ASCII characters), to repeat the call later and get the same answer uncharged; a fresh one
+        otherwise."""
         body = upload(*read_image(image), top_k, min_confidence)
-        return Classification.from_response(self._request("POST", "/v1/classify", **body))
+        return Classification.from_response(self._request("POST", "/v1/classify", **body, **idempotent(idempotency_key)))
 
-    def classify_many(self, images: list[Image], top_k: int = DEFAULT_TOP_K, *,
-                      min_confidence: float | None = None) -> MultiClassification:
+    def classify_many(self, images: list[Image], top_k: int = DEFAULT_TOP_K, *, min_confidence: float | None = None,
+                      idempotency_key: str | None = None) -> MultiClassification:
         """Several images in one request (each counts one against the limit): one result each, in order."""
         body = several([read_image(image)[1] for image in images], top_k, min_confidence)
-        return MultiClassification.from_response(self._request("POST", "/v1/classify", **body))
+        return MultiClassification.from_response(self._request("POST", "/v1/classify", **body,
+                                                               **idempotent(idempotency_key)))
 
     def models(self) -> list[ModelInfo]:
         """The model the server runs, where its weights came from, and what runs it."""
@@ -208,11 +219,11 @@ class Client:
         bucket too: 1m, 1h or 1d) and where it stands in its rate limit."""
         return Usage.from_response(self._request("GET", "/v1/usage", **usage_query(start_time, end_time, bucket_width)))
 
-    def embeddings(self, *images: Image) -> list[list[float]]:
+    def embeddings(self, *images: Image, idempotency_key: str | None = None) -> list[list[float]]:
         """Each image's embedding, of length 1 (a dot product of two is their cosine similarity), in order; as
         many images at once as the server's MAX_IMAGES_PER_REQUEST allows (16 by default)."""
         body = {"images": [base64.b64encode(read_image(image)[1]).decode() for image in images]}
-        response = self._request("POST", "/v1/embeddings", json=body)
+        response = self._request("POST", "/v1/embeddings", json=body, **idempotent(idempotency_key))
         with unexpected_answer(response):
             return [item["embedding"] for item in response.json()["data"]]
 
@@ -247,17 +258,20 @@ class AsyncClient:
         self.retries = retries
         self._http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
 
-    async def classify(self, image: Image, top_k: int = DEFAULT_TOP_K, *,
-                       min_confidence: float | None = None) -> Classification:
+    async def classify(self, image: Image, top_k: int = DEFAULT_TOP_K, *, min_confidence: float | None = None,
+                       idempotency_key: str | None = None) -> Classification:
         name, data = await asyncio.to_thread(read_image, image)
         body = upload(name, data, top_k, min_confidence)
-        return Classification.from_response(await self._request("POST", "/v1/classify", **body))
+        return Classification.from_response(await self._request("POST", "/v1/classify", **body,
+                                                                **idempotent(idempotency_key)))
 
     async def classify_many(self, images: list[Image], top_k: int = DEFAULT_TOP_K, *,
-                            min_confidence: float | None = None) -> MultiClassification:
+                            min_confidence: float | None = None,
+                            idempotency_key: str | None = None) -> MultiClassification:
         read = await asyncio.to_thread(lambda: [read_image(image)[1] for image in images])
         body = several(read, top_k, min_confidence)
-        return MultiClassification.from_response(await self._request("POST", "/v1/classify", **body))
+        return MultiClassification.from_response(await self._request("POST", "/v1/classify", **body,
+                                                                     **idempotent(idempotency_key)))
 
     async def models(self) -> list[ModelInfo]:
         return ModelInfo.list_from_response(await self._request("GET", "/v1/models"))

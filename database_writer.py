@@ -1,6 +1,7 @@
 """The database thread: one thread, on a connection of its own, makes the request path's writes in groups.
 
     run(job, order)     a function of the open transaction (an admission: ratelimit.py), run in the next group
+    run_soon(job, order)  the same, handed over at once, its future awaited later (idempotency.py)
     insert(table, row)  a row (the request log's: requestlog.py), inserted with the group's other rows of its table
 
 As the request log alone did before: a request hands over one item and awaits one future. The thread takes
@@ -154,6 +155,11 @@ class DatabaseWriter:
     async def run(self, job: Callable[[Transaction], T], order: int = 0) -> T:
         """`job`'s result, from the next group's transaction; a caller cancelled before it ran, it does not run."""
         return await self._submit(_Item(asyncio.get_running_loop().create_future(), _deadline(), job=job, order=order))
+
+    def run_soon(self, job: Callable[[Transaction], T], order: int = 0) -> "asyncio.Future[T]":
+        """`run`, handed over now and awaited later (or not): a write handed over after it goes in the same group
+        or a later one."""
+        return self._submit(_Item(asyncio.get_running_loop().create_future(), _deadline(), job=job, order=order))
 
     async def insert(self, table: TableLike, row: dict[str, Any]) -> None:
         """Inserts `row` with the next group, and returns once it is committed."""

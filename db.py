@@ -1,4 +1,5 @@
-"""The database: four tables (keys, the request log, the rate limiter's window, readiness's one row), the
+"""The database: five tables (keys, the request log, the rate limiter's window, idempotency keys, readiness's
+one row), the
 async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to Alembic's head.
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
@@ -19,8 +20,8 @@ from typing import Annotated, Any
 from alembic import command
 from alembic.config import Config
 from fastapi import Depends, Request
-from sqlalchemy import (BigInteger, Connection, Engine, ForeignKey, Index, Integer, String, create_engine, event, insert,
-                        inspect, text, update)
+from sqlalchemy import (BigInteger, Connection, Engine, ForeignKey, Index, Integer, LargeBinary, String, Text,
+                        UniqueConstraint, create_engine, event, false, insert, inspect, text, update)
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -68,6 +69,8 @@ class RequestLog(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the X-Request-ID it was answered with
     model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)  # of the model that answered it
+    # An answer replayed for a repeated Idempotency-Key: no model ran, nothing was counted, /v1/usage skips it.
+    replayed: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     __table_args__ = (Index("ix_request_log_key_time", "key_id", "created_at_ms"),)
 
@@ -81,6 +84,26 @@ class RateLimitHit(Base):
     at_ms: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (Index("ix_rate_limit_hits_key_time", "key_id", "at_ms"),)
+
+
+# An Idempotency-Key sent with this API key: claimed while its first request runs (no status_code yet), then
+# that request's 200 answer, replayed to repeats until it expires (idempotency.py).
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+
+    id: Mapped[int] = mapped_column(BIG_ID, primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))  # hex SHA-256 of what the request asked
+    owner: Mapped[str] = mapped_column(String(32))  # random per claim: only its request completes or releases it
+    status_code: Mapped[int | None]
+    response_headers: Mapped[str | None] = mapped_column(Text)  # JSON: the headers that describe the body
+    response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    expires_at_ms: Mapped[int] = mapped_column(BigInteger)  # a claim's lease, then the answer's IDEMPOTENCY_TTL_S
+
+    __table_args__ = (UniqueConstraint("key_id", "idempotency_key", name="uq_idempotency_keys_key"),
+                      Index("ix_idempotency_keys_expires", "expires_at_ms"))
 
 
 # One row, rewritten by every /readyz: only a committed write shows that the database takes writes now (SQLite

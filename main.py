@@ -38,6 +38,8 @@ from database_writer import DatabaseWriter
 from db import (ApiKey, ForeignSchemaError, SessionDep, make_engine, make_sessionmaker, migrate,
                 not_waiting_for_the_database, ping, waiting_until)
 from errors import ApiError, ErrorResponse, install_error_handlers
+from idempotency import (HEADER as IDEMPOTENCY_HEADER, REPLAYED_HEADER, Claim, IdempotencyMiddleware, Replayed,
+                         claim_for, prune_expired, replay, requested_key)
 from inference import LoadedModel, top_predictions, unit_vectors
 from logs import configure_logging
 from os_threads import name_model_pool, name_os_thread, start_model_thread
@@ -61,9 +63,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 # The page loads nothing from elsewhere; the browser is told so, and enforces it.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; frame-ancestors 'none'"}
 # What a browser script on an allowed origin (CORS_ORIGINS) may send, and read of the answers.
-CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", REQUEST_ID_HEADER]
+CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", REQUEST_ID_HEADER, IDEMPOTENCY_HEADER]
 CORS_EXPOSED_HEADERS = ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "RateLimit",
-                        "RateLimit-Policy", "Retry-After", REQUEST_ID_HEADER, "Server-Timing"]
+                        "RateLimit-Policy", "Retry-After", REQUEST_ID_HEADER, "Server-Timing", REPLAYED_HEADER]
 
 RATE_LIMITED = metrics.Counter("rate_limit_rejections_total", "/v1/classify requests refused with 429.")
 # One series, value 1, whose labels say what answers: the Prometheus idiom for build and version info.
@@ -125,7 +127,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.decode_pool = decode_pool
     app.state.sessions = make_sessionmaker(engine)
     app.state.redis = redis
-    storage: WindowStorage = RedisWindowStorage(redis, settings.redis_key_prefix) if redis else SqlWindowStorage(writer)
+    storage: WindowStorage = (RedisWindowStorage(redis, settings.redis_key_prefix, writer) if redis
+                              else SqlWindowStorage(writer))
     app.state.limiter = SlidingWindowLimiter(storage)
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     app.state.model = model
@@ -134,9 +137,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 "database %s, rate limit in %s", model.spec.name, model.version, model.weights_source, backend.name,
                 backend.precision, "loaded" if is_torch_loaded() else "not loaded", settings.inference_threads,
                 max_batch, engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
+    pruning = asyncio.create_task(prune_expired(writer, settings.idempotency_ttl_s))
     try:
         yield
     finally:
+        pruning.cancel()
         await batcher.stop()
         model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
@@ -177,10 +182,11 @@ def rate_limit_headers(decision: Decision, window_s: int) -> dict[str, str]:
 
 
 async def charge(request: Request, key: ApiKey, limiter: SlidingWindowLimiter, cost: int,
-                 on_admit: OnAdmit | None = None) -> None:
-    """`cost` slots of the key's window (all or none), or a 429. Counts whatever happens to the request next."""
+                 on_admit: OnAdmit | None = None, claim: Claim | None = None) -> None:
+    """`cost` slots of the key's window (all or none), or a 429. Counts whatever happens to the request next.
+    With an idempotency `claim`, a repeat is answered (idempotency.Replayed, 409, 422) before anything is counted."""
     started = time.perf_counter()
-    decision = await limiter.hit(key.id, key.rate_limit, key.window_s, cost, on_admit)
+    decision = await limiter.hit(key.id, key.rate_limit, key.window_s, cost, on_admit, claim)
     add_timing(request, "limit", started)
     refuse_if_full(request, key, decision, cost)
 
@@ -202,9 +208,11 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 async def infer(request: Request, batcher: Batcher, images: list[np.ndarray], deadline: float) -> list[Answer]:
-    """The batcher's answers; 504 past the deadline, and nothing run for a client that has gone."""
+    """The batcher's answers; 504 past the deadline, and nothing run for a client that has gone, unless its
+    answer is to be stored for an Idempotency-Key: its retry will ask for it."""
     inference = asyncio.ensure_future(batcher.infer(images, deadline))
-    disconnect = asyncio.ensure_future(wait_for_disconnect(request))
+    is_kept = getattr(request.state, "idempotency_claim", None) is not None
+    disconnect = asyncio.ensure_future(asyncio.Event().wait() if is_kept else wait_for_disconnect(request))
     try:
         done, _ = await asyncio.wait({inference, disconnect}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -275,17 +283,21 @@ async def run_images(request: Request, key: ApiKey,
     request.state.model_version = model.version  # for the request log's row
     if request.app.state.shutdown.deadline is not None:
         raise shutting_down()  # a request that arrives after SIGTERM (on a connection already open) joins no queue
-    # Refusals that need no body, so none is read: a window this server saw full, a queue with no room at all.
-    if (known_full := limiter.known_full(key.id, key.rate_limit, key.window_s)) is not None:
+    idempotency_key = requested_key(request)
+    # Refusals that need no body, so none is read: a window this server saw full (unless the request may be a
+    # repeat, whose stored answer is not counted), a queue with no room at all.
+    if idempotency_key is None and (known_full := limiter.known_full(key.id, key.rate_limit,
+                                                                     key.window_s)) is not None:
         refuse_if_full(request, key, known_full)
     if not batcher.has_room():
         raise overloaded(settings.max_queue)
     to_classify = await read_classify_request(request, key, settings, limiter, schema)
+    claim = await claim_for(request, key.id, to_classify, idempotency_key)
     try:
         # Queue places are taken as the admission records its hits, in one step: a full server does not use up
         # the limit, and a request waiting for the database's lock holds no place meanwhile.
         with batcher.reservation() as take_places:
-            await charge(request, key, limiter, len(to_classify.sources), on_admit=take_places)
+            await charge(request, key, limiter, len(to_classify.sources), on_admit=take_places, claim=claim)
             with not_waiting_for_the_database():
                 started = time.perf_counter()
                 images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
@@ -302,12 +314,15 @@ async def run_images(request: Request, key: ApiKey,
 
 
 ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
-    400: "The image cannot be used (not base64, not an image, corrupt), or the query is inconsistent.",
+    400: "The image cannot be used (not base64, not an image, corrupt), the query is inconsistent, or the "
+         "Idempotency-Key is not 1 to 255 printable ASCII characters.",
     401: "No API key, or one that is malformed, unknown or revoked.",
     408: "The body did not arrive within BODY_TIMEOUT_S.",
+    409: "A request with this Idempotency-Key is still being processed; Retry-After says when to ask again.",
     413: "The body is over MAX_BODY_BYTES or the image over MAX_IMAGE_PIXELS.",
     415: "The body is neither JSON nor multipart/form-data.",
-    422: "A field is missing or has the wrong type or range, or there are too many images.",
+    422: "A field is missing or has the wrong type or range, there are too many images, or the Idempotency-Key "
+         "came with another request.",
     429: "The key's rate limit is reached; Retry-After says when to retry.",
     500: "A bug: the server failed unexpectedly. The body has the usual error shape.",
     503: "The server is at capacity (MAX_QUEUE), shutting down, or the database or Redis is unavailable; "
@@ -319,7 +334,7 @@ router = APIRouter()
 
 
 @router.post("/v1/classify", response_model=Classification | MultiClassification, tags=["classify"],
-             responses={s: ERRORS[s] for s in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)},
+             responses={s: ERRORS[s] for s in (400, 401, 408, 409, 413, 415, 422, 429, 500, 503, 504)},
              # The body is read by hand, after the key is checked, so it is declared here.
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": ClassifyRequest.model_json_schema()},
@@ -332,7 +347,8 @@ async def classify(request: Request, response: Response, key: CurrentKey) -> Cla
     multipart/form-data with the file in a `file` part and optional `top_k` and `min_confidence` parts, with
     `Authorization: Bearer <key>`. Each image counts one request against the key's rate limit (all or none are
     admitted), even if one then turns out corrupt; a request whose body is refused counts one. Answers carry
-    the rate-limit headers.
+    the rate-limit headers. With an `Idempotency-Key` header, a repeat gets the stored 200 answer, uncounted,
+    with `Idempotent-Replayed: true`.
     """
     to_classify, answers = await run_images(request, key, ClassifyRequest)
     model: LoadedModel = request.app.state.model
@@ -348,7 +364,7 @@ async def classify(request: Request, response: Response, key: CurrentKey) -> Cla
 
 
 @router.post("/v1/embeddings", response_model=Embeddings, tags=["embeddings"],
-             responses={s: ERRORS[s] for s in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)},
+             responses={s: ERRORS[s] for s in (400, 401, 408, 409, 413, 415, 422, 429, 500, 503, 504)},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": EmbeddingsRequest.model_json_schema()},
                  "multipart/form-data": {"schema": EMBEDDINGS_MULTIPART_SCHEMA}}}})
@@ -460,11 +476,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, **cors_options)
+    app.add_middleware(IdempotencyMiddleware)  # inside the request log: a 200 is stored with its log row
     app.add_middleware(RequestLogMiddleware, cors_options=cors_options if settings.cors_origin_list else None)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(StartupFailure)
     install_error_handlers(app)
+    app.add_exception_handler(Replayed, replay)
     app.include_router(router)
     app.include_router(api_docs.router)
     if settings.metrics_enabled:

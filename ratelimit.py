@@ -50,12 +50,23 @@ class WindowState(NamedTuple):
 OnAdmit = Callable[[int], None]
 
 
+class AdmissionGuard(Protocol):
+    """Decided in the database before an admission counts anything (idempotency.Claim): `enter` may refuse the
+    request by raising, and `leave` undoes it when the admission is refused. `is_key_locked`: the transaction
+    holds the key's row lock (PostgreSQL) already."""
+
+    def enter(self, transaction: Transaction, is_key_locked: bool = True) -> None: ...
+
+    def leave(self, transaction: Transaction, is_key_locked: bool = True) -> None: ...
+
+
 class WindowStorage(Protocol):
     """Where the window lives. `admit` must be atomic per key: count, decide and record `cost` hits (all or
-    none) as one step; `on_admit` runs inside that step, once the hits are due to be recorded."""
+    none) as one step; `on_admit` runs inside that step, once the hits are due to be recorded. A `guard` enters
+    before the count, in the database (in the same transaction when the window is there too)."""
 
-    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1,
-                    on_admit: OnAdmit | None = None) -> tuple[bool, WindowState]: ...
+    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1, on_admit: OnAdmit | None = None,
+                    guard: AdmissionGuard | None = None) -> tuple[bool, WindowState]: ...
 
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState: ...
 
@@ -89,29 +100,39 @@ class SqlWindowStorage:
     def __init__(self, writer: DatabaseWriter) -> None:
         self.writer = writer
 
-    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1,
-                    on_admit: OnAdmit | None = None) -> tuple[bool, WindowState]:
+    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1, on_admit: OnAdmit | None = None,
+                    guard: AdmissionGuard | None = None) -> tuple[bool, WindowState]:
         # Once: the group may be written again item by item, and the places taken stay taken.
         on_admit_once = _once(on_admit) if on_admit is not None else None
-        return await self.writer.run(partial(self._admit, key_id, limit, window_ms, cost, on_admit_once), order=key_id)
+        return await self.writer.run(partial(self._admit, key_id, limit, window_ms, cost, on_admit_once, guard),
+                                     order=key_id)
 
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState:
         return await self.writer.run(partial(self._peek, key_id, limit, window_ms), order=key_id)
 
     @classmethod
     def _admit(cls, key_id: int, limit: int, window_ms: int, cost: int, on_admit: OnAdmit | None,
-               transaction: Transaction) -> tuple[bool, WindowState]:
+               guard: AdmissionGuard | None, transaction: Transaction) -> tuple[bool, WindowState]:
         # The clock read under the lock: recorded in order.
         at_ms = transaction.scalar(LOCK_KEY_AND_READ_CLOCK, key_id=key_id) if transaction.is_postgres else now_ms()
         assert at_ms is not None, f"no api_keys row {key_id}: keys are revoked, never deleted"
+        if guard is not None:
+            guard.enter(transaction)  # raising, it is this admission's answer, and nothing is counted
         # Expired hits are never read again; dropping them keeps each key's rows at most its limit.
         transaction.execute(DELETE_EXPIRED, key_id=key_id, since_ms=at_ms - window_ms)
         state = cls._count(transaction, key_id, limit, at_ms, window_ms, cost)
         is_allowed = state.count + cost <= limit
-        if is_allowed:
-            if on_admit is not None:
+        try:
+            if is_allowed and on_admit is not None:
                 on_admit(cost)  # raising, it is this admission's answer, and nothing is recorded
+        except Exception:
+            if guard is not None:
+                guard.leave(transaction)
+            raise
+        if is_allowed:
             transaction.insert(RateLimitHit, [{"key_id": key_id, "at_ms": at_ms}] * cost)
+        elif guard is not None:
+            guard.leave(transaction)  # in the same transaction: the refused request leaves no claim behind
         return is_allowed, state
 
     @classmethod
@@ -188,13 +209,17 @@ class RedisWindowStorage:
     and added by one Lua script. Redis runs one script at a time, so admissions from every host are serialised
     there; the set expires when the window is empty."""
 
-    def __init__(self, client: Redis, key_prefix: str) -> None:
+    def __init__(self, client: Redis, key_prefix: str, writer: DatabaseWriter | None = None) -> None:
         self.client = client
         self.key_prefix = key_prefix
+        self.writer = writer  # for guards, which are decided in the database
         self.script = client.register_script(WINDOW_SCRIPT)  # EVALSHA, and EVAL again after Redis restarts
 
-    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1,
-                    on_admit: OnAdmit | None = None) -> tuple[bool, WindowState]:
+    async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1, on_admit: OnAdmit | None = None,
+                    guard: AdmissionGuard | None = None) -> tuple[bool, WindowState]:
+        if guard is not None:  # undone by its owner if the admission is refused: a second trip is no worse than one
+            assert self.writer is not None, "a guard needs the database thread"
+            await self.writer.run(partial(guard.enter, is_key_locked=False), order=key_id)
         if on_admit is not None:
             on_admit(cost)  # before the one script call that decides and records: there is no lock to wait for
         return await self._run(key_id, limit, window_ms, cost, is_recording=True)
@@ -234,16 +259,17 @@ class SlidingWindowLimiter:
         retry_after_s = max(1, _whole_seconds(wait_ms))
         return Decision(False, limit, 0, retry_after_s, retry_after_s)
 
-    async def hit(self, key_id: int, limit: int, window_s: int, cost: int = 1,
-                  on_admit: OnAdmit | None = None) -> Decision:
+    async def hit(self, key_id: int, limit: int, window_s: int, cost: int = 1, on_admit: OnAdmit | None = None,
+                  guard: AdmissionGuard | None = None) -> Decision:
         """Admit and record `cost` requests (all or none) if the window has room; otherwise say how long to wait.
 
         `cost` must be at most `limit`: a larger one could never be admitted. `on_admit(cost)` runs as the
         request is admitted; if it raises, the request is not recorded and the exception comes out of here.
+        `guard` (AdmissionGuard) may refuse the request before anything is counted, by raising too.
         """
         assert 1 <= cost <= limit
         asked_at = time.monotonic()  # before the storage read its clock: a full window is never assumed too long
-        is_allowed, state = await self.storage.admit(key_id, limit, window_s * 1000, cost, on_admit)
+        is_allowed, state = await self.storage.admit(key_id, limit, window_s * 1000, cost, on_admit, guard)
         if not is_allowed:
             if cost == 1 and state.freeing_ms is not None:  # full even for one: nothing fits until a hit expires
                 frees_in_s = (state.freeing_ms + window_s * 1000 - state.now_ms) / 1000

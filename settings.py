@@ -130,6 +130,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # Prepended to every Redis key, so several deployments can share one Redis.
     redis_key_prefix: str = "classify"
+    # How long a 200 answer to a request with an Idempotency-Key is kept, and replayed to its repeats.
+    idempotency_ttl_s: int = Field(86400, ge=1)
     # How long a looked-up API key is trusted before it is read again: a revocation takes up to this long.
     key_cache_ttl_s: float = Field(5.0, ge=0)
 

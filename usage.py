@@ -19,7 +19,8 @@ async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decisi
                      end_time: int | None, bucket_width: str | None) -> Usage:
     """This key's classify totals (within [start_time, end_time) when given) and, with bucket_width, per bucket."""
     end_time = checked_range(start_time, end_time, bucket_width)
-    rows = [RequestLog.key_id == api_key.id, RequestLog.endpoint == CLASSIFY_ENDPOINT]
+    # A replayed answer (Idempotency-Key) is its first request's: counted once, with that one.
+    rows = [RequestLog.key_id == api_key.id, RequestLog.endpoint == CLASSIFY_ENDPOINT, RequestLog.replayed.is_(False)]
     if start_time is not None:
         rows.append(RequestLog.created_at_ms >= start_time * 1000)
     if end_time is not None:

@@ -158,6 +158,7 @@ def response(status: int, **headers: str) -> httpx.Response:
 @pytest.mark.parametrize("outcome, expected", [
     (response(429, **{"Retry-After": "7"}), 7.0),
     (response(503, **{"Retry-After": "2"}), 2.0),
+    (response(409, **{"Retry-After": "1"}), 1.0),  # the same Idempotency-Key's first request still runs
     (response(503), 1.0),  # no Retry-After: backoff; at attempt 3, half of 0.5 * 2**2 with no jitter
     (response(502), 1.0),
     (response(504), 1.0),

@@ -59,6 +59,8 @@ def test_a_database_made_before_alembic_is_upgraded_in_place(tmp_path):
         connection.execute("ALTER TABLE request_log DROP COLUMN request_id")  # added by 0002, after the core server
         connection.execute("DROP TABLE readiness_check")  # added by 0003
         connection.execute("ALTER TABLE request_log DROP COLUMN model_version")  # added by 0004
+        connection.execute("ALTER TABLE request_log DROP COLUMN replayed")  # added by 0005
+        connection.execute("DROP TABLE idempotency_keys")  # added by 0005
         connection.execute("INSERT INTO api_keys VALUES (1, 'x', 'sk-old', 'old@example.com', 5, 60, 0, NULL)")
     connection.close()
     done = run_cli(database_url, "migrate")
