@@ -163,7 +163,7 @@ def several(images: list[bytes], top_k: int, min_confidence: float | None) -> di
 
 def idempotent(idempotency_key: str | None) -> dict[str, Any]:
     """The Idempotency-Key header for one call, sent unchanged with each of its retries."""
-    return {"headers": {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}}
+    return {"headers": {"Idempotency-Key": str(uuid.uuid4()) if idempotency_key is None else idempotency_key}}
 
 
 def usage_query(start_time: float | None, end_time: float | None, bucket_width: str | None) -> dict[str, Any]:
@@ -200,7 +200,8 @@ class Client:
         printable ASCII characters), to repeat the call later and get the same answer uncharged; a fresh one
         otherwise."""
         body = upload(*read_image(image), top_k, min_confidence)
-        return Classification.from_response(self._request("POST", "/v1/classify", **body, **idempotent(idempotency_key)))
+        return Classification.from_response(self._request("POST", "/v1/classify", **body,
+                                                          **idempotent(idempotency_key)))
 
     def classify_many(self, images: list[Image], top_k: int = DEFAULT_TOP_K, *, min_confidence: float | None = None,
                       idempotency_key: str | None = None) -> MultiClassification:

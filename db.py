@@ -1,6 +1,6 @@
 """The database: five tables (keys, the request log, the rate limiter's window, idempotency keys, readiness's
-one row), the
-async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to Alembic's head.
+one row), the async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to
+Alembic's head.
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
 integer division in every SQL dialect.
@@ -99,6 +99,7 @@ class IdempotencyKey(Base):
     status_code: Mapped[int | None]
     response_headers: Mapped[str | None] = mapped_column(Text)  # JSON: the headers that describe the body
     response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
+    model_version: Mapped[str | None] = mapped_column(String(64))  # of the model that answered, for replays' log rows
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     expires_at_ms: Mapped[int] = mapped_column(BigInteger)  # a claim's lease, then the answer's IDEMPOTENCY_TTL_S
 

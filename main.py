@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,7 +39,7 @@ from db import (ApiKey, ForeignSchemaError, SessionDep, make_engine, make_sessio
                 not_waiting_for_the_database, ping, waiting_until)
 from errors import ApiError, ErrorResponse, install_error_handlers
 from idempotency import (HEADER as IDEMPOTENCY_HEADER, REPLAYED_HEADER, Claim, IdempotencyMiddleware, Replayed,
-                         claim_for, prune_expired, replay, requested_key)
+                         claim_for, has_stored_answer, prune_expired, replay, requested_key)
 from inference import LoadedModel, top_predictions, unit_vectors
 from logs import configure_logging
 from os_threads import name_model_pool, name_os_thread, start_model_thread
@@ -142,6 +142,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         pruning.cancel()
+        with suppress(asyncio.CancelledError):
+            await pruning
         await batcher.stop()
         model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
@@ -212,7 +214,8 @@ async def infer(request: Request, batcher: Batcher, images: list[np.ndarray], de
     answer is to be stored for an Idempotency-Key: its retry will ask for it."""
     inference = asyncio.ensure_future(batcher.infer(images, deadline))
     is_kept = getattr(request.state, "idempotency_claim", None) is not None
-    disconnect = asyncio.ensure_future(asyncio.Event().wait() if is_kept else wait_for_disconnect(request))
+    disconnect = (asyncio.get_running_loop().create_future() if is_kept  # never done: the client is not watched
+                  else asyncio.ensure_future(wait_for_disconnect(request)))
     try:
         done, _ = await asyncio.wait({inference, disconnect}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -284,10 +287,11 @@ async def run_images(request: Request, key: ApiKey,
     if request.app.state.shutdown.deadline is not None:
         raise shutting_down()  # a request that arrives after SIGTERM (on a connection already open) joins no queue
     idempotency_key = requested_key(request)
-    # Refusals that need no body, so none is read: a window this server saw full (unless the request may be a
-    # repeat, whose stored answer is not counted), a queue with no room at all.
-    if idempotency_key is None and (known_full := limiter.known_full(key.id, key.rate_limit,
-                                                                     key.window_s)) is not None:
+    # Refusals that need no body, so none is read: a window this server saw full (unless the request's key has
+    # a stored answer, which is replayed uncharged: one indexed read), a queue with no room at all.
+    known_full = limiter.known_full(key.id, key.rate_limit, key.window_s)
+    if known_full is not None and (idempotency_key is None or
+                                   not await has_stored_answer(state.engine, key.id, idempotency_key)):
         refuse_if_full(request, key, known_full)
     if not batcher.has_room():
         raise overloaded(settings.max_queue)
@@ -476,7 +480,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     if settings.cors_origin_list:
         app.add_middleware(CORSMiddleware, **cors_options)
-    app.add_middleware(IdempotencyMiddleware)  # inside the request log: a 200 is stored with its log row
+    # Inside the request log: a 200 is stored with its log row.
+    app.add_middleware(IdempotencyMiddleware, max_stored_bytes=settings.idempotency_max_stored_bytes)
     app.add_middleware(RequestLogMiddleware, cors_options=cors_options if settings.cors_origin_list else None)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)

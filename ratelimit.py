@@ -52,12 +52,12 @@ OnAdmit = Callable[[int], None]
 
 class AdmissionGuard(Protocol):
     """Decided in the database before an admission counts anything (idempotency.Claim): `enter` may refuse the
-    request by raising, and `leave` undoes it when the admission is refused. `is_key_locked`: the transaction
-    holds the key's row lock (PostgreSQL) already."""
+    request by raising, and `leave` undoes it when the admission is refused. `at_ms`: the clock the admission
+    read under the key's row lock, or None (no lock taken yet); `is_key_locked`: the transaction holds that lock."""
 
-    def enter(self, transaction: Transaction, is_key_locked: bool = True) -> None: ...
+    def enter(self, transaction: Transaction, *, at_ms: int | None) -> None: ...
 
-    def leave(self, transaction: Transaction, is_key_locked: bool = True) -> None: ...
+    def leave(self, transaction: Transaction, *, is_key_locked: bool) -> None: ...
 
 
 class WindowStorage(Protocol):
@@ -117,7 +117,7 @@ class SqlWindowStorage:
         at_ms = transaction.scalar(LOCK_KEY_AND_READ_CLOCK, key_id=key_id) if transaction.is_postgres else now_ms()
         assert at_ms is not None, f"no api_keys row {key_id}: keys are revoked, never deleted"
         if guard is not None:
-            guard.enter(transaction)  # raising, it is this admission's answer, and nothing is counted
+            guard.enter(transaction, at_ms=at_ms)  # raising, it is this admission's answer, and nothing is counted
         # Expired hits are never read again; dropping them keeps each key's rows at most its limit.
         transaction.execute(DELETE_EXPIRED, key_id=key_id, since_ms=at_ms - window_ms)
         state = cls._count(transaction, key_id, limit, at_ms, window_ms, cost)
@@ -127,12 +127,12 @@ class SqlWindowStorage:
                 on_admit(cost)  # raising, it is this admission's answer, and nothing is recorded
         except Exception:
             if guard is not None:
-                guard.leave(transaction)
+                guard.leave(transaction, is_key_locked=True)
             raise
         if is_allowed:
             transaction.insert(RateLimitHit, [{"key_id": key_id, "at_ms": at_ms}] * cost)
         elif guard is not None:
-            guard.leave(transaction)  # in the same transaction: the refused request leaves no claim behind
+            guard.leave(transaction, is_key_locked=True)  # in this transaction: a refusal leaves no claim behind
         return is_allowed, state
 
     @classmethod
@@ -219,7 +219,7 @@ class RedisWindowStorage:
                     guard: AdmissionGuard | None = None) -> tuple[bool, WindowState]:
         if guard is not None:  # undone by its owner if the admission is refused: a second trip is no worse than one
             assert self.writer is not None, "a guard needs the database thread"
-            await self.writer.run(partial(guard.enter, is_key_locked=False), order=key_id)
+            await self.writer.run(partial(guard.enter, at_ms=None), order=key_id)
         if on_admit is not None:
             on_admit(cost)  # before the one script call that decides and records: there is no lock to wait for
         return await self._run(key_id, limit, window_ms, cost, is_recording=True)

@@ -11,6 +11,7 @@ model, log: milliseconds), so a benchmark can find the next bottleneck.
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -54,7 +55,8 @@ def server_timing(timings: dict[str, float]) -> str:
 class RequestLogMiddleware:
     """Records each /v1 request (key, endpoint, status, latency, error code) before its response starts.
 
-    The route leaves `key_id` and `error_code` in the request's state. If the row cannot be written, the client
+    The route leaves `key_id` and `error_code` in the request's state (and `write_log_row`, to write the row with
+    something that must be committed with it). If the row cannot be written, the client
     gets a 503 instead of the answer: an answer the log does not hold would make the books wrong. An unexpected
     exception becomes the standard 500 here, with its traceback in the server log and its row in the request log;
     re-raised, it would make the server drop the connection before the client could read the 500.
@@ -148,8 +150,13 @@ class RequestLogMiddleware:
                "created_at_ms": now_ms(), "error_code": state.get("error_code"),
                "request_id": state.get("request_id"), "model_version": state.get("model_version"),
                "replayed": state.get("is_replayed", False)}
+        # What must be committed with the row, if anything (idempotency.py: the answer to store), writes it.
+        write_log_row: Callable[[dict[str, Any]], Awaitable[None]] | None = state.get("write_log_row")
         try:
-            await writer.insert(RequestLog, row)  # committed with the other writes of its group
+            if write_log_row is not None:
+                await write_log_row(row)
+            else:
+                await writer.insert(RequestLog, row)  # committed with the other writes of its group
         except Exception as exc:
             if is_database_unavailable(exc):
                 logger.warning("request log unavailable, answering 503: %s", exc)

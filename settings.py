@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     redis_key_prefix: str = "classify"
     # How long a 200 answer to a request with an Idempotency-Key is kept, and replayed to its repeats.
     idempotency_ttl_s: int = Field(86400, ge=1)
+    # A 200 answer larger than this is sent but not stored for its Idempotency-Key (its repeat is processed again).
+    idempotency_max_stored_bytes: int = Field(1024 * 1024, ge=0)
     # How long a looked-up API key is trusted before it is read again: a revocation takes up to this long.
     key_cache_ttl_s: float = Field(5.0, ge=0)
 

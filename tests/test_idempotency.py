@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from client import Client
+from client import Client, InvalidRequest
 from conftest import (ONE_PIXEL, Server, assert_error, b64, backend_env, key_id, log_rows, make_key, query,
-                      server_env)
+                      raw_http, server_env)
 from test_client import client_cli
 from test_metrics import scrape, value
 
@@ -128,6 +128,8 @@ def test_a_repeat_while_the_first_is_running_is_a_409_with_retry_after(slow_serv
         first.join()
         assert_error(in_use, 409, "idempotency_key_in_use")
         assert in_use.headers["Retry-After"] == "1"
+        rows = log_rows(slow_server.database_url, "key_id = :id", id=key_id(slow_server.database_url, key))
+        assert [row["error_code"] for row in rows if row["status_code"] == 409] == ["idempotency_key_in_use"]
         assert answers[0].status_code == 200
         again = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("slow"))
     assert again.headers["Idempotent-Replayed"] == "true" and again.content == answers[0].content
@@ -230,3 +232,92 @@ def test_expired_keys_are_pruned_in_batches_and_then_processed_again(start_serve
         again = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("brief"))
     assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers
     assert hits(running.database_url, key) == 2
+
+
+def claims(database_url: str) -> int:
+    return query(database_url, "SELECT COUNT(*) AS n FROM idempotency_keys")[0]["n"]
+
+
+def wait_for_no_claims(database_url: str) -> None:
+    """Releases are handed to the database thread without waiting for them."""
+    deadline = time.monotonic() + 10
+    while claims(database_url) > 0:
+        assert time.monotonic() < deadline, "the claim was not released"
+        time.sleep(0.1)
+
+
+def test_an_answer_that_cannot_be_stored_is_not_sent_and_leaves_the_key_free(start_server):
+    running = start_server()
+    key = make_key(running.database_url)
+    query(running.database_url, "CREATE TRIGGER refuse_answers BEFORE UPDATE ON idempotency_keys "
+                                "BEGIN SELECT RAISE(ABORT, 'answers refused'); END")
+    with running.client(key) as client:
+        failed = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("unstored"))
+        # Its log row and its answer are one write: neither was committed, so the 200 was not sent either.
+        assert_error(failed, 500, "internal_error")
+        assert log_rows(running.database_url, "key_id = :id AND status_code = 200",
+                        id=key_id(running.database_url, key)) == []
+        wait_for_no_claims(running.database_url)
+        query(running.database_url, "DROP TRIGGER refuse_answers")
+        retried = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("unstored"))
+    assert retried.status_code == 200 and "Idempotent-Replayed" not in retried.headers
+
+
+def test_a_stored_answer_pruned_between_the_repeats_insert_and_its_read_is_claimed_anew(request, start_server,
+                                                                                      tmp_path):
+    """On PostgreSQL INSERT ... ON CONFLICT DO NOTHING locks nothing: another host's prune can delete the row it
+    met. A statement trigger does that prune at exactly that moment."""
+    running = start_server(backend_env(request, "postgresql", tmp_path))
+    key = make_key(running.database_url)
+    with running.client(key) as client:
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("pruned")).status_code == 200
+        query(running.database_url, "CREATE FUNCTION prune_answers() RETURNS trigger LANGUAGE plpgsql AS "
+                                    "'BEGIN DELETE FROM idempotency_keys WHERE status_code IS NOT NULL; "
+                                    "RETURN NULL; END'")
+        query(running.database_url, "CREATE TRIGGER prune_after_insert AFTER INSERT ON idempotency_keys "
+                                    "FOR EACH STATEMENT EXECUTE FUNCTION prune_answers()")
+        again = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("pruned"))
+    assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers
+    assert hits(running.database_url, key) == 2
+
+
+def test_an_answer_over_idempotency_max_stored_bytes_is_sent_but_not_stored(start_server):
+    running = start_server({"IDEMPOTENCY_MAX_STORED_BYTES": "100"})
+    key = make_key(running.database_url)
+    with running.client(key) as client:
+        first = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("large"))
+        assert first.status_code == 200 and len(first.content) > 100
+        wait_for_no_claims(running.database_url)
+        again = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("large"))
+    assert again.status_code == 200 and "Idempotent-Replayed" not in again.headers
+    assert hits(running.database_url, key) == 2
+
+
+def test_a_replay_is_logged_with_the_stored_model_version_and_sends_only_the_stored_headers_that_describe_it(
+        server, api, key):
+    first = api.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("versioned"))
+    query(server.database_url, "UPDATE idempotency_keys SET model_version = 'answered-by-v0', "
+                               "response_headers = :headers WHERE key_id = :id",
+          headers=json.dumps({"content-type": "application/json", "x-ratelimit-remaining": "7"}),
+          id=key_id(server.database_url, key))
+    again = api.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("versioned"))
+    assert again.headers["Idempotent-Replayed"] == "true" and "X-RateLimit-Remaining" not in again.headers
+    rows = log_rows(server.database_url, "key_id = :id", id=key_id(server.database_url, key))
+    assert [row["model_version"] for row in rows] == [first.json()["model_version"], "answered-by-v0"]
+
+
+def test_a_throttled_client_with_a_new_idempotency_key_is_refused_before_its_body_is_read(server):
+    key = make_key(server.database_url, rate_limit=1, window_s=60)
+    with server.client(key) as client:
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("stored")).status_code == 200
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 429
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nIdempotency-Key: new\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {10 * 1024 * 1024}\r\n\r\n").encode()
+    status, _, _ = raw_http(server.port, head, timeout=10)  # no body byte sent: the server must not wait for them
+    assert status == 429
+
+
+def test_the_client_sends_an_empty_idempotency_key_as_given(server, key):
+    with Client(server.url, key) as client, pytest.raises(InvalidRequest) as refused:
+        client.classify(base64.b64decode(ONE_PIXEL), idempotency_key="")
+    assert "Idempotency-Key" in str(refused.value)

@@ -27,6 +27,7 @@ def upgrade() -> None:
         sa.Column("status_code", sa.Integer(), nullable=True),
         sa.Column("response_headers", sa.Text(), nullable=True),
         sa.Column("response_body", sa.LargeBinary(), nullable=True),
+        sa.Column("model_version", sa.String(length=64), nullable=True),
         sa.Column("created_at_ms", sa.BigInteger(), nullable=False),
         sa.Column("expires_at_ms", sa.BigInteger(), nullable=False),
         sa.UniqueConstraint("key_id", "idempotency_key", name="uq_idempotency_keys_key"),
