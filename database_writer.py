@@ -88,6 +88,17 @@ class Transaction:
         except self.dialect.loaded_dbapi.Error as exc:
             raise self.translated(exc, sql, bound) from exc
 
+    def execute_many(self, statement: Executable, rows: list[dict[str, Any]]) -> None:
+        """`statement` once per row of `rows`, which all have the same keys (an upsert: rollups.py)."""
+        columns = tuple(rows[0])
+        key = (statement, columns)
+        sql, names, defaults = self._compiled.get(key) or self._compile(key, statement, columns)
+        bound = [_bound(names, defaults, row) for row in rows]
+        try:
+            self.cursor.executemany(sql, bound)
+        except self.dialect.loaded_dbapi.Error as exc:
+            raise self.translated(exc, sql, bound) from exc
+
     def translated(self, exc: Exception, sql: str, params: Any = ()) -> DBAPIError:
         """The driver's error as SQLAlchemy's, which errors.py and the exception handlers know."""
         is_disconnect = self.dialect.is_disconnect(exc, self.connection.dbapi_connection, self.cursor)
@@ -121,12 +132,20 @@ class _Item:
     row: dict[str, Any] | None = None
 
 
-class DatabaseWriter:
-    """The thread (named `database`) and its connection; start() it, and stop() it last."""
+AfterInsert = Callable[[Transaction, list[dict[str, Any]]], None]
 
-    def __init__(self, database_url: str, timeout_s: float) -> None:
+
+class DatabaseWriter:
+    """The thread (named `database`) and its connection; start() it, and stop() it last.
+
+    `after_insert` maps a table to what else its rows write, in the same transaction (the request log's
+    rollups: rollups.add_rows)."""
+
+    def __init__(self, database_url: str, timeout_s: float, after_insert: dict[TableLike, AfterInsert] | None = None
+                 ) -> None:
         self.engine = make_writer_engine(database_url, timeout_s)
         self.timeout_s = timeout_s
+        self._after_insert = after_insert or {}
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()  # None: stop
         self._thread = threading.Thread(target=self._serve, name="database", daemon=True)
         self._connection: PoolProxiedConnection | None = None  # opened by the thread when first needed
@@ -219,7 +238,10 @@ class DatabaseWriter:
                 if item.table is not None:
                     rows.setdefault(item.table, []).append(index)
             for table, indexes in rows.items():
-                transaction.insert(table, [items[index].row for index in indexes])  # type: ignore[misc]
+                inserted = [items[index].row for index in indexes]
+                transaction.insert(table, inserted)  # type: ignore[arg-type]
+                if table in self._after_insert:
+                    self._after_insert[table](transaction, inserted)  # type: ignore[arg-type]
                 outcomes.update(dict.fromkeys(indexes))
             self._end(transaction, "COMMIT")
         except BaseException as exc:

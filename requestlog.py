@@ -146,7 +146,8 @@ class RequestLogMiddleware:
         row = {"key_id": state.get("key_id"), "endpoint": endpoint(scope["path"]), "method": scope["method"][:8],
                "status_code": status_code, "latency_ms": (time.perf_counter() - started) * 1000,
                "created_at_ms": now_ms(), "error_code": state.get("error_code"),
-               "request_id": state.get("request_id"), "model_version": state.get("model_version")}
+               "request_id": state.get("request_id"), "model_version": state.get("model_version"),
+               "images": state.get("images", 0)}
         try:
             await writer.insert(RequestLog, row)  # committed with the other writes of its group
         except Exception as exc:

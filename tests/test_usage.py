@@ -49,14 +49,19 @@ def test_usage_buckets_count_per_minute_hour_and_day(backend_server):
                     for width, start in ranges.items()}
         to_now = client.get("/v1/usage", params={"start_time": now - 100, "bucket_width": "1m"}).json()
         before = client.get("/v1/usage", params={"start_time": now - 3600, "end_time": now - 1800}).json()
-    for width, expected_buckets in {"1m": 5, "1h": 3, "1d": 7}.items():
+    for width, width_s in {"1m": 60, "1h": 3600, "1d": 86400}.items():
         usage = by_width[width]
-        assert len(usage["buckets"]) == expected_buckets
-        assert usage["buckets"][0]["start_time"] == ranges[width] and usage["buckets"][-1]["end_time"] == end
-        assert all(b["end_time"] - b["start_time"] == {"1m": 60, "1h": 3600, "1d": 86400}[width] for b in usage["buckets"])
+        # Rounded out to whole buckets, each one rollup row: start down, end up.
+        first, last = ranges[width] // width_s * width_s, -(-end // width_s) * width_s
+        assert (usage["start_time"], usage["end_time"]) == (first, last)
+        assert len(usage["buckets"]) == (last - first) // width_s
+        assert usage["buckets"][0]["start_time"] == first and usage["buckets"][-1]["end_time"] == last
+        assert all(b["end_time"] - b["start_time"] == width_s for b in usage["buckets"])
         assert sum(b["total_requests"] for b in usage["buckets"]) == usage["total_requests"] == 4
         assert sum(b["successful_requests"] for b in usage["buckets"]) == usage["successful_requests"] == 3
-        assert usage["buckets"][-1]["total_requests"] == 4
+        assert sum(b["images"] for b in usage["buckets"]) == usage["images"] == 4
+        assert usage["by_status"] == {"succeeded": 3, "client_errors": 1, "rate_limited": 0, "server_errors": 0}
+        assert [b["total_requests"] for b in usage["buckets"] if b["start_time"] <= now < b["end_time"]] == [4]
     assert to_now["end_time"] >= now + 1 and to_now["buckets"][-1]["end_time"] == to_now["end_time"]  # cut at now
     assert sum(b["total_requests"] for b in to_now["buckets"]) == 4
     assert before["total_requests"] == 0 and before["buckets"] is None
