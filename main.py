@@ -47,6 +47,7 @@ from ratelimit import (Decision, OnAdmit, RedisWindowStorage, SlidingWindowLimit
 from request_body import ImagesToClassify, decode_images, parse_body, read_body
 from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
 from requestlog import RequestLogMiddleware, add_timing
+from retention import prune_forever
 from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Embedding, Embeddings, EmbeddingsRequest,
                      Health, ImageResult, ImagesRequest, ModelInfo, ModelList, MultiClassification, Preprocessing,
                      Usage)
@@ -129,6 +130,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     storage: WindowStorage = RedisWindowStorage(redis, settings.redis_key_prefix) if redis else SqlWindowStorage(writer)
     app.state.limiter = SlidingWindowLimiter(storage)
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
+    pruning = asyncio.create_task(prune_forever(writer, settings))  # retention.py: old rows, in small batches
     app.state.model = model
     app.state.batcher = batcher
     logger.info("ready: %s version %s (weights: %s) on %s %s (torch %s), %d threads, batches of up to %d, "
@@ -138,6 +140,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        pruning.cancel()
         await batcher.stop()
         model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
