@@ -29,6 +29,8 @@ HISTOGRAM = tuple(f"h{index:02d}" for index in range(LATENCY_BUCKETS))
 STATUS_COUNTS = ("succeeded", "client_errors", "rate_limited", "server_errors")
 COUNTS = ("requests", "images", *STATUS_COUNTS, "latency_ms_sum", *HISTOGRAM)  # summed, in rows and in reads
 KEY = ("key_id", "width_s", "start_ms", "endpoint", "model_version")
+# What a percentile falling in each bucket is reported as: the geometric middle (the ends: 0.5 ms, 32768 ms).
+REPORTED_MS = (0.5, *(round(edge * 2 ** 0.25, 2) for edge in LATENCY_EDGES_MS[:-1]), LATENCY_EDGES_MS[-1])
 
 
 def latency_bucket(latency_ms: float) -> int:
@@ -91,7 +93,7 @@ def add_rows(transaction: Transaction, rows: list[dict[str, Any]]) -> None:
 
 
 def percentile(histogram: list[int], fraction: float) -> float | None:
-    """The nearest-rank percentile of the requests in `histogram`, as the geometric middle of its bucket."""
+    """The nearest-rank percentile of the requests in `histogram`, as its bucket's REPORTED_MS."""
     total = sum(histogram)
     if total == 0:
         return None
@@ -100,9 +102,5 @@ def percentile(histogram: list[int], fraction: float) -> float | None:
     for bucket, count in enumerate(histogram):
         seen += count
         if seen >= rank:
-            break
-    if bucket == 0:
-        return 0.5
-    if bucket == len(histogram) - 1:
-        return LATENCY_EDGES_MS[-1]
-    return round(LATENCY_EDGES_MS[bucket - 1] * 2 ** 0.25, 2)
+            return REPORTED_MS[bucket]
+    raise AssertionError("unreachable: the counts add up to the total")

@@ -9,25 +9,30 @@ answer is what counting the log over the same (rounded) range gives, exactly.
 import time
 from typing import Any
 
+import numpy as np
+from fastapi.responses import JSONResponse
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db import ApiKey, UsageRollup
 from errors import ApiError
 from ratelimit import Decision
-from rollups import COUNTS, HISTOGRAM, STATUS_COUNTS, percentile
-from schemas import BUCKET_WIDTHS_S, ByStatus, Latency, Usage, UsageBucket
+from rollups import COUNTS, HISTOGRAM, REPORTED_MS, STATUS_COUNTS, percentile
+from schemas import BUCKET_WIDTHS_S, ByStatus, Latency, Usage
 
 CLASSIFY_ENDPOINT = "/v1/classify"
 MAX_BUCKETS = 2400  # 100 days by the hour
 MINUTE, HOUR, DAY = 60, 3600, 86400
-SUMS = [func.sum(UsageRollup.__table__.c[name]) for name in COUNTS]
+ROLLUPS = UsageRollup.__table__
+COLUMNS = [ROLLUPS.c[name] for name in COUNTS]
+SUMS = [func.sum(column) for column in COLUMNS]
 Segment = tuple[int, int, int | None]  # a rollup width, and [from, to) in Unix seconds (None: no end)
 
 
 async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decision, start_time: int | None,
-                     end_time: int | None, bucket_width: str | None, retention_days: int) -> Usage:
-    """This key's classify totals (within [start_time, end_time) when given) and, with bucket_width, per bucket."""
+                     end_time: int | None, bucket_width: str | None, retention_days: int) -> JSONResponse:
+    """This key's classify totals (within [start_time, end_time) when given) and, with bucket_width, per bucket:
+    a `Usage`, as JSON (its buckets built as plain dicts: a thousand pydantic models cost tens of ms)."""
     end_time = checked_range(start_time, end_time, bucket_width)
     width_s = BUCKET_WIDTHS_S[bucket_width] if bucket_width is not None else MINUTE
     if start_time is not None:
@@ -35,35 +40,40 @@ async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decisi
     if end_time is not None:
         end_time = -(-end_time // width_s) * width_s
     covered_from = max(start_time or 0, retention_cutoff_s(retention_days))
-    rows = [UsageRollup.key_id == api_key.id, UsageRollup.endpoint == CLASSIFY_ENDPOINT]
+    rows = [ROLLUPS.c.key_id == api_key.id, ROLLUPS.c.endpoint == CLASSIFY_ENDPOINT]
     buckets = None
     async with session.begin():  # one snapshot, so the buckets add up to the totals
+        connection = await session.connection()
         if bucket_width is None:
             segments = covering(covered_from, end_time)
-            found = (await session.execute(select(*SUMS).where(*rows, or_(*[
-                and_(UsageRollup.width_s == width, UsageRollup.start_ms >= begin * 1000,
-                     *([UsageRollup.start_ms < end * 1000] if end is not None else []))
+            found = (await connection.execute(select(*SUMS).where(*rows, or_(*[
+                and_(ROLLUPS.c.width_s == width, ROLLUPS.c.start_ms >= begin * 1000,
+                     *([ROLLUPS.c.start_ms < end * 1000] if end is not None else []))
                 for width, begin, end in segments])))).one() if segments else [None] * len(COUNTS)
-            totals = list(found)
+            totals = np.array([value or 0 for value in found], dtype=np.float64)
         else:
             assert start_time is not None and end_time is not None
-            by_start = {int(start_ms) // 1000: sums for start_ms, *sums in (await session.execute(
-                select(UsageRollup.start_ms, *SUMS).where(
-                    *rows, UsageRollup.width_s == width_s, UsageRollup.start_ms >= covered_from * 1000,
-                    UsageRollup.start_ms < end_time * 1000).group_by(UsageRollup.start_ms))).all()}
-            buckets = [UsageBucket(start_time=start, end_time=start + width_s, **figures(by_start.get(start)))
-                       for start in range(start_time, end_time, width_s)]
-            totals = [sum(sums[index] or 0 for sums in by_start.values()) for index in range(len(COUNTS))]
+            # Not summed by the database: its GROUP BY of 39 sums took as long as fetching the rows themselves.
+            found_rows = (await connection.execute(select(ROLLUPS.c.start_ms, *COLUMNS).where(
+                *rows, ROLLUPS.c.width_s == width_s, ROLLUPS.c.start_ms >= covered_from * 1000,
+                ROLLUPS.c.start_ms < end_time * 1000))).all()
+            sums = np.zeros(((end_time - start_time) // width_s, len(COUNTS)))
+            if found_rows:
+                found = np.array([tuple(row) for row in found_rows], dtype=np.float64)  # from Rows: 10x slower
+                np.add.at(sums, ((found[:, 0] // 1000 - start_time) // width_s).astype(np.int64), found[:, 1:])
+            buckets = bucket_figures(start_time, width_s, sums)
+            totals = sums.sum(axis=0)
     summed = figures(totals)
     requests = summed["total_requests"]
-    return Usage(
+    usage = Usage(
         key_prefix=api_key.prefix, **summed,
         success_rate=round(100 * summed["successful_requests"] / requests, 2) if requests else 0.0,
-        avg_response_time_ms=round(totals[COUNTS.index("latency_ms_sum")] / requests, 2) if requests else 0.0,
+        avg_response_time_ms=round(float(totals[COUNTS.index("latency_ms_sum")]) / requests, 2) if requests else 0.0,
         limit=limit_state.limit, window_seconds=api_key.window_s, remaining=limit_state.remaining,
         reset_seconds=limit_state.reset_s, start_time=start_time, end_time=end_time, covered_from=covered_from,
-        bucket_width=bucket_width, buckets=buckets,
+        bucket_width=bucket_width,
     )
+    return JSONResponse({**usage.model_dump(), "buckets": buckets})
 
 
 def retention_cutoff_s(retention_days: int, now_s: float | None = None) -> int:
@@ -94,15 +104,41 @@ def covering(start: int, end: int | None) -> list[Segment]:
     return segments
 
 
-def figures(sums: Any) -> dict[str, Any]:
-    """A bucket's (or the totals') fields from the summed rollup columns, in COUNTS' order (None: no rows)."""
-    sums = [value or 0 for value in sums] if sums is not None else [0] * len(COUNTS)
-    named = dict(zip(COUNTS, sums))
+def figures(sums: np.ndarray) -> dict[str, Any]:
+    """The totals' fields from the summed rollup columns, in COUNTS' order."""
+    named = dict(zip(COUNTS, sums.tolist()))
     histogram = [int(named[name]) for name in HISTOGRAM]
     return {"total_requests": int(named["requests"]), "successful_requests": int(named["succeeded"]),
             "images": int(named["images"]), "by_status": ByStatus(**{name: int(named[name]) for name in STATUS_COUNTS}),
             "latency_ms": Latency(p50=percentile(histogram, 0.5), p95=percentile(histogram, 0.95),
                                   p99=percentile(histogram, 0.99))}
+
+
+def bucket_figures(start_time: int, width_s: int, sums: np.ndarray) -> list[dict[str, Any]]:
+    """Each bucket's fields (a UsageBucket's) from its row of summed rollup columns, the percentiles as
+    rollups.percentile finds them, for all buckets at once."""
+    column = {name: sums[:, index] for index, name in enumerate(COUNTS)}
+    histograms = sums[:, [COUNTS.index(name) for name in HISTOGRAM]]
+    requests = column["requests"]
+    ranks = [np.maximum(1, np.ceil(fraction * requests)) for fraction in (0.5, 0.95, 0.99)]
+    seen = histograms.cumsum(axis=1)
+    reported = np.array(REPORTED_MS)
+    p50, p95, p99 = [np.where(requests > 0, reported[np.minimum((seen < rank[:, None]).sum(axis=1), len(HISTOGRAM) - 1)],
+                              np.nan).tolist() for rank in ranks]
+    counts = {name: column[name].astype(np.int64).tolist() for name in ("requests", "images", *STATUS_COUNTS)}
+    return [{"start_time": start_time + index * width_s, "end_time": start_time + (index + 1) * width_s,
+             "total_requests": total, "successful_requests": succeeded, "images": images,
+             "by_status": {"succeeded": succeeded, "client_errors": client_errors, "rate_limited": rate_limited,
+                           "server_errors": server_errors},
+             "latency_ms": {"p50": none_if_nan(fifty), "p95": none_if_nan(ninety_five), "p99": none_if_nan(ninety_nine)}}
+            for index, (total, images, succeeded, client_errors, rate_limited, server_errors, fifty, ninety_five,
+                        ninety_nine) in enumerate(zip(counts["requests"], counts["images"], counts["succeeded"],
+                                                      counts["client_errors"], counts["rate_limited"],
+                                                      counts["server_errors"], p50, p95, p99))]
+
+
+def none_if_nan(value: float) -> float | None:
+    return None if value != value else value  # NaN, the empty bucket's, is the only value unequal to itself
 
 
 def checked_range(start_time: int | None, end_time: int | None, bucket_width: str | None) -> int | None:

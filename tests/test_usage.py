@@ -240,7 +240,7 @@ def test_on_postgresql_a_row_the_database_refuses_fails_only_its_own_request(pos
     with running.client(doomed) as client:
         assert client.get("/v1/models").status_code == 200  # cached from now on
     doomed_id = key_id(running.database_url, doomed)
-    for table in ("request_log", "rate_limit_hits", "api_keys"):
+    for table in ("request_log", "rate_limit_hits", "usage_rollups", "api_keys"):
         query(running.database_url, f"DELETE FROM {table} WHERE {'id' if table == 'api_keys' else 'key_id'} = :id",
               id=doomed_id)
     classified, looped = classify_amid_loops(running.url, kept, "/v1/models", doomed)

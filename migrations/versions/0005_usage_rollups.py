@@ -44,6 +44,7 @@ def upgrade() -> None:
         *[sa.Column(name, sa.Double() if name == "latency_ms_sum" else sa.Integer(), nullable=False)
           for name in COUNTS],
         sa.PrimaryKeyConstraint(*KEY),
+        sqlite_with_rowid=False,  # a key's range read in one sweep of the primary key
     )
     op.create_index("ix_usage_rollups_start", "usage_rollups", ["start_ms"])
     backfill(op.get_bind())
