@@ -10,7 +10,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
+
 from conftest import ONE_PIXEL, assert_error, b64, encode, key_id, log_rows, make_key, query
+from usage import buckets_query, totals_query
 
 
 def test_usage_counts_this_keys_classify_requests_of_every_outcome(backend_server):
@@ -166,14 +169,21 @@ def test_a_broken_schema_is_a_500_not_a_503_that_never_clears(start_server):
     assert "Retry-After" not in response.headers
 
 
-def test_usage_reads_use_the_key_and_time_index(server):
+def test_usage_reads_ranges_of_the_rollups_primary_key(server):
+    """Each of usage.py's statements reads a range of (key, width, start): its cost is the buckets', whatever the
+    key's history (bench/usage_history.py measures it)."""
+    statements = [totals_query(1, 1_700_000_000 - 7 * 60, 1_700_000_000 + 3 * 86400 + 5 * 3600 + 60),
+                  totals_query(1, 1_700_000_000 - 7 * 60, None), buckets_query(1, 3600, 1_700_000_000, 1_700_086400)]
     connection = sqlite3.connect(server.database_url.removeprefix("sqlite:///"))
     try:
-        plan = connection.execute("EXPLAIN QUERY PLAN SELECT count(*) FROM request_log WHERE key_id = 1 AND "
-                                  "endpoint = '/v1/classify' AND created_at_ms >= 0").fetchall()
+        for statement in statements:
+            sql = str(statement.compile(dialect=sqlite_dialect(), compile_kwargs={"literal_binds": True}))
+            plan = [row[-1] for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()]
+            searches = [step for step in plan if step.startswith(("SEARCH", "SCAN"))]
+            assert searches and all(step.startswith("SEARCH usage_rollups USING PRIMARY KEY (key_id=? AND width_s=? "
+                                                    "AND start_ms>") for step in searches), plan
     finally:
         connection.close()
-    assert any("ix_request_log_key_time" in row[-1] for row in plan), plan
 
 
 def test_readiness_fails_while_the_database_cannot_be_written_and_recovers(start_server):
