@@ -118,7 +118,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
     decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode",
                                      initializer=name_os_thread)
-    # The request path's writes (admissions, log rows) go through one thread, in groups; reads use the engine.
+    # The request path's writes (admissions, log rows and their rollups) go through one thread, in groups; reads
+    # use the engine.
     writer = DatabaseWriter(settings.database_url, settings.db_timeout_s, {RequestLog: rollups.add_rows})
     writer.start()
     app.state.engine = engine

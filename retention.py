@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 
-from sqlalchemy import bindparam, delete, func, select, tuple_
+from sqlalchemy import bindparam, delete, func, literal_column, select, tuple_
 
 from database_writer import DatabaseWriter, Transaction
 from db import RequestLog, UsageRollup
@@ -31,13 +31,12 @@ PRUNE_INTERVAL_S = 600
 _OLDEST = select(RequestLog.id).order_by(RequestLog.id).limit(PRUNE_BATCH).subquery()
 OLDEST_IDS = select(func.max(_OLDEST.c.id)).scalar_subquery()
 OLD_LOG_ROWS = delete(RequestLog).where(RequestLog.id <= OLDEST_IDS, RequestLog.created_at_ms < bindparam("cutoff_ms"))
-# Rollups that end by the cutoff, oldest first: the start_ms index finds them.
+# Rollups that end by the cutoff, oldest first: the index on that expression finds them.
 ROLLUP_KEY = tuple_(UsageRollup.key_id, UsageRollup.width_s, UsageRollup.start_ms, UsageRollup.endpoint,
                     UsageRollup.model_version)
+ROLLUP_END = UsageRollup.start_ms + UsageRollup.width_s * literal_column("1000")  # as the index spells it
 OLD_ROLLUPS = delete(UsageRollup).where(ROLLUP_KEY.in_(
-    select(*ROLLUP_KEY.clauses).where(UsageRollup.start_ms < bindparam("cutoff_ms"),
-                                      UsageRollup.start_ms + UsageRollup.width_s * 1000 <= bindparam("cutoff_ms"))
-    .order_by(UsageRollup.start_ms).limit(PRUNE_BATCH)))
+    select(*ROLLUP_KEY.clauses).where(ROLLUP_END <= bindparam("cutoff_ms")).order_by(ROLLUP_END).limit(PRUNE_BATCH)))
 
 
 def delete_old_log_rows(transaction: Transaction, cutoff_ms: int) -> int:

@@ -4,12 +4,13 @@
     $ .venv/bin/python bench/usage_history.py --rows 10000 --rows 1000000 --databases sqlite
 
 For each size, one key's history is seeded over the last 90 days, one UTC day at a time: the request-log rows
-(timestamps uniform over the day, 90 % answered 200, 4 % 429, the rest 4xx and 5xx; log-normal latencies around
+(timestamps uniform over the day, today's up to now, 90 % answered 200, 4 % 429, the rest 4xx and 5xx; log-normal latencies around
 60 ms; one image each), bulk-inserted (SQLite: executemany in one transaction; PostgreSQL: COPY), and the minute,
 hour and day rollups the database thread would have written for them, summed with numpy by the same rules
 (rollups.py: its bounds, its status classes) and inserted alike. Then the server starts on that database
 (server_load.start, as `make run` does) and one client asks each query --requests times in a row, after a few
-warm-up calls: p50 and p99 of the time to the whole answer, as httpx measures it. Also the bytes on disk per
+warm-up calls (REQUEST_LOG_RETENTION_DAYS above the history's 90 days, so nothing is pruned meanwhile):
+p50 and p99 of the time to the whole answer, as httpx measures it. Also the bytes on disk per
 log row and per rollup row (SQLite's dbstat, PostgreSQL's pg_total_relation_size). Prints a table and writes
 bench/results/usage_history.json.
 """
@@ -43,8 +44,8 @@ STATUSES = np.array([200, 429, 400, 422, 503, 500])
 STATUS_CHANCES = np.array([0.90, 0.04, 0.03, 0.01, 0.01, 0.01])
 
 
-def day_of_history(chance: np.random.Generator, day_start_ms: int, count: int) -> dict[str, np.ndarray]:
-    return {"created_at_ms": np.sort(day_start_ms + chance.integers(0, DAY_MS, count)),
+def day_of_history(chance: np.random.Generator, day_start_ms: int, count: int, now_ms: int) -> dict[str, np.ndarray]:
+    return {"created_at_ms": np.sort(day_start_ms + chance.integers(0, min(DAY_MS, now_ms - day_start_ms), count)),
             "status_code": chance.choice(STATUSES, count, p=STATUS_CHANCES),
             "latency_ms": chance.lognormal(np.log(60), 0.6, count)}
 
@@ -77,14 +78,14 @@ def seed(database_url: str, key_id: int, rows: int, now_ms: int) -> float:
     """One key's `rows` requests over the last DAYS days, and their rollups; the seconds it took."""
     started = time.monotonic()
     chance = np.random.default_rng(90)
-    first_day_ms = (now_ms - DAYS * DAY_MS) // DAY_MS * DAY_MS
+    first_day_ms = (now_ms // DAY_MS - DAYS + 1) * DAY_MS  # the last day is today, up to now
     per_day = np.bincount(chance.integers(0, DAYS, rows), minlength=DAYS)
     rollup_columns = (*KEY, *COUNTS)
     if database_url.startswith("sqlite"):
         connection = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
         connection.execute("BEGIN")
         for index, count in enumerate(per_day):
-            day = day_of_history(chance, first_day_ms + index * DAY_MS, int(count))
+            day = day_of_history(chance, first_day_ms + index * DAY_MS, int(count), now_ms)
             connection.executemany(f"INSERT INTO request_log ({', '.join(LOG_COLUMNS)}) VALUES "
                                    f"({', '.join('?' * len(LOG_COLUMNS))})", log_rows_of(day, key_id))
             for width_s in WIDTHS_S:
@@ -97,12 +98,14 @@ def seed(database_url: str, key_id: int, rows: int, now_ms: int) -> float:
     with engine.begin() as connection:
         cursor = connection.connection.driver_connection.cursor()
         for index, count in enumerate(per_day):
-            day = day_of_history(chance, first_day_ms + index * DAY_MS, int(count))
+            day = day_of_history(chance, first_day_ms + index * DAY_MS, int(count), now_ms)
             copy_rows(cursor, "request_log", LOG_COLUMNS, log_rows_of(day, key_id))
             for width_s in WIDTHS_S:
                 copy_rows(cursor, "usage_rollups", rollup_columns, rollups_of(day, key_id, width_s))
     engine.dispose()
-    query(database_url, "ANALYZE")
+    # VACUUM too, so that autovacuum does not sweep the new rows while the server is measured.
+    with sync_engine(database_url).execution_options(isolation_level="AUTOCOMMIT").connect() as connection:
+        connection.exec_driver_sql("VACUUM ANALYZE")
     return time.monotonic() - started
 
 
@@ -141,7 +144,9 @@ def measure(tmp: Path, database_url: str, rows: int, repeats: int) -> dict:
     key_id = query(database_url, "SELECT id FROM api_keys")[0]["id"]
     now_ms = time.time_ns() // 1_000_000
     seed_s = seed(database_url, key_id, rows, now_ms)
-    running = server_load.start(tmp, {"DATABASE_URL": database_url, "MODEL_NAME": "efficientnet_lite0"})
+    # Retention longer than the history: a server pruning a backlog meanwhile would be measured instead.
+    running = server_load.start(tmp, {"DATABASE_URL": database_url, "MODEL_NAME": "efficientnet_lite0",
+                                      "REQUEST_LOG_RETENTION_DAYS": str(DAYS + 1)})
     now_s = now_ms // 1000
     queries = {"totals": {}, "1m over an hour": {"start_time": now_s - 3600, "bucket_width": "1m"},
                "1h over 90 days": {"start_time": now_s - DAYS * 86400, "bucket_width": "1h"},

@@ -46,7 +46,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint(*KEY),
         sqlite_with_rowid=False,  # a key's range read in one sweep of the primary key
     )
-    op.create_index("ix_usage_rollups_start", "usage_rollups", ["start_ms"])
+    op.create_index("ix_usage_rollups_end", "usage_rollups", [sa.text("(start_ms + width_s * 1000)")])
     backfill(op.get_bind())
 
 
@@ -80,7 +80,7 @@ def rollup_sql(width_s: int) -> str:
 
 
 def downgrade() -> None:
-    op.drop_index("ix_usage_rollups_start", table_name="usage_rollups")
+    op.drop_index("ix_usage_rollups_end", table_name="usage_rollups")
     op.drop_table("usage_rollups")
     with op.batch_alter_table("request_log") as batch:  # SQLite drops a column by copying the table
         batch.drop_column("images")
