@@ -69,7 +69,7 @@ class RequestLog(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the X-Request-ID it was answered with
     model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)  # of the model that answered it
-    images: Mapped[int | None] = mapped_column(nullable=True)  # the images its body carried; None before 0005
+    images: Mapped[int | None] = mapped_column(nullable=True)  # the images its body carried; None before 0006
 
     __table_args__ = (Index("ix_request_log_key_time", "key_id", "created_at_ms"),)
 

@@ -65,7 +65,7 @@ def test_a_database_made_before_alembic_is_upgraded_in_place(tmp_path):
         connection.execute("ALTER TABLE request_log DROP COLUMN request_id")  # added by 0002, after the core server
         connection.execute("DROP TABLE readiness_check")  # added by 0003
         connection.execute("ALTER TABLE request_log DROP COLUMN model_version")  # added by 0004
-        connection.execute("ALTER TABLE request_log DROP COLUMN images")  # added by 0005, with usage_rollups
+        connection.execute("ALTER TABLE request_log DROP COLUMN images")  # added by 0006, with usage_rollups
         connection.execute("DROP TABLE usage_rollups")
         connection.execute("INSERT INTO api_keys VALUES (1, 'x', 'sk-old', 'old@example.com', 5, 60, 0, NULL)")
     connection.close()
@@ -86,8 +86,8 @@ def test_a_database_with_other_tables_of_these_names_is_refused(tmp_path):
     assert "api_keys" in done.stderr and "use another DATABASE_URL" in done.stderr
 
 
-def test_revision_0005_backfills_the_rollups_the_server_would_have_written(database_url):
-    """A log of rows from before 0005 (no image counts), its ids spread over several of the backfill's batches:
+def test_revision_0006_backfills_the_rollups_the_server_would_have_written(database_url):
+    """A log of rows from before 0006 (no image counts), its ids spread over several of the backfill's batches:
     migrated, its rollups are the ones the database thread writes for the same rows."""
     engine = sync_engine(database_url)
     rows = random_rows([1, 2, None], 3000, 1_800_000_000_000, seed=5)

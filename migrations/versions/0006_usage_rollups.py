@@ -5,9 +5,9 @@ The backfill reads the log in slices of BACKFILL_BATCH ids, each summed by the d
 INSERT ... SELECT ... GROUP BY per rollup width (no rows come to Python), so each statement is short and its
 memory bounded whatever the log's size. Rows logged before this revision carry no image count: they add none.
 
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-11-27
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-26
 """
 
 from collections.abc import Sequence
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | None = "0004"
+revision: str = "0006"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
