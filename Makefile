@@ -38,6 +38,7 @@ clean:
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/usage_history.py
 
 screenshot: $(VENV)/.installed-dev
 	SCREENSHOT_TO=docs/screenshot.png $(BIN)/python -m pytest -q tests/test_web_page.py -k cat_photo

@@ -7,6 +7,7 @@
     $ python cli.py set-limit sk-Qm3xTz8b [--rate-limit 500] [--window 60]
     $ python cli.py rotate-key sk-Qm3xTz8b [--json]        # a new key, same owner and limit; the old one revoked
     $ python cli.py revoke-key sk-Qm3xTz8b                 # the whole key, or a prefix of it
+    $ python cli.py prune                                  # delete what has passed its retention (for cron)
 
 Commands that take a key take the whole key or a prefix of it as list-keys shows it (`sk-` and up to 8 more
 characters). A new key is printed once, alone on the last line of stdout (with --json: stdout is one JSON object,
@@ -38,7 +39,9 @@ from auth import KEY_PATTERN, PREFIX_LENGTH, create_key, find_keys
 from configuration_errors import (ConfigurationError, UnusableDatabase, check_sqlite_file, load_settings,
                                   unusable_database)
 from database_file import DatabaseFile
+from database_writer import DatabaseWriter
 from db import ApiKey, ForeignSchemaError, RequestLog, make_engine, make_sessionmaker, migrate, now_ms
+from retention import prune
 from settings import Settings
 
 EXIT_WRONG_KEY = 1
@@ -186,6 +189,20 @@ async def cmd_revoke_key(session: AsyncSession, args: argparse.Namespace, settin
     return 0
 
 
+async def prune_now(settings: Settings) -> int:
+    """Deletes, in small batches, log rows and rollups past REQUEST_LOG_RETENTION_DAYS and USAGE_RETENTION_DAYS."""
+    writer = DatabaseWriter(settings.database_url, settings.db_timeout_s)
+    writer.start()
+    try:
+        log_rows, rollups = await prune(writer, settings)
+    finally:
+        await writer.stop()
+    print(f"Deleted {log_rows} request-log rows older than {settings.request_log_retention_days} days "
+          f"(REQUEST_LOG_RETENTION_DAYS) and {rollups} usage rollups older than {settings.usage_retention_days} days "
+          "(USAGE_RETENTION_DAYS).")
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python cli.py", description="Manage the API's keys.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +229,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     revoke = commands.add_parser("revoke-key", help="stop a key working; servers refuse it within KEY_CACHE_TTL_S")
     revoke.add_argument("key", help="the whole key, or a prefix such as sk-Qm3xTz8b")
     revoke.set_defaults(run=cmd_revoke_key)
+    commands.add_parser("prune", help="delete request-log rows and usage rollups past their retention, in small "
+                                      "batches; servers do it every 10 minutes")
     args = parser.parse_args(argv)
     if args.command == "set-limit" and args.rate_limit is None and args.window is None:
         set_limit.error("give --rate-limit, --window, or both")
@@ -235,6 +254,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                                   "for a new database, run `python cli.py init`.")
         check_sqlite_file(settings.database_url)
         await migrate(engine)
+        if args.command == "prune":  # batch by batch, each its own transaction: no session holding the lock
+            return await prune_now(settings)
         async with make_sessionmaker(engine)() as session:
             # SQLite: the write lock first: a running server commits between our read and our write otherwise, and
             # SQLite refuses to upgrade a read transaction that has gone stale (PostgreSQL ignores the option).

@@ -53,8 +53,8 @@ from typing import Any
 
 import httpx
 
-from client_answers import (AuthenticationError, Classification, ClientError, ImageResult, InvalidRequest,  # noqa: F401
-                            ModelInfo, MultiClassification, Prediction, RateLimit, RateLimited, ResponseError,
+from client_answers import (AuthenticationError, ByStatus, Classification, ClientError, ImageResult,  # noqa: F401
+                            InvalidRequest, Latency, ModelInfo, MultiClassification, Prediction, RateLimit, RateLimited, ResponseError,
                             ServerError, ServerUnreachable, TimedOut, Usage, UsageBucket, unexpected_answer)
 
 DEFAULT_URL = "http://127.0.0.1:8000"

@@ -29,6 +29,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
@@ -197,6 +198,14 @@ async def run_usage(client: AsyncClient, args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"Key {usage.key_prefix}...: {counted(usage.total_requests, 'classify request')}, {usage.successful_requests} "
           f"successful ({usage.success_rate:g} %), {usage.avg_response_time_ms:g} ms on average.")
+    status, latency = usage.by_status, usage.latency_ms
+    print(f"Images: {usage.images}. Answers: {status.succeeded} succeeded, {status.client_errors} client errors, "
+          f"{status.rate_limited} rate limited, {status.server_errors} server errors.")
+    if latency.p50 is not None:
+        print(f"Latency: p50 {latency.p50:g} ms, p95 {latency.p95:g} ms, p99 {latency.p99:g} ms.")
+    if usage.covered_from:
+        print(f"Counted from {datetime.fromtimestamp(usage.covered_from, timezone.utc):%Y-%m-%d %H:%M} UTC on; "
+              "older requests have passed the server's retention.")
     print(f"Limit: {counted(usage.limit, 'request')} per {usage.window_seconds} s; {usage.remaining} left now"
           + (f", one more in {usage.reset_seconds} s." if usage.reset_seconds else "."))
     return EXIT_OK

@@ -48,12 +48,14 @@ class Transaction:
     """The group's open transaction, as a job sees it: statements in, the driver's rows out."""
 
     def __init__(self, connection: PoolProxiedConnection, dialect: Dialect,
-                 compiled: dict[Hashable, tuple[str, tuple[str, ...] | None, dict[str, Any]]]) -> None:
+                 compiled: dict[Hashable, tuple[str, tuple[str, ...] | None, dict[str, Any]]],
+                 after_insert: "dict[TableLike, AfterInsert]") -> None:
         self.connection = connection
         self.cursor = connection.cursor()
         self.dialect = dialect
         self.is_postgres = dialect.name == "postgresql"
         self._compiled = compiled  # the writer's, kept across transactions
+        self._after_insert = after_insert
 
     def execute(self, statement: Executable, **params: Any) -> Any:
         """Runs `statement` with its bind parameters; the driver's cursor, to fetch from."""
@@ -79,10 +81,24 @@ class Transaction:
         return None if row is None else row[0]
 
     def insert(self, table: TableLike, rows: list[dict[str, Any]]) -> None:
-        """One INSERT of `rows`, which all have the same keys."""
+        """One INSERT of `rows`, which all have the same keys, and what else they write (the writer's
+        `after_insert`): whether a group's rows or a job's, a log row is never without its rollups."""
         columns = tuple(rows[0])
         key = (table, columns)
         sql, names, defaults = self._compiled.get(key) or self._compile(key, insert(table), columns)
+        bound = [_bound(names, defaults, row) for row in rows]
+        try:
+            self.cursor.executemany(sql, bound)
+        except self.dialect.loaded_dbapi.Error as exc:
+            raise self.translated(exc, sql, bound) from exc
+        if table in self._after_insert:
+            self._after_insert[table](self, rows)
+
+    def execute_many(self, statement: Executable, rows: list[dict[str, Any]]) -> None:
+        """`statement` once per row of `rows`, which all have the same keys (an upsert: rollups.py)."""
+        columns = tuple(rows[0])
+        key = (statement, columns)
+        sql, names, defaults = self._compiled.get(key) or self._compile(key, statement, columns)
         bound = [_bound(names, defaults, row) for row in rows]
         try:
             self.cursor.executemany(sql, bound)
@@ -122,12 +138,20 @@ class _Item:
     row: dict[str, Any] | None = None
 
 
-class DatabaseWriter:
-    """The thread (named `database`) and its connection; start() it, and stop() it last."""
+AfterInsert = Callable[[Transaction, list[dict[str, Any]]], None]
 
-    def __init__(self, database_url: str, timeout_s: float) -> None:
+
+class DatabaseWriter:
+    """The thread (named `database`) and its connection; start() it, and stop() it last.
+
+    `after_insert` maps a table to what else its rows write, in the same transaction (the request log's
+    rollups: rollups.add_rows)."""
+
+    def __init__(self, database_url: str, timeout_s: float, after_insert: dict[TableLike, AfterInsert] | None = None
+                 ) -> None:
         self.engine = make_writer_engine(database_url, timeout_s)
         self.timeout_s = timeout_s
+        self._after_insert = after_insert or {}
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()  # None: stop
         self._thread = threading.Thread(target=self._serve, name="database", daemon=True)
         self._connection: PoolProxiedConnection | None = None  # opened by the thread when first needed
@@ -207,7 +231,7 @@ class DatabaseWriter:
 
     def _commit(self, items: list[_Item]) -> list[Any]:
         deadline = min((item.deadline for item in items if item.deadline is not None), default=None)
-        transaction = Transaction(self._connect(), self.engine.dialect, self._compiled)
+        transaction = Transaction(self._connect(), self.engine.dialect, self._compiled, self._after_insert)
         outcomes: dict[int, Any] = {}
         try:
             self._begin(transaction, lock_wait_ms(self.timeout_s, deadline))
@@ -225,7 +249,8 @@ class DatabaseWriter:
                 if item.table is not None:
                     rows.setdefault(item.table, []).append(index)
             for table, indexes in rows.items():
-                transaction.insert(table, [items[index].row for index in indexes])  # type: ignore[misc]
+                inserted = [items[index].row for index in indexes]
+                transaction.insert(table, inserted)  # type: ignore[arg-type]
                 outcomes.update(dict.fromkeys(indexes))
             self._end(transaction, "COMMIT")
         except BaseException as exc:

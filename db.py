@@ -1,6 +1,6 @@
-"""The database: five tables (keys, the request log, the rate limiter's window, idempotency keys, readiness's
-one row), the async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to
-Alembic's head.
+"""The database: six tables (keys, the request log, its per-minute, hour and day rollups, the rate limiter's
+window, idempotency keys, readiness's one row), the async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3),
+and bringing a database's schema to Alembic's head.
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
 integer division in every SQL dialect.
@@ -71,8 +71,38 @@ class RequestLog(Base):
     model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)  # of the model that answered it
     # An answer replayed for a repeated Idempotency-Key: no model ran, nothing was counted, /v1/usage skips it.
     replayed: Mapped[bool] = mapped_column(default=False, server_default=false())
+    images: Mapped[int | None] = mapped_column(nullable=True)  # the images its body carried; None before 0006
 
     __table_args__ = (Index("ix_request_log_key_time", "key_id", "created_at_ms"),)
+
+
+LATENCY_BUCKETS = 32  # rollups.py: the histogram's bounds
+
+
+# A key's requests to one endpoint in one minute, hour or day, counted by outcome: what /v1/usage reads
+# (rollups.py writes them with the log rows, in the same transaction).
+class UsageRollup(Base):
+    __tablename__ = "usage_rollups"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    width_s: Mapped[int] = mapped_column(primary_key=True)  # 60, 3600 or 86400
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # a multiple of width_s * 1000
+    endpoint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(64), primary_key=True)  # "" for none: a key has no NULLs
+    requests: Mapped[int]
+    images: Mapped[int]
+    succeeded: Mapped[int]  # 200
+    client_errors: Mapped[int]  # 4xx but 429
+    rate_limited: Mapped[int]  # 429
+    server_errors: Mapped[int]  # 5xx
+    latency_ms_sum: Mapped[float]
+    # Requests per latency bucket (rollups.LATENCY_EDGES_MS): h00 under 1 ms, ..., h31 from 32.8 s on.
+    locals().update({f"h{index:02d}": mapped_column(Integer, nullable=False) for index in range(LATENCY_BUCKETS)})
+
+    # Pruned by when each ends, through an index on that expression: one on start_ms would tempt PostgreSQL's
+    # generic plans for /v1/usage's ranges away from the primary key. On SQLite, rows are kept in key order
+    # (WITHOUT ROWID), so a key's range is read in one sweep.
+    __table_args__ = (Index("ix_usage_rollups_end", text("(start_ms + width_s * 1000)")), {"sqlite_with_rowid": False})
 
 
 # Admitted /v1/classify requests still inside their key's window: the sliding-window limiter's state.

@@ -29,13 +29,14 @@ from sqlalchemy.exc import OperationalError
 import metrics  # first: it decides where every metric below keeps its numbers
 
 import api_docs
+import rollups
 from auth import CurrentKey, KeyCache
 from backends import is_torch_loaded, load_backend
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded
 from configuration_errors import StartupFailure, check_sqlite_file, settings_or_exit, unusable_database
 from database_file import DatabaseFile
 from database_writer import DatabaseWriter
-from db import (ApiKey, ForeignSchemaError, SessionDep, make_engine, make_sessionmaker, migrate,
+from db import (ApiKey, ForeignSchemaError, RequestLog, SessionDep, make_engine, make_sessionmaker, migrate,
                 not_waiting_for_the_database, ping, waiting_until)
 from errors import ApiError, ErrorResponse, install_error_handlers
 from idempotency import (HEADER as IDEMPOTENCY_HEADER, REPLAYED_HEADER, Claim, IdempotencyMiddleware, Replayed,
@@ -48,6 +49,7 @@ from ratelimit import (Decision, OnAdmit, RedisWindowStorage, SlidingWindowLimit
 from request_body import ImagesToClassify, decode_images, parse_body, read_body
 from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
 from requestlog import RequestLogMiddleware, add_timing
+from retention import prune_forever
 from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Embedding, Embeddings, EmbeddingsRequest,
                      Health, ImageResult, ImagesRequest, ModelInfo, ModelList, MultiClassification, Preprocessing,
                      Usage)
@@ -118,8 +120,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
     decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode",
                                      initializer=name_os_thread)
-    # The request path's writes (admissions, log rows) go through one thread, in groups; reads use the engine.
-    writer = DatabaseWriter(settings.database_url, settings.db_timeout_s)
+    # The request path's writes (admissions, log rows and their rollups) go through one thread, in groups; reads
+    # use the engine.
+    writer = DatabaseWriter(settings.database_url, settings.db_timeout_s, {RequestLog: rollups.add_rows})
     writer.start()
     app.state.engine = engine
     app.state.database_writer = writer
@@ -137,13 +140,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 "database %s, rate limit in %s", model.spec.name, model.version, model.weights_source, backend.name,
                 backend.precision, "loaded" if is_torch_loaded() else "not loaded", settings.inference_threads,
                 max_batch, engine.url.render_as_string(hide_password=True), "Redis" if redis else "the database")
-    pruning = asyncio.create_task(prune_expired(writer, settings.idempotency_ttl_s))
+    # Old rows (retention.py) and expired idempotency keys, deleted in small batches as the database thread's jobs.
+    pruners = [asyncio.create_task(prune_forever(writer, settings)),
+               asyncio.create_task(prune_expired(writer, settings.idempotency_ttl_s))]
     try:
         yield
     finally:
-        pruning.cancel()
-        with suppress(asyncio.CancelledError):
-            await pruning
+        for pruner in pruners:
+            pruner.cancel()
+            with suppress(asyncio.CancelledError):
+                await pruner
         await batcher.stop()
         model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
@@ -263,6 +269,7 @@ async def read_classify_request(request: Request, key: ApiKey, settings: Setting
         to_classify = await parse_body(request.app.state.decode_pool, body, request.headers.get("content-type", ""),
                                        schema)
         add_timing(request, "parse", started)
+        request.state.images = len(to_classify.sources)  # for the request log's row and /v1/usage
         check_image_count(len(to_classify.sources), key, settings)
     except ShuttingDown:
         raise shutting_down() from None  # not the client's doing: not counted
@@ -405,14 +412,15 @@ async def home() -> FileResponse:
 
 
 @router.get("/v1/usage", response_model=Usage, tags=["usage"], responses={s: ERRORS[s] for s in (400, 401, 422, 500, 503)})
-async def usage(key: CurrentKey, session: SessionDep, limiter: LimiterDep,
+async def usage(request: Request, key: CurrentKey, session: SessionDep, limiter: LimiterDep,
                 start_time: Annotated[int | None, Query(ge=0, le=MAX_UNIX_TIME_S, description="Unix seconds, inclusive.")] = None,
                 end_time: Annotated[int | None, Query(ge=0, le=MAX_UNIX_TIME_S, description="Unix seconds, exclusive.")] = None,
                 bucket_width: Annotated[Literal["1m", "1h", "1d"] | None, Query(description="Per-bucket counts too; needs start_time.")] = None,
-                ) -> Usage:
+                ) -> Response:
     """This key's /v1/classify requests (all outcomes), success rate, mean latency, and rate-limit state."""
     limit_state = await limiter.peek(key.id, key.rate_limit, key.window_s)
-    return await read_usage(session, key, limit_state, start_time, end_time, bucket_width)
+    return await read_usage(session, key, limit_state, start_time, end_time, bucket_width,
+                            request.app.state.settings.usage_retention_days)
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"], responses={s: ERRORS[s] for s in (401, 500, 503)})

@@ -149,7 +149,7 @@ class RequestLogMiddleware:
                "status_code": status_code, "latency_ms": (time.perf_counter() - started) * 1000,
                "created_at_ms": now_ms(), "error_code": state.get("error_code"),
                "request_id": state.get("request_id"), "model_version": state.get("model_version"),
-               "replayed": state.get("is_replayed", False)}
+               "replayed": state.get("is_replayed", False), "images": state.get("images", 0)}
         # What must be committed with the row, if anything (idempotency.py: the answer to store), writes it.
         write_log_row: Callable[[dict[str, Any]], Awaitable[None]] | None = state.get("write_log_row")
         try:

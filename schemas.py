@@ -113,11 +113,30 @@ class Embeddings(BaseModel):
     data: list[Embedding]
 
 
+class ByStatus(BaseModel):
+    succeeded: int = Field(description="Answered 200.")
+    client_errors: int = Field(description="Answered 4xx but 429: the request had to be fixed.")
+    rate_limited: int = Field(description="Answered 429.")
+    server_errors: int = Field(description="Answered 5xx (503 and 504 included).")
+
+
+class Latency(BaseModel):
+    """Server time percentiles from a histogram whose buckets grow by sqrt(2): within 19 % of the exact value
+    between 1 ms and 32.8 s; null when there were no requests."""
+
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
 class UsageBucket(BaseModel):
     start_time: int = Field(description="Unix seconds, inclusive.")
     end_time: int = Field(description="Unix seconds, exclusive.")
     total_requests: int
     successful_requests: int
+    images: int = Field(description="The images those requests carried: what the rate limit charges.")
+    by_status: ByStatus
+    latency_ms: Latency
 
 
 class Usage(BaseModel):
@@ -127,12 +146,18 @@ class Usage(BaseModel):
     successful_requests: int = Field(description="Of those, the ones answered 200.")
     success_rate: float = Field(description="successful / total, in percent; 0 when there were none.")
     avg_response_time_ms: float = Field(description="Mean server time of those requests; 0 when there were none.")
+    images: int = Field(description="The images those requests carried (each counts one against the limit).")
+    by_status: ByStatus
+    latency_ms: Latency
     limit: int = Field(description="Requests admitted per window.")
     window_seconds: int
     remaining: int = Field(description="Requests admissible right now.")
     reset_seconds: int = Field(description="Seconds until the oldest counted request leaves the window.")
-    start_time: int | None = None
+    start_time: int | None = Field(None, description="The range counted: start_time rounded down to the minute "
+                                                     "(to the bucket width with buckets), end_time rounded up.")
     end_time: int | None = None
+    covered_from: int = Field(description="Unix seconds: the counts hold every request from here on; older ones "
+                                          "have passed USAGE_RETENTION_DAYS and are not counted.")
     bucket_width: str | None = None
     buckets: list[UsageBucket] | None = Field(None, description="Per-bucket counts, when bucket_width is given.")
 

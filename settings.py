@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     idempotency_max_stored_bytes: int = Field(1024 * 1024, ge=0)
     # How long a looked-up API key is trusted before it is read again: a revocation takes up to this long.
     key_cache_ttl_s: float = Field(5.0, ge=0)
+    # Request-log rows older than this many days are deleted, a small batch at a time (retention.py).
+    request_log_retention_days: int = Field(30, ge=1)
+    # Usage rollups are kept this long, so /v1/usage answers for a year after the raw rows are gone.
+    usage_retention_days: int = Field(400, ge=1)
 
     # text: one readable line per record; json: one JSON object per line (logs.py), for log collectors.
     log_format: Literal["text", "json"] = "text"

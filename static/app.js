@@ -1,5 +1,7 @@
 // The page's only script: sends the picked image to /v1/classify (multipart) and shows the answer: the labels
 // the server returns, which min_confidence may make fewer than five, or none.
+// Below it, the key's last hour from /v1/usage: requests per minute as bars, p95 latency as a line, in an SVG
+// drawn here (no library: the page loads nothing from elsewhere).
 // The key stays in this tab unless "Remember" is ticked; then, and only then, it is kept in localStorage.
 "use strict";
 
@@ -94,8 +96,72 @@ async function classify(file) {
   const roundTripMs = performance.now() - started;
   showQuota(response.headers);
   const body = await response.json().catch(() => null);
+  showUsage(key);
   if (!response.ok) return showError(plainError(response.status, body, response.headers));
   showPredictions(body, roundTripMs, minPercent);
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+const CHART = { width: 600, height: 120, top: 8, bottom: 4 };
+
+function svgElement(name, attributes) {
+  const element = document.createElementNS(SVG, name);
+  for (const [attribute, value] of Object.entries(attributes)) element.setAttribute(attribute, String(value));
+  return element;
+}
+
+async function showUsage(key) {
+  const start = Math.floor(Date.now() / 1000) - 3600;
+  let response;
+  try {
+    response = await fetch(`/v1/usage?start_time=${start}&bucket_width=1m`, { headers: { Authorization: "Bearer " + key } });
+  } catch (error) {
+    return;  // the classify answer already says whether the server is reachable
+  }
+  if (!response.ok) {
+    $("usage").hidden = true;
+    return;
+  }
+  const usage = await response.json();
+  drawUsage(usage.buckets);
+  const p95 = usage.latency_ms.p95;
+  $("usage-summary").replaceChildren(`${usage.total_requests} requests, ${usage.by_status.succeeded} answered 200, ` +
+                            `${usage.images} images`);
+  const latency = document.createElement("span");
+  latency.className = "p95-key";
+  latency.textContent = p95 === null ? "" : `; p95 ${p95} ms (the line)`;
+  $("usage-summary").append(latency, ".");
+  $("usage").hidden = false;
+}
+
+function drawUsage(buckets) {
+  const chart = $("usage-chart");
+  chart.replaceChildren();
+  const slot = CHART.width / buckets.length;
+  const plotHeight = CHART.height - CHART.top - CHART.bottom;
+  const most = Math.max(1, ...buckets.map((bucket) => bucket.total_requests));
+  const slowest = Math.max(1, ...buckets.map((bucket) => bucket.latency_ms.p95 || 0));
+  const bottom = CHART.height - CHART.bottom;
+  chart.append(svgElement("line", { class: "axis", x1: 0, y1: bottom, x2: CHART.width, y2: bottom }));
+  const points = [];
+  const dots = [];
+  buckets.forEach((bucket, index) => {
+    const height = plotHeight * bucket.total_requests / most;
+    const bar = svgElement("rect", { class: "requests", x: index * slot + 1, y: bottom - height,
+                                     width: Math.max(1, slot - 2), height, "data-requests": bucket.total_requests });
+    const title = svgElement("title", {});
+    title.textContent = `${new Date(bucket.start_time * 1000).toLocaleTimeString()}: ${bucket.total_requests} ` +
+                        `requests` + (bucket.latency_ms.p95 === null ? "" : `, p95 ${bucket.latency_ms.p95} ms`);
+    bar.append(title);
+    chart.append(bar);
+    if (bucket.latency_ms.p95 !== null) {
+      const x = (index + 0.5) * slot;
+      const y = bottom - plotHeight * bucket.latency_ms.p95 / slowest;
+      points.push(`${x},${y}`);
+      dots.push(svgElement("circle", { class: "p95-dot", cx: x, cy: y, r: 3 }));  // a lone minute shows too
+    }
+  });
+  chart.append(svgElement("polyline", { class: "p95", points: points.join(" ") }), ...dots);
 }
 
 function rememberKey() {

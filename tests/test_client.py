@@ -5,6 +5,7 @@ import email.utils
 import json
 import os
 import pty
+import re
 import socket
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client import (AsyncClient, AuthenticationError, Classification, Client, ClientError, InvalidRequest,
-                    ModelInfo, MultiClassification, RateLimited, Retries, ServerUnreachable, TimedOut, Usage,
+from client import (AsyncClient, AuthenticationError, ByStatus, Classification, Client, ClientError, InvalidRequest,
+                    Latency, ModelInfo, MultiClassification, RateLimited, Retries, ServerUnreachable, TimedOut, Usage,
                     UsageBucket, next_wait_s)
 from conftest import CAT_LABELS, ROOT, free_port, key_id, log_rows, make_key, photo_path
 
@@ -64,7 +65,11 @@ def test_several_images_in_one_request_the_models_and_usage_over_time(server, ke
     assert several.rate_limit is not None and several.rate_limit.remaining == 100_000 - 2  # one per image
     assert [(m.id, m.labels, m.weights_source) for m in models] == [("efficientnet_lite0", 1000, "fallback package")]
     assert isinstance(models[0], ModelInfo)
-    assert usage.total_requests == 1 and usage.bucket_width == "1m" and usage.start_time == int(before - 120)
+    assert usage.total_requests == 1 and usage.bucket_width == "1m" and usage.start_time == int(before - 120) // 60 * 60
+    assert usage.images == 2 and usage.by_status == ByStatus(succeeded=1, client_errors=0, rate_limited=0,
+                                                             server_errors=0)
+    assert isinstance(usage.latency_ms, Latency) and 0 < usage.latency_ms.p50 <= usage.latency_ms.p99
+    assert sum(bucket.images for bucket in usage.buckets) == 2
     assert usage.buckets and all(isinstance(bucket, UsageBucket) for bucket in usage.buckets)
     assert sum(bucket.total_requests for bucket in usage.buckets) == 1
     assert earlier.total_requests == 0 and earlier.buckets is None
@@ -267,8 +272,18 @@ def test_the_command_line_shows_usage(server, key):
     text = client_cli("usage", CLASSIFY_URL=server.url, CLASSIFY_API_KEY=key)
     assert text.returncode == 0 and f"Key {key[:11]}...: 0 classify requests" in text.stdout
     assert "Limit: 100000 requests per 60 s" in text.stdout
+    assert "Images: 0. Answers: 0 succeeded, 0 client errors, 0 rate limited, 0 server errors." in text.stdout
+    assert "Latency" not in text.stdout and "Counted from " in text.stdout
+    with Client(server.url, key) as client:
+        client.classify_many([photo_path("coffee.png"), photo_path("coffee.png")])
+        with pytest.raises(InvalidRequest):
+            client.classify(b"not an image")
+    text = client_cli("usage", CLASSIFY_URL=server.url, CLASSIFY_API_KEY=key)
+    assert "Images: 3. Answers: 1 succeeded, 1 client errors, 0 rate limited, 0 server errors." in text.stdout
+    assert re.search(r"Latency: p50 [\d.]+ ms, p95 [\d.]+ ms, p99 [\d.]+ ms\.", text.stdout), text.stdout
     as_json = json.loads(client_cli("usage", "--json", CLASSIFY_URL=server.url, CLASSIFY_API_KEY=key).stdout)
-    assert as_json["key_prefix"] == key[:11] and as_json["remaining"] == 100_000
+    assert as_json["key_prefix"] == key[:11] and as_json["remaining"] == 100_000 - 3
+    assert as_json["by_status"]["succeeded"] == 1 and as_json["images"] == 3 and as_json["latency_ms"]["p99"] > 0
 
 
 @pytest.mark.parametrize("args, code, words", [

@@ -72,7 +72,7 @@ def test_a_full_disk_is_503_and_clears_when_space_is_freed(small_filesystem, sta
     filler = small_filesystem / "filler"
     with running.client(key) as client:
         assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
-        with open(filler, "wb") as out:  # every free block, until the filesystem refuses
+        with open(filler, "wb", buffering=0) as out:  # every free block; unbuffered, so closing retries nothing
             try:
                 while True:
                     out.write(b"\0" * 65536)

@@ -10,7 +10,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
+
 from conftest import ONE_PIXEL, assert_error, b64, encode, key_id, log_rows, make_key, query
+from usage import buckets_query, totals_query
 
 
 def test_usage_counts_this_keys_classify_requests_of_every_outcome(backend_server):
@@ -49,14 +52,19 @@ def test_usage_buckets_count_per_minute_hour_and_day(backend_server):
                     for width, start in ranges.items()}
         to_now = client.get("/v1/usage", params={"start_time": now - 100, "bucket_width": "1m"}).json()
         before = client.get("/v1/usage", params={"start_time": now - 3600, "end_time": now - 1800}).json()
-    for width, expected_buckets in {"1m": 5, "1h": 3, "1d": 7}.items():
+    for width, width_s in {"1m": 60, "1h": 3600, "1d": 86400}.items():
         usage = by_width[width]
-        assert len(usage["buckets"]) == expected_buckets
-        assert usage["buckets"][0]["start_time"] == ranges[width] and usage["buckets"][-1]["end_time"] == end
-        assert all(b["end_time"] - b["start_time"] == {"1m": 60, "1h": 3600, "1d": 86400}[width] for b in usage["buckets"])
+        # Rounded out to whole buckets, each one rollup row: start down, end up.
+        first, last = ranges[width] // width_s * width_s, -(-end // width_s) * width_s
+        assert (usage["start_time"], usage["end_time"]) == (first, last)
+        assert len(usage["buckets"]) == (last - first) // width_s
+        assert usage["buckets"][0]["start_time"] == first and usage["buckets"][-1]["end_time"] == last
+        assert all(b["end_time"] - b["start_time"] == width_s for b in usage["buckets"])
         assert sum(b["total_requests"] for b in usage["buckets"]) == usage["total_requests"] == 4
         assert sum(b["successful_requests"] for b in usage["buckets"]) == usage["successful_requests"] == 3
-        assert usage["buckets"][-1]["total_requests"] == 4
+        assert sum(b["images"] for b in usage["buckets"]) == usage["images"] == 4
+        assert usage["by_status"] == {"succeeded": 3, "client_errors": 1, "rate_limited": 0, "server_errors": 0}
+        assert [b["total_requests"] for b in usage["buckets"] if b["start_time"] <= now < b["end_time"]] == [4]
     assert to_now["end_time"] >= now + 1 and to_now["buckets"][-1]["end_time"] == to_now["end_time"]  # cut at now
     assert sum(b["total_requests"] for b in to_now["buckets"]) == 4
     assert before["total_requests"] == 0 and before["buckets"] is None
@@ -161,14 +169,21 @@ def test_a_broken_schema_is_a_500_not_a_503_that_never_clears(start_server):
     assert "Retry-After" not in response.headers
 
 
-def test_usage_reads_use_the_key_and_time_index(server):
+def test_usage_reads_ranges_of_the_rollups_primary_key(server):
+    """Each of usage.py's statements reads a range of (key, width, start): its cost is the buckets', whatever the
+    key's history (bench/usage_history.py measures it)."""
+    statements = [totals_query(1, 1_700_000_000 - 7 * 60, 1_700_000_000 + 3 * 86400 + 5 * 3600 + 60),
+                  totals_query(1, 1_700_000_000 - 7 * 60, None), buckets_query(1, 3600, 1_700_000_000, 1_700_086400)]
     connection = sqlite3.connect(server.database_url.removeprefix("sqlite:///"))
     try:
-        plan = connection.execute("EXPLAIN QUERY PLAN SELECT count(*) FROM request_log WHERE key_id = 1 AND "
-                                  "endpoint = '/v1/classify' AND created_at_ms >= 0").fetchall()
+        for statement in statements:
+            sql = str(statement.compile(dialect=sqlite_dialect(), compile_kwargs={"literal_binds": True}))
+            plan = [row[-1] for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()]
+            searches = [step for step in plan if step.startswith(("SEARCH", "SCAN"))]
+            assert searches and all(step.startswith("SEARCH usage_rollups USING PRIMARY KEY (key_id=? AND width_s=? "
+                                                    "AND start_ms>") for step in searches), plan
     finally:
         connection.close()
-    assert any("ix_request_log_key_time" in row[-1] for row in plan), plan
 
 
 def test_readiness_fails_while_the_database_cannot_be_written_and_recovers(start_server):
@@ -235,7 +250,7 @@ def test_on_postgresql_a_row_the_database_refuses_fails_only_its_own_request(pos
     with running.client(doomed) as client:
         assert client.get("/v1/models").status_code == 200  # cached from now on
     doomed_id = key_id(running.database_url, doomed)
-    for table in ("request_log", "rate_limit_hits", "api_keys"):
+    for table in ("request_log", "rate_limit_hits", "usage_rollups", "api_keys"):
         query(running.database_url, f"DELETE FROM {table} WHERE {'id' if table == 'api_keys' else 'key_id'} = :id",
               id=doomed_id)
     classified, looped = classify_amid_loops(running.url, kept, "/v1/models", doomed)

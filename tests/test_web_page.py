@@ -176,6 +176,26 @@ def test_a_dropped_image_is_classified_and_the_key_kept_only_when_the_box_is_tic
     assert page.evaluate("Object.keys(localStorage).length") == 0
 
 
+def test_the_last_hour_is_drawn_per_minute_with_its_p95(page, server, tmp_path):
+    """After each answer the page reads /v1/usage for the last hour by the minute and draws it: a bar per minute
+    whose height is its requests, and the p95 latency as a line."""
+    key = new_key(server, rate_limit=100)
+    for _ in range(2):
+        send(page, key, photo_path("chelsea.png"))
+        page.wait_for_selector("#result", state="visible")
+    page.locator("#usage-summary", has_text=re.compile(r"^2 requests")).wait_for()  # the CSP forbids eval
+    summary = page.text_content("#usage-summary")
+    assert re.fullmatch(r"2 requests, 2 answered 200, 2 images; p95 [\d.]+ ms \(the line\)\.", summary), summary
+    bars = page.locator("#usage-chart rect.requests")
+    assert bars.count() in (60, 61)  # the hour, rounded out to whole minutes
+    counts = [int(bars.nth(index).get_attribute("data-requests")) for index in range(bars.count())]
+    assert sum(counts) == 2
+    heights = [float(bars.nth(index).get_attribute("height")) for index in range(bars.count())]
+    assert all((height > 0) == (count > 0) for height, count in zip(heights, counts))
+    assert page.locator("#usage-chart polyline.p95").get_attribute("points").strip()
+    page.screenshot(path=tmp_path / "usage.png", full_page=True)
+
+
 def test_the_api_docs_render_with_nothing_from_elsewhere(browser, server):
     """FastAPI's own /docs loads Swagger UI from a CDN: offline, a blank page. Here every other origin is cut off
     (as offline), and the page must still show the operations, having asked nothing of anyone else."""
