@@ -70,7 +70,7 @@ class RequestLog(Base):
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the X-Request-ID it was answered with
     model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)  # of the model that answered it
     # An answer replayed for a repeated Idempotency-Key: no model ran, nothing was counted, /v1/usage skips it.
-    replayed: Mapped[bool] = mapped_column(default=False, server_default=false())
+    replayed: Mapped[bool] = mapped_column(server_default=false())  # no Python default: the database thread binds none
     images: Mapped[int | None] = mapped_column(nullable=True)  # the images its body carried; None before 0006
 
     __table_args__ = (Index("ix_request_log_key_time", "key_id", "created_at_ms"),)
