@@ -3,8 +3,8 @@
     from metrics import Counter, Histogram   # not from prometheus_client: this module must be imported first
 
 Each metric is defined once, at module level, in the file that updates it (requestlog.py: requests and their
-latency by route; batching.py: forward passes, batch sizes, queue depth; main.py: rate-limit refusals and the
-model's identity; auth.py: refused keys). This module only decides where the numbers are kept.
+latency by route; batching.py: forward passes, batch sizes, queue depth; image_requests.py: rate-limit
+refusals; main.py: the model's identity; auth.py: refused keys). This module only decides where the numbers are kept.
 
 One process keeps them in memory (prometheus-client's default registry). Under `uvicorn --workers N` each
 worker is a child process with its own memory, and a scrape reaches only one of them; so there every worker

@@ -2,7 +2,7 @@
 /proc/PID/task/*/comm show (and `make bench` adds CPU time up by), and the model's lower priority.
 
     (the process's name)  the event loop: the main thread, whose thread id is the process id
-    decode_N              the decoding pool: body parsing, base64, decode, crop (main.py)
+    decode_N              the decoding pool: body parsing, base64, decode, crop (image_requests.py)
     model                 the model's thread, which runs every forward pass (batching.py)
     model_pool            ONNX Runtime's (or torch's) own threads, started from the model's thread
 """
