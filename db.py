@@ -224,7 +224,7 @@ def make_engine(database_url: str, timeout_s: float, pool_size: int = 10, max_ov
         return engine
     engine = create_async_engine(url.set(drivername="sqlite+aiosqlite"), connect_args={"timeout": timeout_s},
                                  pool_size=8, max_overflow=8)
-    _configure_sqlite_connections(engine.sync_engine)
+    _configure_sqlite_connections(engine.sync_engine, timeout_s)
     _use_explicit_sqlite_transactions(engine, timeout_s)
     return engine
 
@@ -237,7 +237,7 @@ def make_writer_engine(database_url: str, timeout_s: float) -> Engine:
         return create_engine(url.set(drivername="postgresql+psycopg"), poolclass=NullPool,
                              connect_args=_postgres_connect_args(timeout_s))
     engine = create_engine(url.set(drivername="sqlite+pysqlite"), poolclass=NullPool, connect_args={"timeout": timeout_s})
-    _configure_sqlite_connections(engine)
+    _configure_sqlite_connections(engine, timeout_s)
     return engine
 
 
@@ -254,17 +254,36 @@ def _bound_postgres_lock_waits(engine: AsyncEngine, timeout_s: float) -> None:
             connection.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, bound_ms)}")  # 0 would mean no bound
 
 
-def _configure_sqlite_connections(engine: Engine) -> None:
+def _configure_sqlite_connections(engine: Engine, timeout_s: float) -> None:
     # The sqlite3 driver opens transactions lazily and always DEFERRED; a limiter that counts then inserts
     # needs BEGIN IMMEDIATE (the write lock first), so the driver is told to keep out and we emit BEGIN ourselves.
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+        _use_wal(cursor, timeout_s)  # readers never wait for the writer
         cursor.execute("PRAGMA synchronous=NORMAL")  # a commit survives a killed process; fsync at checkpoints
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+
+
+def _use_wal(cursor: Any, timeout_s: float) -> None:
+    """Switches a new database file to WAL, waiting up to `timeout_s` for the lock that takes. SQLite does not
+    wait for it by itself: a switch that meets another connection's transaction is refused (an error, or the old
+    mode answered back), and a connection left in the old mode then deadlocks with the next one's switch: seen
+    when several servers start together on a new file."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            mode = cursor.fetchone()[0]
+        except Exception as exc:  # sqlite3's OperationalError, or the async driver's adaptation of it
+            if "database is locked" not in str(exc):
+                raise
+            mode = None
+        if mode not in (None, "delete", "truncate", "persist") or time.monotonic() > deadline:
+            return  # wal; or memory, which has no other mode; or waited long enough: the first write will say
+        time.sleep(0.01)
 
 
 def _use_explicit_sqlite_transactions(engine: AsyncEngine, timeout_s: float) -> None:

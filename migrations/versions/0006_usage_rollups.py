@@ -1,5 +1,6 @@
-"""Usage rollups: per key, minute, hour and day counters that /v1/usage reads instead of the request log, filled
-from the log already there; and the request log's `images`.
+"""Usage rollups (per key, minute, hour and day) filled from the log, and the request log's `images`.
+
+The counters /v1/usage reads instead of the request log.
 
 The backfill reads the log in slices of BACKFILL_BATCH ids, each summed by the database in one
 INSERT ... SELECT ... GROUP BY per rollup width (no rows come to Python), so each statement is short and its
