@@ -56,6 +56,7 @@ class Transaction:
         self.is_postgres = dialect.name == "postgresql"
         self._compiled = compiled  # the writer's, kept across transactions
         self._after_insert = after_insert
+        self._inserted: dict[TableLike, list[dict[str, Any]]] = {}  # what after_insert has still to count
 
     def execute(self, statement: Executable, **params: Any) -> Any:
         """Runs `statement` with its bind parameters; the driver's cursor, to fetch from."""
@@ -81,8 +82,8 @@ class Transaction:
         return None if row is None else row[0]
 
     def insert(self, table: TableLike, rows: list[dict[str, Any]]) -> None:
-        """One INSERT of `rows`, which all have the same keys, and what else they write (the writer's
-        `after_insert`): whether a group's rows or a job's, a log row is never without its rollups."""
+        """One INSERT of `rows`, which all have the same keys; what else they write (the writer's `after_insert`)
+        follows at `finish`, so a group's rows and a job's are counted together, in one order."""
         columns = tuple(rows[0])
         key = (table, columns)
         sql, names, defaults = self._compiled.get(key) or self._compile(key, insert(table), columns)
@@ -92,7 +93,14 @@ class Transaction:
         except self.dialect.loaded_dbapi.Error as exc:
             raise self.translated(exc, sql, bound) from exc
         if table in self._after_insert:
+            self._inserted.setdefault(table, []).extend(rows)
+
+    def finish(self) -> None:
+        """What the inserted rows write besides themselves (a log row's rollups), all at once just before the
+        commit: in one order on every host (rollups.py sorts them), and holding those rows' locks briefly."""
+        for table, rows in self._inserted.items():
             self._after_insert[table](self, rows)
+        self._inserted.clear()
 
     def execute_many(self, statement: Executable, rows: list[dict[str, Any]]) -> None:
         """`statement` once per row of `rows`, which all have the same keys (an upsert: rollups.py)."""
@@ -252,6 +260,7 @@ class DatabaseWriter:
                 inserted = [items[index].row for index in indexes]
                 transaction.insert(table, inserted)  # type: ignore[arg-type]
                 outcomes.update(dict.fromkeys(indexes))
+            transaction.finish()
             self._end(transaction, "COMMIT")
         except BaseException as exc:
             self._end_quietly(transaction, exc)

@@ -4,7 +4,8 @@ same transaction as the row, so `/v1/usage` (usage.py) reads O(buckets) counters
 The database thread (database_writer.py) calls `add_rows` with each group's log rows after inserting them: the
 group's rows are summed here first, then one upsert per (key, width, start, endpoint, model version), in key
 order, so two hosts' groups lock shared counters in the same order. Rows without a key (a missing or wrong key)
-are nobody's usage, and a replayed answer (idempotency.py) was counted with its first request: neither is counted.
+are nobody's usage, a replayed answer (idempotency.py) was counted with its first request, and only the routes
+the limit charges (COUNTED_ENDPOINTS) are asked about: none of those is counted.
 
 Latency is kept as a fixed histogram: 32 buckets whose bounds grow by a factor of sqrt(2) from 1 ms to 32.8 s.
 A percentile is reported as its bucket's geometric middle, so between 1 ms and 32.8 s it is within a factor of
@@ -23,6 +24,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from database_writer import Transaction
 from db import LATENCY_BUCKETS, UsageRollup
 
+# What the limit charges and /v1/usage can be asked about; other routes' rows would be counters nobody reads.
+COUNTED_ENDPOINTS = ("/v1/classify", "/v1/embeddings")
 WIDTHS_S = (60, 3600, 86400)  # the minute, hour and day rollups, each a multiple of the one before
 LATENCY_EDGES_MS = tuple(2 ** (k / 2) for k in range(LATENCY_BUCKETS - 1))  # bucket b is [edge b-1, edge b)
 HISTOGRAM = tuple(f"h{index:02d}" for index in range(LATENCY_BUCKETS))
@@ -55,8 +58,8 @@ def counted(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     sums: dict[tuple[Any, ...], list[float]] = {}
     position = {name: index for index, name in enumerate(COUNTS)}
     for row in rows:
-        if row.get("key_id") is None or row.get("replayed"):  # a replay is its first request's, counted once
-            continue
+        if row.get("key_id") is None or row.get("replayed") or row["endpoint"] not in COUNTED_ENDPOINTS:
+            continue  # nobody's; a replay, its first request's (counted once); a route usage does not count
         outcome = status_column(row["status_code"])
         for width_s in WIDTHS_S:
             width_ms = width_s * 1000

@@ -88,9 +88,10 @@ def buckets_query(key_id: int, width_s: int, start: int, end: int) -> Select:
 
 
 def retention_cutoff_s(retention_days: int, now_s: float | None = None) -> int:
-    """The first whole UTC day every rollup of which is kept (retention.py deletes only rows before it)."""
+    """The UTC midnight at or before `retention_days` ago: retention.py deletes only rollups that end by it, so every
+    rollup from it on is kept (a day more than the setting at most, never less)."""
     now_s = time.time() if now_s is None else now_s
-    return -(-int(now_s - retention_days * DAY) // DAY) * DAY
+    return int(now_s - retention_days * DAY) // DAY * DAY
 
 
 def covering(start: int, end: int | None) -> list[Segment]:

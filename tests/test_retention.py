@@ -37,7 +37,7 @@ def test_prune_deletes_what_passed_retention_and_usage_still_answers(database_ur
     assert f"Deleted {300 + PRUNE_BATCH * 2 + 500} request-log rows older than 30 days" in done.stdout
     assert count_log(database_url, now_ms - 30 * DAY_MS) == 0
     assert count_log(database_url, now_ms) == before - 300 - PRUNE_BATCH * 2 - 500 == 200
-    cutoff_ms = ((now_ms - 400 * DAY_MS) // DAY_MS + 1) * DAY_MS
+    cutoff_ms = (now_ms - 400 * DAY_MS) // DAY_MS * DAY_MS  # the midnight at or before 400 days ago
     assert query(database_url, "SELECT count(*) AS n FROM usage_rollups WHERE start_ms < :t", t=cutoff_ms)[0]["n"] == 0
     assert query(database_url, "SELECT count(*) AS n FROM usage_rollups")[0]["n"] > 0
     again = run_cli(database_url, "prune")

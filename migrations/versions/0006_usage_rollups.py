@@ -33,8 +33,6 @@ BACKFILL_BATCH = 50_000
 
 
 def upgrade() -> None:
-    # Nullable, with no default: adding it rewrites no rows on either database.
-    op.add_column("request_log", sa.Column("images", sa.Integer(), nullable=True))
     op.create_table(
         "usage_rollups",
         sa.Column("key_id", sa.Integer(), sa.ForeignKey("api_keys.id"), nullable=False),
@@ -49,6 +47,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_usage_rollups_end", "usage_rollups", [sa.text("(start_ms + width_s * 1000)")])
     backfill(op.get_bind())
+    # Last: on PostgreSQL adding a column locks the log against every reader and writer until this commits, so
+    # not for the whole backfill. Nullable, with no default: it rewrites no rows on either database.
+    op.add_column("request_log", sa.Column("images", sa.Integer(), nullable=True))
 
 
 def backfill(connection: sa.Connection) -> None:
@@ -68,7 +69,7 @@ def rollup_sql(width_s: int) -> str:
         "SUM(CASE WHEN " + " AND ".join([*([f"latency_ms >= {low!r}"] if low is not None else []),
                                          *([f"latency_ms < {high!r}"] if high is not None else [])]) + " THEN 1 ELSE 0 END)"
         for low, high in zip(bounds, bounds[1:])]
-    counts = ["COUNT(*)", "SUM(COALESCE(images, 0))", "SUM(CASE WHEN status_code = 200 THEN 1 ELSE 0 END)",
+    counts = ["COUNT(*)", "0", "SUM(CASE WHEN status_code = 200 THEN 1 ELSE 0 END)",
               "SUM(CASE WHEN status_code >= 400 AND status_code < 500 AND status_code <> 429 THEN 1 ELSE 0 END)",
               "SUM(CASE WHEN status_code = 429 THEN 1 ELSE 0 END)",
               "SUM(CASE WHEN status_code >= 500 THEN 1 ELSE 0 END)", "SUM(latency_ms)", *histogram]
@@ -76,7 +77,8 @@ def rollup_sql(width_s: int) -> str:
     return (f"INSERT INTO usage_rollups ({', '.join((*KEY, *COUNTS))}) "
             f"SELECT key_id, {width_s}, created_at_ms / {width_ms} * {width_ms}, endpoint, COALESCE(model_version, ''), "
             f"{', '.join(counts)} FROM request_log "
-            "WHERE key_id IS NOT NULL AND NOT replayed AND id >= :first AND id < :last GROUP BY 1, 3, 4, 5 "
+            "WHERE key_id IS NOT NULL AND NOT replayed AND endpoint IN ('/v1/classify', '/v1/embeddings') "
+            "AND id >= :first AND id < :last GROUP BY 1, 3, 4, 5 "
             f"ON CONFLICT ({', '.join(KEY)}) DO UPDATE SET {updates}")
 
 
