@@ -13,6 +13,12 @@ warm-up calls (REQUEST_LOG_RETENTION_DAYS above the history's 90 days, so nothin
 p50 and p99 of the time to the whole answer, as httpx measures it. Also the bytes on disk per
 log row and per rollup row (SQLite's dbstat, PostgreSQL's pg_total_relation_size). Prints a table and writes
 bench/results/usage_history.json.
+
+Then classify while the server prunes a backlog (--pruning-rows, 10,000,000 by default, on SQLite): the same
+history, the server started once with retention above it (nothing to prune) and once with
+REQUEST_LOG_RETENTION_DAYS=30 (two thirds of the rows past it: the server deletes them from its start, 1,000 a
+transaction), each loaded by wrk with 8 connections posting the 451x300 photo for --seconds: p50, p99 and the
+answers' statuses, and how many rows were deleted meanwhile.
 """
 
 import argparse
@@ -163,11 +169,50 @@ def measure(tmp: Path, database_url: str, rows: int, repeats: int) -> dict:
             "rollup_bytes_per_row": round(bytes_per_row(database_url, "usage_rollups"), 1), "usage": timings}
 
 
+def classify_while_pruning(tmp: Path, database_url: str, rows: int, seconds: float) -> dict:
+    """wrk against a server with nothing to prune, then against one pruning the history's older two thirds."""
+    key = server_load.make_keys(database_url, 1)[0]
+    key_id = query(database_url, "SELECT id FROM api_keys")[0]["id"]
+    now_ms = time.time_ns() // 1_000_000
+    seed(database_url, key_id, rows, now_ms)
+    keys = tmp / "one.keys"
+    keys.write_text(key + "\n")
+    body = tmp / "photo.json"
+    body.write_text(json.dumps({"image": photo_jpeg_base64()}))
+    cutoff_ms = now_ms - 30 * DAY_MS
+    backlog = query(database_url, "SELECT count(*) AS n FROM request_log WHERE created_at_ms < :t", t=cutoff_ms)[0]["n"]
+    results = {}
+    for name, retention_days in (("nothing to prune", DAYS + 1), ("pruning", 30)):
+        running = server_load.start(tmp, {"DATABASE_URL": database_url, "MODEL_NAME": "efficientnet_lite0",
+                                          "REQUEST_LOG_RETENTION_DAYS": str(retention_days)})
+        try:
+            results[name] = server_load.wrk(running.url, body, keys, seconds, 8)
+        finally:
+            server_load.stop(running)
+        left = query(database_url, "SELECT count(*) AS n FROM request_log WHERE created_at_ms < :t", t=cutoff_ms)[0]["n"]
+        results[name]["deleted_rows"] = backlog - left
+    return {"rows": rows, "backlog": backlog, "classify": results}
+
+
+def photo_jpeg_base64() -> str:
+    """skimage's chelsea.png (451x300) as a JPEG in base64, as bench.py posts it."""
+    import base64
+
+    import skimage
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(Path(skimage.__file__).parent / "data" / "chelsea.png").convert("RGB").save(buffer, "JPEG", quality=90)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, action="append", help="history sizes (default: 10,000 and 10,000,000)")
     parser.add_argument("--databases", nargs="+", default=["sqlite", "postgresql"])
     parser.add_argument("--requests", type=int, default=200, help="calls per query")
+    parser.add_argument("--pruning-rows", type=int, default=10_000_000, help="history for classify while pruning")
+    parser.add_argument("--seconds", type=float, default=20, help="wrk's run while pruning, and without")
     args = parser.parse_args()
     results = []
     postgres = PostgresServer().start() if "postgresql" in args.databases else None
@@ -183,10 +228,16 @@ def main() -> None:
     finally:
         if postgres is not None:
             postgres.remove()
+    pruning = None
+    if args.pruning_rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            pruning = classify_while_pruning(Path(tmp), f"sqlite:///{Path(tmp) / 'usage.db'}", args.pruning_rows,
+                                             args.seconds)
+        print_pruning(pruning)
     out = ROOT / "bench" / "results" / "usage_history.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results},
-                              indent=2))
+    out.write_text(json.dumps({"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results,
+                               "classify_while_pruning": pruning}, indent=2))
 
 
 def print_row(result: dict) -> None:
@@ -194,6 +245,14 @@ def print_row(result: dict) -> None:
     print(f"{result['database']:<10} {result['rows']:>10,} rows (seeded in {result['seed_s']} s; "
           f"{result['log_bytes_per_row']} B a log row, {result['rollup_rows']:,} rollups of "
           f"{result['rollup_bytes_per_row']} B): usage p50 / p99 ms: {timings}", flush=True)
+
+
+def print_pruning(result: dict) -> None:
+    print(f"classify on sqlite with {result['rows']:,} logged requests, {result['backlog']:,} past 30 days:")
+    for name, run in result["classify"].items():
+        print(f"  {name:<17} {run['requests_per_s']:.1f} requests/s, p50 / p99 {run['p50_ms']:.0f} / "
+              f"{run['p99_ms']:.0f} ms, statuses {run['statuses']}, {run['deleted_rows']:,} rows deleted meanwhile",
+              flush=True)
 
 
 if __name__ == "__main__":
