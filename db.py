@@ -269,9 +269,10 @@ def _configure_sqlite_connections(engine: Engine, timeout_s: float) -> None:
 
 def _use_wal(cursor: Any, timeout_s: float) -> None:
     """Switches a new database file to WAL, waiting up to `timeout_s` for the lock that takes. SQLite does not
-    wait for it by itself: a switch that meets another connection's transaction is refused (an error, or the old
-    mode answered back), and a connection left in the old mode then deadlocks with the next one's switch: seen
-    when several servers start together on a new file."""
+    wait for it by itself: a switch that meets another connection's transaction is refused at once ("database
+    is locked"), and a connection left in the old mode then deadlocks with the next one's switch: seen when
+    several servers start together on a new file. A mode it cannot switch for another reason (a read-only file)
+    is answered back at once, and left to the first write to report."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -281,8 +282,8 @@ def _use_wal(cursor: Any, timeout_s: float) -> None:
             if "database is locked" not in str(exc):
                 raise
             mode = None
-        if mode not in (None, "delete", "truncate", "persist") or time.monotonic() > deadline:
-            return  # wal; or memory, which has no other mode; or waited long enough: the first write will say
+        if mode is not None or time.monotonic() > deadline:
+            return
         time.sleep(0.01)
 
 
