@@ -22,10 +22,10 @@ driver, 0.04 ms.
 """
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -84,14 +84,7 @@ class Transaction:
     def insert(self, table: TableLike, rows: list[dict[str, Any]]) -> None:
         """One INSERT of `rows`, which all have the same keys; what else they write (the writer's `after_insert`)
         follows at `finish`, so a group's rows and a job's are counted together, in one order."""
-        columns = tuple(rows[0])
-        key = (table, columns)
-        sql, names, defaults = self._compiled.get(key) or self._compile(key, insert(table), columns)
-        bound = [_bound(names, defaults, row) for row in rows]
-        try:
-            self.cursor.executemany(sql, bound)
-        except self.dialect.loaded_dbapi.Error as exc:
-            raise self.translated(exc, sql, bound) from exc
+        self.execute_many(_insert_into(table), rows)
         if table in self._after_insert:
             self._inserted.setdefault(table, []).extend(rows)
 
@@ -103,7 +96,8 @@ class Transaction:
         self._inserted.clear()
 
     def execute_many(self, statement: Executable, rows: list[dict[str, Any]]) -> None:
-        """`statement` once per row of `rows`, which all have the same keys (an upsert: rollups.py)."""
+        """`statement` once per row of `rows`, which all have the same keys (an INSERT, an upsert: rollups.py);
+        compiled once per statement object and set of keys."""
         columns = tuple(rows[0])
         key = (statement, columns)
         sql, names, defaults = self._compiled.get(key) or self._compile(key, statement, columns)
@@ -127,6 +121,12 @@ class Transaction:
         positions = tuple(compiled.positiontup) if compiled.positiontup is not None else None
         found = self._compiled[key] = (compiled.string, positions, defaults)
         return found
+
+
+@functools.cache
+def _insert_into(table: TableLike) -> Executable:
+    """One INSERT statement object per table, so the compiled cache finds it again (a new one would miss)."""
+    return insert(table)
 
 
 def _bound(names: tuple[str, ...] | None, defaults: dict[str, Any], params: dict[str, Any]) -> Any:
