@@ -19,9 +19,10 @@ from sqlalchemy import bindparam, delete, func, literal_column, select, tuple_
 from database_writer import DatabaseWriter, Transaction
 from db import RequestLog, UsageRollup
 from settings import Settings
-from usage import DAY, retention_cutoff_s
 
 logger = logging.getLogger("classify")
+
+DAY = 86400
 
 PRUNE_BATCH = 1000
 PRUNE_PAUSE_S = 0.05
@@ -37,6 +38,13 @@ ROLLUP_KEY = tuple_(UsageRollup.key_id, UsageRollup.width_s, UsageRollup.start_m
 ROLLUP_END = UsageRollup.start_ms + UsageRollup.width_s * literal_column("1000")  # as the index spells it
 OLD_ROLLUPS = delete(UsageRollup).where(ROLLUP_KEY.in_(
     select(*ROLLUP_KEY.clauses).where(ROLLUP_END <= bindparam("cutoff_ms")).order_by(ROLLUP_END).limit(PRUNE_BATCH)))
+
+
+def retention_cutoff_s(retention_days: int, now_s: float | None = None) -> int:
+    """The UTC midnight at or before `retention_days` ago: only rollups that end by it are deleted, so every
+    rollup from it on is kept (a day more than the setting at most, never less)."""
+    now_s = time.time() if now_s is None else now_s
+    return int(now_s - retention_days * DAY) // DAY * DAY
 
 
 def delete_old_log_rows(transaction: Transaction, cutoff_ms: int) -> int:

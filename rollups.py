@@ -13,7 +13,6 @@ A percentile is reported as its bucket's geometric middle, so between 1 ms and 3
 """
 
 import bisect
-import math
 from collections.abc import Iterable
 from functools import cache
 from typing import Any
@@ -93,17 +92,3 @@ def add_rows(transaction: Transaction, rows: list[dict[str, Any]]) -> None:
     rollups = counted(rows)
     if rollups:
         transaction.execute_many(upsert(transaction.dialect.name), rollups)
-
-
-def percentile(histogram: list[int], fraction: float) -> float | None:
-    """The nearest-rank percentile of the requests in `histogram`, as its bucket's REPORTED_MS."""
-    total = sum(histogram)
-    if total == 0:
-        return None
-    rank = max(1, math.ceil(fraction * total))
-    seen = 0
-    for bucket, count in enumerate(histogram):
-        seen += count
-        if seen >= rank:
-            return REPORTED_MS[bucket]
-    raise AssertionError("unreachable: the counts add up to the total")

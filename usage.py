@@ -17,7 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db import ApiKey, UsageRollup
 from errors import ApiError
 from ratelimit import Decision
-from rollups import COUNTS, HISTOGRAM, REPORTED_MS, STATUS_COUNTS, percentile
+from retention import retention_cutoff_s
+from rollups import COUNTS, HISTOGRAM, REPORTED_MS, STATUS_COUNTS
 from schemas import BUCKET_WIDTHS_S, ByStatus, Latency, Usage
 
 CLASSIFY_ENDPOINT = "/v1/classify"
@@ -87,13 +88,6 @@ def buckets_query(key_id: int, width_s: int, start: int, end: int) -> Select:
         ROLLUPS.c.start_ms >= start * 1000, ROLLUPS.c.start_ms < end * 1000)
 
 
-def retention_cutoff_s(retention_days: int, now_s: float | None = None) -> int:
-    """The UTC midnight at or before `retention_days` ago: retention.py deletes only rollups that end by it, so every
-    rollup from it on is kept (a day more than the setting at most, never less)."""
-    now_s = time.time() if now_s is None else now_s
-    return int(now_s - retention_days * DAY) // DAY * DAY
-
-
 def covering(start: int, end: int | None) -> list[Segment]:
     """[start, end), both whole minutes, as the fewest rollups: minutes up to the first whole hour, hours up to the
     first whole day, days, then hours and minutes up to `end`."""
@@ -119,30 +113,36 @@ def covering(start: int, end: int | None) -> list[Segment]:
 def figures(sums: np.ndarray) -> dict[str, Any]:
     """The totals' fields from the summed rollup columns, in COUNTS' order."""
     named = dict(zip(COUNTS, sums.tolist()))
-    histogram = [int(named[name]) for name in HISTOGRAM]
+    [p50], [p95], [p99] = latency_percentiles(sums[None, :])
     return {"total_requests": int(named["requests"]), "successful_requests": int(named["succeeded"]),
             "images": int(named["images"]), "by_status": ByStatus(**{name: int(named[name]) for name in STATUS_COUNTS}),
-            "latency_ms": Latency(p50=percentile(histogram, 0.5), p95=percentile(histogram, 0.95),
-                                  p99=percentile(histogram, 0.99))}
+            "latency_ms": Latency(p50=p50, p95=p95, p99=p99)}
+
+
+def latency_percentiles(sums: np.ndarray) -> list[list[float | None]]:
+    """p50, p95 and p99 of each row of summed rollup columns: the nearest-rank percentile of its requests, as its
+    histogram bucket's REPORTED_MS (None for a row without requests), for all rows at once."""
+    requests = sums[:, COUNTS.index("requests")]
+    seen = sums[:, [COUNTS.index(name) for name in HISTOGRAM]].cumsum(axis=1)
+    reported = np.array(REPORTED_MS)
+    found = []
+    for fraction in (0.5, 0.95, 0.99):
+        rank = np.maximum(1, np.ceil(fraction * requests))
+        at = reported[np.minimum((seen < rank[:, None]).sum(axis=1), len(HISTOGRAM) - 1)]
+        found.append([none_if_nan(value) for value in np.where(requests > 0, at, np.nan).tolist()])
+    return found
 
 
 def bucket_figures(start_time: int, width_s: int, sums: np.ndarray) -> list[dict[str, Any]]:
-    """Each bucket's fields (a UsageBucket's) from its row of summed rollup columns, the percentiles as
-    rollups.percentile finds them, for all buckets at once."""
+    """Each bucket's fields (a UsageBucket's) from its row of summed rollup columns, for all buckets at once."""
     column = {name: sums[:, index] for index, name in enumerate(COUNTS)}
-    histograms = sums[:, [COUNTS.index(name) for name in HISTOGRAM]]
-    requests = column["requests"]
-    ranks = [np.maximum(1, np.ceil(fraction * requests)) for fraction in (0.5, 0.95, 0.99)]
-    seen = histograms.cumsum(axis=1)
-    reported = np.array(REPORTED_MS)
-    p50, p95, p99 = [np.where(requests > 0, reported[np.minimum((seen < rank[:, None]).sum(axis=1), len(HISTOGRAM) - 1)],
-                              np.nan).tolist() for rank in ranks]
+    p50, p95, p99 = latency_percentiles(sums)
     counts = {name: column[name].astype(np.int64).tolist() for name in ("requests", "images", *STATUS_COUNTS)}
     return [{"start_time": start_time + index * width_s, "end_time": start_time + (index + 1) * width_s,
              "total_requests": total, "successful_requests": succeeded, "images": images,
              "by_status": {"succeeded": succeeded, "client_errors": client_errors, "rate_limited": rate_limited,
                            "server_errors": server_errors},
-             "latency_ms": {"p50": none_if_nan(fifty), "p95": none_if_nan(ninety_five), "p99": none_if_nan(ninety_nine)}}
+             "latency_ms": {"p50": fifty, "p95": ninety_five, "p99": ninety_nine}}
             for index, (total, images, succeeded, client_errors, rate_limited, server_errors, fifty, ninety_five,
                         ninety_nine) in enumerate(zip(counts["requests"], counts["images"], counts["succeeded"],
                                                       counts["client_errors"], counts["rate_limited"],
