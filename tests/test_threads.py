@@ -58,8 +58,9 @@ def test_each_worker_takes_its_share_of_the_cores(server, start_server):
 
 
 def test_make_run_passes_the_worker_count_to_uvicorn_and_the_app():
-    command = subprocess.run(["make", "-n", "run", "WORKERS=3"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.splitlines()[-1]
+    # --no-print-directory: under `make test` this make is a sub-make, which would print "Leaving directory" last
+    command = subprocess.run(["make", "--no-print-directory", "-n", "run", "WORKERS=3"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.splitlines()[-1]
     assert command.startswith("WEB_CONCURRENCY=3 ") and "uvicorn main:app" in command and "--workers" not in command
 
 
