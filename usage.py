@@ -7,10 +7,12 @@ answer is what counting the log over the same (rounded) range gives, exactly.
 """
 
 import time
+from itertools import chain
 from typing import Any
 
 import numpy as np
-from fastapi.responses import JSONResponse
+import orjson
+from fastapi.responses import Response
 from sqlalchemy import CompoundSelect, Select, false, func, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -31,7 +33,7 @@ Segment = tuple[int, int, int | None]  # a rollup width, and [from, to) in Unix 
 
 
 async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decision, start_time: int | None,
-                     end_time: int | None, bucket_width: str | None, retention_days: int) -> JSONResponse:
+                     end_time: int | None, bucket_width: str | None, retention_days: int) -> Response:
     """This key's classify totals (within [start_time, end_time) when given) and, with bucket_width, per bucket:
     a `Usage`, as JSON (its buckets built as plain dicts: a thousand pydantic models cost tens of ms)."""
     end_time = checked_range(start_time, end_time, bucket_width)
@@ -53,7 +55,9 @@ async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decisi
             found_rows = (await connection.execute(buckets_query(api_key.id, width_s, covered_from, end_time))).all()
             sums = np.zeros(((end_time - start_time) // width_s, len(COUNTS)))
             if found_rows:
-                found = np.array([tuple(row) for row in found_rows], dtype=np.float64)  # from Rows: 10x slower
+                # Flattened: np.array of Rows is ten times slower, of tuples made of them a third slower
+                found = np.fromiter(chain.from_iterable(found_rows), np.float64,
+                                    len(found_rows) * (1 + len(COUNTS))).reshape(len(found_rows), -1)
                 np.add.at(sums, ((found[:, 0] // 1000 - start_time) // width_s).astype(np.int64), found[:, 1:])
             buckets = bucket_figures(start_time, width_s, sums)
             totals = sums.sum(axis=0)
@@ -67,7 +71,8 @@ async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decisi
         reset_seconds=limit_state.reset_s, start_time=start_time, end_time=end_time, covered_from=covered_from,
         bucket_width=bucket_width,
     )
-    return JSONResponse({**usage.model_dump(), "buckets": buckets})
+    # orjson: the standard library's encoder took 7 ms for 2,160 hourly buckets, orjson 0.6
+    return Response(orjson.dumps({**usage.model_dump(), "buckets": buckets}), media_type="application/json")
 
 
 def totals_query(key_id: int, start: int, end: int | None) -> CompoundSelect | Select:
@@ -113,15 +118,15 @@ def covering(start: int, end: int | None) -> list[Segment]:
 def figures(sums: np.ndarray) -> dict[str, Any]:
     """The totals' fields from the summed rollup columns, in COUNTS' order."""
     named = dict(zip(COUNTS, sums.tolist()))
-    [p50], [p95], [p99] = latency_percentiles(sums[None, :])
+    p50, p95, p99 = (none_if_nan(value) for [value] in latency_percentiles(sums[None, :]))
     return {"total_requests": int(named["requests"]), "successful_requests": int(named["succeeded"]),
             "images": int(named["images"]), "by_status": ByStatus(**{name: int(named[name]) for name in STATUS_COUNTS}),
             "latency_ms": Latency(p50=p50, p95=p95, p99=p99)}
 
 
-def latency_percentiles(sums: np.ndarray) -> list[list[float | None]]:
+def latency_percentiles(sums: np.ndarray) -> list[list[float]]:
     """p50, p95 and p99 of each row of summed rollup columns: the nearest-rank percentile of its requests, as its
-    histogram bucket's REPORTED_MS (None for a row without requests), for all rows at once."""
+    histogram bucket's REPORTED_MS (NaN for a row without requests), for all rows at once."""
     requests = sums[:, COUNTS.index("requests")]
     seen = sums[:, [COUNTS.index(name) for name in HISTOGRAM]].cumsum(axis=1)
     reported = np.array(REPORTED_MS)
@@ -129,24 +134,21 @@ def latency_percentiles(sums: np.ndarray) -> list[list[float | None]]:
     for fraction in (0.5, 0.95, 0.99):
         rank = np.maximum(1, np.ceil(fraction * requests))
         at = reported[np.minimum((seen < rank[:, None]).sum(axis=1), len(HISTOGRAM) - 1)]
-        found.append([none_if_nan(value) for value in np.where(requests > 0, at, np.nan).tolist()])
+        found.append(np.where(requests > 0, at, np.nan).tolist())
     return found
 
 
 def bucket_figures(start_time: int, width_s: int, sums: np.ndarray) -> list[dict[str, Any]]:
-    """Each bucket's fields (a UsageBucket's) from its row of summed rollup columns, for all buckets at once."""
-    column = {name: sums[:, index] for index, name in enumerate(COUNTS)}
-    p50, p95, p99 = latency_percentiles(sums)
-    counts = {name: column[name].astype(np.int64).tolist() for name in ("requests", "images", *STATUS_COUNTS)}
-    return [{"start_time": start_time + index * width_s, "end_time": start_time + (index + 1) * width_s,
-             "total_requests": total, "successful_requests": succeeded, "images": images,
-             "by_status": {"succeeded": succeeded, "client_errors": client_errors, "rate_limited": rate_limited,
-                           "server_errors": server_errors},
+    """Each bucket's fields (a UsageBucket's) from its row of summed rollup columns, for all buckets at once; an
+    empty bucket's percentiles are NaN, which orjson writes as null."""
+    counts = sums[:, [COUNTS.index(name) for name in ("requests", "images", *STATUS_COUNTS)]].astype(np.int64)
+    starts = range(start_time, start_time + len(sums) * width_s, width_s)
+    return [{"start_time": start, "end_time": start + width_s, "total_requests": total, "successful_requests": succeeded,
+             "images": images, "by_status": {"succeeded": succeeded, "client_errors": client_errors,
+                                             "rate_limited": rate_limited, "server_errors": server_errors},
              "latency_ms": {"p50": fifty, "p95": ninety_five, "p99": ninety_nine}}
-            for index, (total, images, succeeded, client_errors, rate_limited, server_errors, fifty, ninety_five,
-                        ninety_nine) in enumerate(zip(counts["requests"], counts["images"], counts["succeeded"],
-                                                      counts["client_errors"], counts["rate_limited"],
-                                                      counts["server_errors"], p50, p95, p99))]
+            for start, (total, images, succeeded, client_errors, rate_limited, server_errors), fifty, ninety_five,
+            ninety_nine in zip(starts, counts.tolist(), *latency_percentiles(sums))]
 
 
 def none_if_nan(value: float) -> float | None:
