@@ -41,6 +41,7 @@ from errors import is_database_unavailable
 logger = logging.getLogger("classify")
 
 T = TypeVar("T")
+LAST_IN_GROUP = 2**62  # a job's `order` that runs it after every key's admission (key ids are smaller)
 TableLike = type[Base]  # a model class of db.py, as `insert()` takes it
 
 
@@ -86,6 +87,12 @@ class Transaction:
         follows at `finish`, so a group's rows and a job's are counted together, in one order."""
         self.execute_many(_insert_into(table), rows)
         if table in self._after_insert:
+            self._inserted.setdefault(table, []).extend(rows)
+
+    def count_as_inserted(self, table: TableLike, rows: list[dict[str, Any]]) -> None:
+        """Rows already in `table` that its `after_insert` has not seen (the log rows from before the rollups:
+        rollup_backfill.py): counted at `finish` with the group's new rows, in the same one order."""
+        if table in self._after_insert and rows:
             self._inserted.setdefault(table, []).extend(rows)
 
     def finish(self) -> None:

@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from database_writer import DatabaseWriter, Transaction
+from database_writer import LAST_IN_GROUP, DatabaseWriter, Transaction
 from db import IdempotencyKey, RequestLog, now_ms
 from errors import ApiError, error_response, handle_database_error
 from ratelimit import LOCK_KEY_AND_READ_CLOCK, READ_CLOCK
@@ -53,7 +53,6 @@ VALID_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 STORED_HEADERS = (b"content-type",)
 PRUNE_BATCH = 500  # rows per transaction: a prune holds its locks for milliseconds
 PRUNE_INTERVAL_S = 60.0
-PRUNE_ORDER = 2**62  # last in its group (database_writer's `order`), after every key's admission
 
 THIS_KEY = (IdempotencyKey.key_id == bindparam("key_id"),
             IdempotencyKey.idempotency_key == bindparam("idempotency_key"))
@@ -337,7 +336,7 @@ async def prune_expired(writer: DatabaseWriter, ttl_s: float) -> None:
     """Deletes expired rows for good, PRUNE_BATCH per transaction, as long as full batches come back; then waits."""
     while True:
         try:
-            deleted = await writer.run(_prune, order=PRUNE_ORDER)
+            deleted = await writer.run(_prune, order=LAST_IN_GROUP)
         except Exception as exc:  # the database is away: next time
             logger.warning("could not prune expired idempotency keys: %s", exc)
             deleted = 0

@@ -49,6 +49,7 @@ from ratelimit import RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage
 from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
 from requestlog import RequestLogMiddleware
 from retention import prune_forever
+from rollup_backfill import backfill_in_background
 from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Embedding, Embeddings, EmbeddingsRequest,
                      Health, ImageResult, ModelInfo, ModelList, MultiClassification, Preprocessing, Usage)
 from security_headers import SecurityHeadersMiddleware
@@ -140,16 +141,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # What start-up made lives as long as the process: frozen, it is no longer walked by every full collection of
     # the garbage collector (measured: /v1/usage's 2,160-bucket answer p99 111 -> 44 ms, p50 unchanged).
     gc.freeze()
-    # Old rows (retention.py) and expired idempotency keys, deleted in small batches as the database thread's jobs.
-    pruners = [asyncio.create_task(prune_forever(writer, settings)),
-               asyncio.create_task(prune_expired(writer, settings.idempotency_ttl_s))]
+    # Old rows (retention.py) and expired idempotency keys deleted, and a log older than the rollups counted into
+    # them (rollup_backfill.py), in small batches as the database thread's jobs.
+    background_jobs = [asyncio.create_task(prune_forever(writer, settings)),
+               asyncio.create_task(prune_expired(writer, settings.idempotency_ttl_s)),
+               asyncio.create_task(backfill_in_background(writer))]
     try:
         yield
     finally:
-        for pruner in pruners:
-            pruner.cancel()
+        for job in background_jobs:
+            job.cancel()
             with suppress(asyncio.CancelledError):
-                await pruner
+                await job
         await batcher.stop()
         model_thread.shutdown(wait=True)
         decode_pool.shutdown(wait=True)

@@ -7,17 +7,18 @@ DELETE to that group, and the thread pauses PRUNE_PAUSE_S before the next. The s
 every PRUNE_INTERVAL_S; `cli.py prune` does the same once, for cron.
 
 The log's batch is the PRUNE_BATCH oldest ids (the primary key, so no index on time is needed and a log with
-nothing to delete costs one short read): ids grow with time, so those are the oldest rows.
+nothing to delete costs one short read): ids grow with time, so those are the oldest rows. None is deleted
+while the log from before the rollups is still being counted into them (rollup_backfill.py).
 """
 
 import asyncio
 import logging
 import time
 
-from sqlalchemy import bindparam, delete, func, literal_column, select, tuple_
+from sqlalchemy import bindparam, delete, exists, func, literal_column, select, tuple_
 
 from database_writer import DatabaseWriter, Transaction
-from db import RequestLog, UsageRollup
+from db import RequestLog, RollupBackfill, UsageRollup
 from settings import Settings
 
 logger = logging.getLogger("classify")
@@ -31,7 +32,9 @@ PRUNE_INTERVAL_S = 600
 # The PRUNE_BATCH oldest rows, of which those logged before the cutoff (a row may be a little out of order).
 _OLDEST = select(RequestLog.id).order_by(RequestLog.id).limit(PRUNE_BATCH).subquery()
 OLDEST_IDS = select(func.max(_OLDEST.c.id)).scalar_subquery()
-OLD_LOG_ROWS = delete(RequestLog).where(RequestLog.id <= OLDEST_IDS, RequestLog.created_at_ms < bindparam("cutoff_ms"))
+# None while rows from before the rollups are still being counted into them (rollup_backfill.py).
+OLD_LOG_ROWS = delete(RequestLog).where(RequestLog.id <= OLDEST_IDS, RequestLog.created_at_ms < bindparam("cutoff_ms"),
+                                        ~exists(select(RollupBackfill.key_id)))
 # Rollups that end by the cutoff, oldest first: the index on that expression finds them.
 ROLLUP_KEY = tuple_(UsageRollup.key_id, UsageRollup.width_s, UsageRollup.start_ms, UsageRollup.endpoint,
                     UsageRollup.model_version)

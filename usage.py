@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi.responses import Response
-from sqlalchemy import CompoundSelect, Select, false, func, select, union_all
+from sqlalchemy import CompoundSelect, Select, bindparam, false, func, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db import ApiKey, UsageRollup
+from db import ApiKey, RollupBackfill, UsageRollup
 from errors import ApiError
 from ratelimit import Decision
 from retention import retention_cutoff_s
@@ -29,6 +29,7 @@ MINUTE, HOUR, DAY = 60, 3600, 86400
 ROLLUPS = UsageRollup.__table__
 COLUMNS = [ROLLUPS.c[name] for name in COUNTS]
 SUMS = [func.sum(column) for column in COLUMNS]
+BACKFILL_FRONTIER = select(RollupBackfill.frontier_ms).where(RollupBackfill.key_id == bindparam("key"))
 Segment = tuple[int, int, int | None]  # a rollup width, and [from, to) in Unix seconds (None: no end)
 
 
@@ -46,6 +47,11 @@ async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decisi
     buckets = None
     async with session.begin():  # one snapshot, so the buckets add up to the totals
         connection = await session.connection()
+        # Requests from before the rollups are counted from the newest down (rollup_backfill.py): a key with
+        # some left is covered from its frontier on, rounded up to whole buckets.
+        frontier_ms = (await connection.execute(BACKFILL_FRONTIER, {"key": api_key.id})).scalar()
+        if frontier_ms is not None:
+            covered_from = max(covered_from, -(-frontier_ms // (width_s * 1000)) * width_s)
         if bucket_width is None:
             found = (await connection.execute(totals_query(api_key.id, covered_from, end_time))).all()
             totals = np.array([[value or 0 for value in row] for row in found] or [[0] * len(COUNTS)],

@@ -19,12 +19,19 @@ history, the server started once with retention above it (nothing to prune) and 
 REQUEST_LOG_RETENTION_DAYS=30 (two thirds of the rows past it: the server deletes them from its start, 1,000 a
 transaction), each loaded by wrk with 8 connections posting the 451x300 photo for --seconds: p50, p99 and the
 answers' statuses, and how many rows were deleted meanwhile.
+
+Then an upgrade with a log (--upgrade-rows, 1,000,000 by default, on SQLite): the same history taken back to
+revision 0005 (no rollups), then `cli.py migrate` timed, then the server started on it and loaded by wrk as
+above while it counts the old log into the rollups (rollup_backfill.py), and again once it has: how long the
+migration and the counting took, and classify's figures during and after.
 """
 
 import argparse
 import io
 import json
+import os
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +46,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import server_load  # noqa: E402
+from alembic import command  # noqa: E402
 from conftest import query, sync_engine  # noqa: E402
+from db import alembic_config  # noqa: E402
 from rollups import COUNTS, HISTOGRAM, KEY, LATENCY_EDGES_MS, WIDTHS_S  # noqa: E402
 from servers import PostgresServer  # noqa: E402
 
@@ -194,6 +203,38 @@ def classify_while_pruning(tmp: Path, database_url: str, rows: int, seconds: flo
     return {"rows": rows, "backlog": backlog, "classify": results}
 
 
+def upgrade_with_a_log(tmp: Path, rows: int, seconds: float) -> dict:
+    """Revision 0006 on a SQLite log of `rows` requests from before it, then a server counting them under load."""
+    database_url = f"sqlite:///{tmp / 'upgrade.db'}"
+    key = server_load.make_keys(database_url, 1)[0]
+    now_ms = time.time_ns() // 1_000_000
+    seed(database_url, query(database_url, "SELECT id FROM api_keys")[0]["id"], rows, now_ms)
+    engine = sync_engine(database_url)
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0005")  # the rollups gone, as before them
+    engine.dispose()
+    started = time.monotonic()
+    subprocess.run([sys.executable, "cli.py", "migrate"], cwd=ROOT, env={**os.environ, "DATABASE_URL": database_url},
+                   check=True, capture_output=True)
+    migrate_s = time.monotonic() - started
+    keys, body = tmp / "upgrade.keys", tmp / "upgrade.json"
+    keys.write_text(key + "\n")
+    body.write_text(json.dumps({"image": photo_jpeg_base64()}))
+    running = server_load.start(tmp, {"DATABASE_URL": database_url, "MODEL_NAME": "efficientnet_lite0",
+                                      "REQUEST_LOG_RETENTION_DAYS": str(DAYS + 1)})
+    try:
+        started = time.monotonic()
+        during = server_load.wrk(running.url, body, keys, seconds, 8)
+        while query(database_url, "SELECT count(*) AS n FROM rollup_backfill")[0]["n"]:
+            time.sleep(0.2)
+        counted_s = time.monotonic() - started
+        after = server_load.wrk(running.url, body, keys, seconds, 8)
+    finally:
+        server_load.stop(running)
+    return {"rows": rows, "migrate_s": round(migrate_s, 2), "counted_within_s": round(counted_s, 1),
+            "classify": {"while counting": during, "after": after}}
+
+
 def photo_jpeg_base64() -> str:
     """skimage's chelsea.png (451x300) as a JPEG in base64, as bench.py posts it."""
     import base64
@@ -213,6 +254,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="calls per query")
     parser.add_argument("--pruning-rows", type=int, default=10_000_000, help="history for classify while pruning")
     parser.add_argument("--seconds", type=float, default=20, help="wrk's run while pruning, and without")
+    parser.add_argument("--upgrade-rows", type=int, default=1_000_000, help="the log counted after an upgrade")
     args = parser.parse_args()
     results = []
     postgres = PostgresServer().start() if "postgresql" in args.databases else None
@@ -234,10 +276,15 @@ def main() -> None:
             pruning = classify_while_pruning(Path(tmp), f"sqlite:///{Path(tmp) / 'usage.db'}", args.pruning_rows,
                                              args.seconds)
         print_pruning(pruning)
+    upgrade = None
+    if args.upgrade_rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            upgrade = upgrade_with_a_log(Path(tmp), args.upgrade_rows, args.seconds)
+        print_upgrade(upgrade)
     out = ROOT / "bench" / "results" / "usage_history.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results,
-                               "classify_while_pruning": pruning}, indent=2))
+                               "classify_while_pruning": pruning, "upgrade_with_a_log": upgrade}, indent=2))
 
 
 def print_row(result: dict) -> None:
@@ -253,6 +300,14 @@ def print_pruning(result: dict) -> None:
         print(f"  {name:<17} {run['requests_per_s']:.1f} requests/s, p50 / p99 {run['p50_ms']:.0f} / "
               f"{run['p99_ms']:.0f} ms, statuses {run['statuses']}, {run['deleted_rows']:,} rows deleted meanwhile",
               flush=True)
+
+
+def print_upgrade(result: dict) -> None:
+    print(f"upgrade on sqlite with {result['rows']:,} logged requests: revision 0006 in {result['migrate_s']} s, "
+          f"the log counted into rollups within {result['counted_within_s']} s of the server's start, under load:")
+    for name, run in result["classify"].items():
+        print(f"  {name:<15} {run['requests_per_s']:.1f} requests/s, p50 / p99 {run['p50_ms']:.0f} / "
+              f"{run['p99_ms']:.0f} ms, statuses {run['statuses']}", flush=True)
 
 
 if __name__ == "__main__":

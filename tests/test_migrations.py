@@ -4,18 +4,13 @@ before Alembic upgrade in place; servers starting together migrate one after ano
 import asyncio
 import sqlite3
 
-import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from sqlalchemy import insert
-
 from conftest import query, run_cli, sync_engine
-from db import ApiKey, Base, RequestLog, alembic_config, make_engine, migrate
-from rollups import COUNTS, KEY, counted
-from test_usage_rollups import random_rows
+from db import Base, alembic_config, make_engine, migrate
 
 
 def differences_from_models(database_url: str) -> list:
@@ -69,6 +64,7 @@ def test_a_database_made_before_alembic_is_upgraded_in_place(tmp_path):
         connection.execute("DROP TABLE idempotency_keys")  # added by 0005
         connection.execute("ALTER TABLE request_log DROP COLUMN images")  # added by 0006, with usage_rollups
         connection.execute("DROP TABLE usage_rollups")
+        connection.execute("DROP TABLE rollup_backfill")
         connection.execute("INSERT INTO api_keys VALUES (1, 'x', 'sk-old', 'old@example.com', 5, 60, 0, NULL)")
     connection.close()
     done = run_cli(database_url, "migrate")
@@ -86,31 +82,3 @@ def test_a_database_with_other_tables_of_these_names_is_refused(tmp_path):
     done = run_cli(f"sqlite:///{path}", "migrate")
     assert done.returncode == 4
     assert "api_keys" in done.stderr and "use another DATABASE_URL" in done.stderr
-
-
-def test_revision_0006_backfills_the_rollups_the_server_would_have_written(database_url):
-    """A log of rows from before 0006 (no image counts), its ids spread over several of the backfill's batches:
-    migrated, its rollups are the ones the database thread writes for the same rows."""
-    engine = sync_engine(database_url)
-    rows = random_rows([1, 2, None], 3000, 1_800_000_000_000, seed=5, replayed_share=0.05)
-    for index, row in enumerate(rows):
-        row.pop("images")
-        row["id"] = 1 + index * 47  # 141,000 ids: three batches of 50,000
-    try:
-        with engine.begin() as connection:
-            command.upgrade(alembic_config(connection), "0005")
-            for id in (1, 2):
-                connection.execute(insert(ApiKey).values(id=id, key_hash=str(id), prefix=f"sk-{id}", email="a@b",
-                                                         rate_limit=1, window_s=1, created_at_ms=0))
-            connection.execute(insert(RequestLog.__table__).values(rows))
-    finally:
-        engine.dispose()
-    done = run_cli(database_url, "migrate")
-    assert done.returncode == 0, done.stderr
-    found = query(database_url, f"SELECT * FROM usage_rollups ORDER BY {', '.join(KEY)}")
-    expected = counted(rows)
-    assert len(found) == len(expected) > 1000
-    for got, wanted in zip(found, expected):
-        assert {name: got[name] for name in (*KEY, *COUNTS) if name != "latency_ms_sum"} == \
-            {name: wanted[name] for name in (*KEY, *COUNTS) if name != "latency_ms_sum"}
-        assert got["latency_ms_sum"] == pytest.approx(wanted["latency_ms_sum"])
