@@ -42,6 +42,7 @@ from database_file import DatabaseFile
 from database_writer import DatabaseWriter
 from db import ApiKey, ForeignSchemaError, RequestLog, make_engine, make_sessionmaker, migrate, now_ms
 from retention import prune
+from rollup_backfill import ANY_KEY_LEFT
 from settings import Settings
 
 EXIT_WRONG_KEY = 1
@@ -195,11 +196,15 @@ async def prune_now(settings: Settings) -> int:
     writer.start()
     try:
         log_rows, rollups = await prune(writer, settings)
+        is_backfill_left = await writer.run(lambda transaction: transaction.scalar(ANY_KEY_LEFT) is not None)
     finally:
         await writer.stop()
     print(f"Deleted {log_rows} request-log rows older than {settings.request_log_retention_days} days "
           f"(REQUEST_LOG_RETENTION_DAYS) and {rollups} usage rollups older than {settings.usage_retention_days} days "
           "(USAGE_RETENTION_DAYS).")
+    if is_backfill_left:
+        print("Log rows are kept while the server counts the log from before the usage rollups into them; "
+              "prune again once it has (its log says when).")
     return 0
 
 

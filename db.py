@@ -1,5 +1,5 @@
-"""The database: six tables (keys, the request log, its per-minute, hour and day rollups, the rate limiter's
-window, idempotency keys, readiness's one row), the async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3),
+"""The database: seven tables (keys, the request log, its per-minute, hour and day rollups and the backfill
+of those after an upgrade, the rate limiter's window, idempotency keys, readiness's one row), the async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3),
 and bringing a database's schema to Alembic's head.
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
@@ -112,7 +112,7 @@ class RollupBackfill(Base):
     __tablename__ = "rollup_backfill"
 
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), primary_key=True, autoincrement=False)
-    frontier_ms: Mapped[int] = mapped_column(BigInteger)  # a whole minute
+    frontier_ms: Mapped[int] = mapped_column(BigInteger)
     oldest_ms: Mapped[int] = mapped_column(BigInteger)  # the key's oldest row at the revision
     last_id: Mapped[int] = mapped_column(BigInteger)  # the log's last id then: later rows were counted as logged
 

@@ -144,8 +144,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Old rows (retention.py) and expired idempotency keys deleted, and a log older than the rollups counted into
     # them (rollup_backfill.py), in small batches as the database thread's jobs.
     background_jobs = [asyncio.create_task(prune_forever(writer, settings)),
-               asyncio.create_task(prune_expired(writer, settings.idempotency_ttl_s)),
-               asyncio.create_task(backfill_in_background(writer))]
+                       asyncio.create_task(prune_expired(writer, settings.idempotency_ttl_s)),
+                       asyncio.create_task(backfill_in_background(writer, settings.usage_retention_days))]
     try:
         yield
     finally:

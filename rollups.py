@@ -1,7 +1,8 @@
 """Usage rollups: each request-log row also counted in its key's minute, hour and day (db.UsageRollup), in the
 same transaction as the row, so `/v1/usage` (usage.py) reads O(buckets) counters instead of O(requests) rows.
 
-The database thread (database_writer.py) calls `add_rows` with each group's log rows after inserting them: the
+The database thread (database_writer.py) calls `add_rows` with each group's log rows after inserting them (and
+with rows logged before the rollups existed, which rollup_backfill.py hands it a batch at a time): the
 group's rows are summed here first, then one upsert per (key, width, start, endpoint, model version), in key
 order, so two hosts' groups lock shared counters in the same order. Rows without a key (a missing or wrong key)
 are nobody's usage, a replayed answer (idempotency.py) was counted with its first request, and only the routes

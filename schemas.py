@@ -157,7 +157,8 @@ class Usage(BaseModel):
                                                      "(to the bucket width with buckets), end_time rounded up.")
     end_time: int | None = None
     covered_from: int = Field(description="Unix seconds: the counts hold every request from here on; older ones "
-                                          "have passed USAGE_RETENTION_DAYS and are not counted.")
+                                          "have passed USAGE_RETENTION_DAYS, or were logged before an upgrade "
+                                          "to the rollups and are still being counted.")
     bucket_width: str | None = None
     buckets: list[UsageBucket] | None = Field(None, description="Per-bucket counts, when bucket_width is given.")
 

@@ -48,7 +48,8 @@ async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decisi
     async with session.begin():  # one snapshot, so the buckets add up to the totals
         connection = await session.connection()
         # Requests from before the rollups are counted from the newest down (rollup_backfill.py): a key with
-        # some left is covered from its frontier on, rounded up to whole buckets.
+        # some left is covered from its frontier on, rounded up to whole buckets. Read first: on PostgreSQL each
+        # statement sees its own snapshot, and a batch counted meanwhile only adds to rollups before this one.
         frontier_ms = (await connection.execute(BACKFILL_FRONTIER, {"key": api_key.id})).scalar()
         if frontier_ms is not None:
             covered_from = max(covered_from, -(-frontier_ms // (width_s * 1000)) * width_s)

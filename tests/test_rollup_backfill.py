@@ -36,6 +36,9 @@ def log_from_before_the_rollups(database_url: str, rows: list[dict]) -> None:
                                                          email="a@b", rate_limit=1000, window_s=60, created_at_ms=0))
             for first in range(0, len(rows), 5000):
                 connection.execute(insert(RequestLog.__table__).values(rows[first:first + 5000]))
+            if connection.dialect.name == "postgresql":  # ids given, so the sequence is moved past them by hand
+                connection.exec_driver_sql("SELECT setval(pg_get_serial_sequence('request_log', 'id'), "
+                                           "(SELECT max(id) FROM request_log))")
     finally:
         engine.dispose()
     done = run_cli(database_url, "migrate")
@@ -65,26 +68,48 @@ def test_the_log_is_counted_batch_by_batch_and_exact_from_each_frontier_on(datab
         newest_ms = max(row["created_at_ms"] for row in rows if row["key_id"] == key_id)
         assert frontier_ms == (newest_ms // 60_000 + 1) * 60_000
 
+    newest_ms = max(row["created_at_ms"] for row in rows)
+    # Logged by the new server after the migration, counted as they are written: beside the oldest row and in
+    # the newest minute (where the backfill also counts), so only `last_id` keeps them from being counted twice.
+    live_rows = random_rows([1, 2], 200, newest_ms, seed=6)
+    for index, row in enumerate(live_rows):
+        row["created_at_ms"] = newest_ms - index % 2 * (newest_ms - min(r["created_at_ms"] for r in rows))
+
     async def count_batch_by_batch() -> int:
         writer = DatabaseWriter(database_url, 10, {RequestLog: add_rows})
         writer.start()
         batches = 0
         try:
-            while await writer.run(lambda transaction: count_a_batch(transaction, batch_rows=150)) == "counted":
+            for _ in range(5):
+                assert await writer.run(lambda transaction: count_a_batch(transaction, 0, batch_rows=150)) == "counted"
                 batches += 1
                 for key_id, frontier_ms in frontiers(database_url).items():  # exact from the frontier on
-                    assert_same_rollups(
-                        rollups_in_db(database_url, "key_id = :key AND width_s = 60 AND start_ms >= :frontier",
-                                      key=key_id, frontier=frontier_ms),
-                        [rollup for rollup in counted([row for row in rows if row["created_at_ms"] >= frontier_ms])
-                         if rollup["key_id"] == key_id and rollup["width_s"] == 60])
+                    for width_s in (60, 3600):
+                        width_ms = width_s * 1000
+                        covered_ms = -(-frontier_ms // width_ms) * width_ms  # as /v1/usage rounds it
+                        assert_same_rollups(
+                            rollups_in_db(database_url, "key_id = :key AND width_s = :width AND start_ms >= :start",
+                                          key=key_id, width=width_s, start=covered_ms),
+                            [rollup for rollup in counted([row for row in rows if row["created_at_ms"] >= covered_ms])
+                             if rollup["key_id"] == key_id and rollup["width_s"] == width_s])
+            await asyncio.gather(*[writer.insert(RequestLog, row) for row in live_rows])
         finally:
             await writer.stop()
+        # Then two servers' worth at once, each with its own connection, to the end.
+        writers = [DatabaseWriter(database_url, 10, {RequestLog: add_rows}) for _ in range(2)]
+        for writer in writers:
+            writer.start()
+        try:
+            batches += sum(await asyncio.gather(*[backfill(writer, 400, batch_rows=150, pause_s=0)
+                                                  for writer in writers]))
+        finally:
+            for writer in writers:
+                await writer.stop()
         return batches
 
     assert asyncio.run(count_batch_by_batch()) > 10
     assert frontiers(database_url) == {}
-    assert_same_rollups(rollups_in_db(database_url), counted(rows))
+    assert_same_rollups(rollups_in_db(database_url), counted(rows + live_rows))
 
 
 def test_a_server_counts_the_log_while_its_usage_stays_exact_from_covered_from_on(database_url, start_server):
@@ -113,21 +138,23 @@ def test_a_server_counts_the_log_while_its_usage_stays_exact_from_covered_from_o
 
 def test_retention_deletes_no_log_row_before_it_is_counted(database_url):
     now_ms = time.time_ns() // 1_000_000
-    rows = random_rows([1], 500, now_ms - 40 * DAY_MS, seed=9)  # all past 30 days
-    log_from_before_the_rollups(database_url, rows)
+    past_log_retention = random_rows([1], 500, now_ms - 40 * DAY_MS, seed=9)
+    past_usage_retention = random_rows([1], 100, now_ms - 500 * DAY_MS, seed=10)  # counted by no rollup
+    log_from_before_the_rollups(database_url, past_log_retention + past_usage_retention)
     done = run_cli(database_url, "prune")
-    assert "Deleted 0 request-log rows" in done.stdout, done.stdout
-    assert query(database_url, "SELECT count(*) AS n FROM request_log")[0]["n"] == 500
+    assert "Deleted 0 request-log rows" in done.stdout and "Log rows are kept while" in done.stdout, done.stdout
+    assert query(database_url, "SELECT count(*) AS n FROM request_log")[0]["n"] == 600
 
     async def count_all() -> int:
         writer = DatabaseWriter(database_url, 10, {RequestLog: add_rows})
         writer.start()
         try:
-            return await backfill(writer, pause_s=0)
+            return await backfill(writer, 400, pause_s=0)
         finally:
             await writer.stop()
 
     assert asyncio.run(count_all()) == 1
+    assert_same_rollups(rollups_in_db(database_url), counted(past_log_retention))
     done = run_cli(database_url, "prune")
-    assert "Deleted 500 request-log rows" in done.stdout, done.stdout
-    assert_same_rollups(rollups_in_db(database_url), counted(rows))
+    assert "Deleted 600 request-log rows" in done.stdout and "Log rows are kept" not in done.stdout, done.stdout
+    assert_same_rollups(rollups_in_db(database_url), counted(past_log_retention))

@@ -55,8 +55,11 @@ def upgrade() -> None:
     op.execute(f"""
         INSERT INTO rollup_backfill (key_id, frontier_ms, oldest_ms, last_id)
         SELECT id, (newest / {MINUTE_MS} + 1) * {MINUTE_MS}, oldest, (SELECT max(id) FROM request_log)
-        FROM (SELECT id, (SELECT max(created_at_ms) FROM request_log WHERE key_id = api_keys.id) AS newest,
-                         (SELECT min(created_at_ms) FROM request_log WHERE key_id = api_keys.id) AS oldest
+        FROM (SELECT id,
+                     (SELECT max(request_log.created_at_ms) FROM request_log WHERE request_log.key_id = api_keys.id)
+                     AS newest,
+                     (SELECT min(request_log.created_at_ms) FROM request_log WHERE request_log.key_id = api_keys.id)
+                     AS oldest
               FROM api_keys) AS logged
         WHERE newest IS NOT NULL""")
     # Nullable, with no default: it rewrites no rows on either database.
