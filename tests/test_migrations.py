@@ -4,7 +4,6 @@ before Alembic upgrade in place; servers starting together migrate one after ano
 import asyncio
 import sqlite3
 
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
