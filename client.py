@@ -166,9 +166,12 @@ def idempotent(idempotency_key: str | None) -> dict[str, Any]:
     return {"headers": {"Idempotency-Key": str(uuid.uuid4()) if idempotency_key is None else idempotency_key}}
 
 
-def usage_query(start_time: float | None, end_time: float | None, bucket_width: str | None) -> dict[str, Any]:
-    """/v1/usage's range (Unix seconds, whole ones as the API takes them) and buckets (1m, 1h or 1d), if given."""
-    query = {"start_time": start_time, "end_time": end_time, "bucket_width": bucket_width}
+def usage_query(start_time: float | None, end_time: float | None, bucket_width: str | None,
+                endpoint: str) -> dict[str, Any]:
+    """/v1/usage's range (Unix seconds, whole ones as the API takes them) and buckets (1m, 1h or 1d), if given,
+    and whose requests (classify's are the server's default)."""
+    query = {"start_time": start_time, "end_time": end_time, "bucket_width": bucket_width,
+             "endpoint": None if endpoint == "classify" else endpoint}
     return {"params": {name: int(value) if isinstance(value, float) else value
                        for name, value in query.items() if value is not None}}
 
@@ -215,10 +218,11 @@ class Client:
         return ModelInfo.list_from_response(self._request("GET", "/v1/models"))
 
     def usage(self, start_time: float | None = None, end_time: float | None = None,
-              bucket_width: str | None = None) -> Usage:
-        """This key's request counts (in [start_time, end_time), Unix seconds, if given; per `bucket_width`
-        bucket too: 1m, 1h or 1d) and where it stands in its rate limit."""
-        return Usage.from_response(self._request("GET", "/v1/usage", **usage_query(start_time, end_time, bucket_width)))
+              bucket_width: str | None = None, endpoint: str = "classify") -> Usage:
+        """This key's request counts to `endpoint` ("classify" or "embeddings"; in [start_time, end_time), Unix
+        seconds, if given; per `bucket_width` bucket too: 1m, 1h or 1d) and where it stands in its rate limit."""
+        query = usage_query(start_time, end_time, bucket_width, endpoint)
+        return Usage.from_response(self._request("GET", "/v1/usage", **query))
 
     def embeddings(self, *images: Image, idempotency_key: str | None = None) -> list[list[float]]:
         """Each image's embedding, of length 1 (a dot product of two is their cosine similarity), in order; as
@@ -278,8 +282,8 @@ class AsyncClient:
         return ModelInfo.list_from_response(await self._request("GET", "/v1/models"))
 
     async def usage(self, start_time: float | None = None, end_time: float | None = None,
-                    bucket_width: str | None = None) -> Usage:
-        query = usage_query(start_time, end_time, bucket_width)
+                    bucket_width: str | None = None, endpoint: str = "classify") -> Usage:
+        query = usage_query(start_time, end_time, bucket_width, endpoint)
         return Usage.from_response(await self._request("GET", "/v1/usage", **query))
 
     async def _request(self, method: str, path: str, **options: Any) -> httpx.Response:

@@ -181,6 +181,7 @@ class Usage:
     by_status: ByStatus = NO_STATUS
     latency_ms: Latency = NO_LATENCY
     covered_from: int | None = None  # Unix seconds: requests before it have passed the server's retention
+    endpoint: str = "classify"  # whose requests: /v1/classify's or /v1/embeddings'
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> "Usage":

@@ -6,7 +6,7 @@
     photos/broken.png: FAILED 400 corrupt_image: The image could not be decoded (Truncated File Read); it may be ...
     4 files: 2 classified, 1 failed, 1 skipped.
     $ python client.py classify photos/ --min-confidence 0.1 --concurrency 8   # only labels >= 10 %; 8 at once
-    $ python client.py usage [--json]              # the URL and key from CLASSIFY_URL and CLASSIFY_API_KEY
+    $ python client.py usage [--json] [--endpoint embeddings]   # the URL and key from CLASSIFY_URL and CLASSIFY_API_KEY
 
 Folders are searched recursively for images by their first bytes, not their names; files named outright are
 sent whatever they hold. Every other file a folder holds is named on stderr as skipped (with --json: one object
@@ -192,11 +192,11 @@ async def run_classify(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 async def run_usage(client: AsyncClient, args: argparse.Namespace) -> int:
-    usage = await client.usage()
+    usage = await client.usage(endpoint=args.endpoint)
     if args.json:
         print(json.dumps(asdict(usage)))
         return EXIT_OK
-    print(f"Key {usage.key_prefix}...: {counted(usage.total_requests, 'classify request')}, {usage.successful_requests} "
+    print(f"Key {usage.key_prefix}...: {counted(usage.total_requests, usage.endpoint + ' request')}, {usage.successful_requests} "
           f"successful ({usage.success_rate:g} %), {usage.avg_response_time_ms:g} ms on average.")
     status, latency = usage.by_status, usage.latency_ms
     print(f"Images: {usage.images}. Answers: {status.succeeded} succeeded, {status.client_errors} client errors, "
@@ -231,6 +231,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     classify.set_defaults(run=run_classify)
     usage = commands.add_parser("usage", help="this key's usage and rate limit")
     usage.add_argument("--json", action="store_true", help="as one JSON object")
+    usage.add_argument("--endpoint", choices=("classify", "embeddings"), default="classify",
+                       help="whose requests to count (default classify; the limit is shared)")
     usage.set_defaults(run=run_usage)
     return parser.parse_args(argv)
 

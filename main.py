@@ -273,10 +273,12 @@ async def usage(request: Request, key: CurrentKey, session: SessionDep, limiter:
                 start_time: Annotated[int | None, Query(ge=0, le=MAX_UNIX_TIME_S, description="Unix seconds, inclusive.")] = None,
                 end_time: Annotated[int | None, Query(ge=0, le=MAX_UNIX_TIME_S, description="Unix seconds, exclusive.")] = None,
                 bucket_width: Annotated[Literal["1m", "1h", "1d"] | None, Query(description="Per-bucket counts too; needs start_time.")] = None,
+                endpoint: Annotated[Literal["classify", "embeddings"], Query(description="Whose requests: /v1/classify's or /v1/embeddings'.")] = "classify",
                 ) -> Response:
-    """This key's /v1/classify requests (all outcomes), success rate, mean latency, and rate-limit state."""
+    """This key's requests to /v1/classify (or /v1/embeddings) of all outcomes, success rate, latency, and
+    rate-limit state (one limit for both)."""
     limit_state = await limiter.peek(key.id, key.rate_limit, key.window_s)
-    return await read_usage(session, key, limit_state, start_time, end_time, bucket_width,
+    return await read_usage(session, key, limit_state, endpoint, start_time, end_time, bucket_width,
                             request.app.state.settings.usage_retention_days)
 
 

@@ -142,7 +142,9 @@ class UsageBucket(BaseModel):
 class Usage(BaseModel):
     object: Literal["usage"] = "usage"
     key_prefix: str = Field(examples=["sk-Qm3xTz8b"])
-    total_requests: int = Field(description="This key's /v1/classify requests of every outcome (in the range, if given).")
+    endpoint: Literal["classify", "embeddings"] = Field("classify", description="Whose requests are counted: "
+                                                        "/v1/classify's or /v1/embeddings'.")
+    total_requests: int = Field(description="This key's requests to the endpoint, of every outcome (in the range, if given).")
     successful_requests: int = Field(description="Of those, the ones answered 200.")
     success_rate: float = Field(description="successful / total, in percent; 0 when there were none.")
     avg_response_time_ms: float = Field(description="Mean server time of those requests; 0 when there were none.")

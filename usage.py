@@ -1,4 +1,4 @@
-"""What /v1/usage reads: this key's /v1/classify rollups (rollups.py), never the request log itself.
+"""What /v1/usage reads: this key's rollups of one endpoint (rollups.py), never the request log itself.
 
 A range is counted at the rollups' resolution: its start is rounded down to the minute and its end up (to the
 bucket width, with buckets, so that each bucket is one rollup row). Totals read minutes only at the range's
@@ -23,7 +23,6 @@ from retention import retention_cutoff_s
 from rollups import COUNTS, HISTOGRAM, REPORTED_MS, STATUS_COUNTS
 from schemas import BUCKET_WIDTHS_S, ByStatus, Latency, Usage
 
-CLASSIFY_ENDPOINT = "/v1/classify"
 MAX_BUCKETS = 2400  # 100 days by the hour
 MINUTE, HOUR, DAY = 60, 3600, 86400
 ROLLUPS = UsageRollup.__table__
@@ -33,11 +32,14 @@ BACKFILL_FRONTIER = select(RollupBackfill.frontier_ms).where(RollupBackfill.key_
 Segment = tuple[int, int, int | None]  # a rollup width, and [from, to) in Unix seconds (None: no end)
 
 
-async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decision, start_time: int | None,
-                     end_time: int | None, bucket_width: str | None, retention_days: int) -> Response:
-    """This key's classify totals (within [start_time, end_time) when given) and, with bucket_width, per bucket:
+async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decision, endpoint: str,
+                     start_time: int | None, end_time: int | None, bucket_width: str | None,
+                     retention_days: int) -> Response:
+    """This key's totals on `endpoint` ("classify" or "embeddings"; within [start_time, end_time) when given)
+    and, with bucket_width, per bucket:
     a `Usage`, as JSON (its buckets built as plain dicts: a thousand pydantic models cost tens of ms)."""
     end_time = checked_range(start_time, end_time, bucket_width)
+    path = f"/v1/{endpoint}"  # as the log and its rollups name it
     width_s = BUCKET_WIDTHS_S[bucket_width] if bucket_width is not None else MINUTE
     if start_time is not None:
         start_time = start_time // width_s * width_s
@@ -54,12 +56,13 @@ async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decisi
         if frontier_ms is not None:
             covered_from = max(covered_from, -(-frontier_ms // (width_s * 1000)) * width_s)
         if bucket_width is None:
-            found = (await connection.execute(totals_query(api_key.id, covered_from, end_time))).all()
+            found = (await connection.execute(totals_query(api_key.id, path, covered_from, end_time))).all()
             totals = np.array([[value or 0 for value in row] for row in found] or [[0] * len(COUNTS)],
                               dtype=np.float64).sum(axis=0)
         else:
             assert start_time is not None and end_time is not None
-            found_rows = (await connection.execute(buckets_query(api_key.id, width_s, covered_from, end_time))).all()
+            found_rows = (await connection.execute(buckets_query(api_key.id, path, width_s, covered_from,
+                                                                  end_time))).all()
             sums = np.zeros(((end_time - start_time) // width_s, len(COUNTS)))
             if found_rows:
                 # Flattened: np.array of Rows is ten times slower, of tuples made of them a third slower
@@ -75,28 +78,28 @@ async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decisi
         success_rate=round(100 * summed["successful_requests"] / requests, 2) if requests else 0.0,
         avg_response_time_ms=round(float(totals[COUNTS.index("latency_ms_sum")]) / requests, 2) if requests else 0.0,
         limit=limit_state.limit, window_seconds=api_key.window_s, remaining=limit_state.remaining,
-        reset_seconds=limit_state.reset_s, start_time=start_time, end_time=end_time, covered_from=covered_from,
-        bucket_width=bucket_width,
+        reset_seconds=limit_state.reset_s, endpoint=endpoint, start_time=start_time, end_time=end_time,
+        covered_from=covered_from, bucket_width=bucket_width,
     )
     # orjson: the standard library's encoder took 7 ms for 2,160 hourly buckets, orjson 0.6
     return Response(orjson.dumps({**usage.model_dump(), "buckets": buckets}), media_type="application/json")
 
 
-def totals_query(key_id: int, start: int, end: int | None) -> CompoundSelect | Select:
+def totals_query(key_id: int, path: str, start: int, end: int | None) -> CompoundSelect | Select:
     """The sums over [start, end): one SELECT per segment of `covering`, each a range of the primary key (with OR
     between them, SQLite read all of the key's rollups). Rows to add up; none when the range is empty."""
-    segments = [select(*SUMS).where(ROLLUPS.c.key_id == key_id, ROLLUPS.c.endpoint == CLASSIFY_ENDPOINT,
+    segments = [select(*SUMS).where(ROLLUPS.c.key_id == key_id, ROLLUPS.c.endpoint == path,
                                     ROLLUPS.c.width_s == width, ROLLUPS.c.start_ms >= begin * 1000,
                                     *([ROLLUPS.c.start_ms < stop * 1000] if stop is not None else []))
                 for width, begin, stop in covering(start, end)]
     return union_all(*segments) if segments else select(*SUMS).where(false())
 
 
-def buckets_query(key_id: int, width_s: int, start: int, end: int) -> Select:
+def buckets_query(key_id: int, path: str, width_s: int, start: int, end: int) -> Select:
     """The rollups of [start, end) of one width, one row per (start, endpoint, model version): summed with numpy,
     as the database's GROUP BY of 39 sums took as long as fetching the rows themselves."""
     return select(ROLLUPS.c.start_ms, *COLUMNS).where(
-        ROLLUPS.c.key_id == key_id, ROLLUPS.c.endpoint == CLASSIFY_ENDPOINT, ROLLUPS.c.width_s == width_s,
+        ROLLUPS.c.key_id == key_id, ROLLUPS.c.endpoint == path, ROLLUPS.c.width_s == width_s,
         ROLLUPS.c.start_ms >= start * 1000, ROLLUPS.c.start_ms < end * 1000)
 
 

@@ -45,6 +45,10 @@ def test_classify_a_path_or_bytes_with_typed_results(server, key, cat_png):
         from_path = client.classify(photo_path("chelsea.png"), top_k=3)
         from_bytes = client.classify(cat_png)
         usage = client.usage()
+        client.embeddings(cat_png, cat_png)
+        embeddings_usage = client.usage(endpoint="embeddings")
+    assert (embeddings_usage.endpoint, embeddings_usage.total_requests, embeddings_usage.images) == ("embeddings", 1, 2)
+    assert usage.endpoint == "classify"
     assert isinstance(from_path, Classification) and len(from_path.predictions) == 3
     assert from_path.predictions[0].label in CAT_LABELS and from_path.model == "efficientnet_lite0"
     assert [p.label for p in from_bytes.predictions[:3]] == [p.label for p in from_path.predictions]

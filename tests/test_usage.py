@@ -39,6 +39,23 @@ def test_usage_counts_this_keys_classify_requests_of_every_outcome(backend_serve
     assert usage["buckets"] is None
 
 
+def test_usage_counts_embeddings_requests_apart_from_classify_ones(server):
+    key = make_key(server.database_url)
+    with server.client(key) as client:
+        assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        assert [client.post("/v1/embeddings", json=body).status_code for body in
+                ({"image": ONE_PIXEL}, {"images": [ONE_PIXEL] * 3}, {"image": "%%%"})] == [200, 200, 400]
+        classify = client.get("/v1/usage").json()
+        embeddings = client.get("/v1/usage", params={"endpoint": "embeddings", "start_time": int(time.time()) - 60,
+                                                      "bucket_width": "1m"}).json()
+        unknown = client.get("/v1/usage", params={"endpoint": "models"})
+    assert (classify["endpoint"], classify["total_requests"], classify["images"]) == ("classify", 1, 1)
+    assert (embeddings["endpoint"], embeddings["total_requests"], embeddings["successful_requests"],
+            embeddings["images"]) == ("embeddings", 3, 2, 5)  # the refused one carried an image too
+    assert sum(bucket["total_requests"] for bucket in embeddings["buckets"]) == 3
+    assert_error(unknown, 422)
+
+
 def test_usage_buckets_count_per_minute_hour_and_day(backend_server):
     key = make_key(backend_server.database_url)
     now = int(time.time())  # every request below is at or after `now`, so in each range's last bucket
@@ -172,8 +189,9 @@ def test_a_broken_schema_is_a_500_not_a_503_that_never_clears(start_server):
 def test_usage_reads_ranges_of_the_rollups_primary_key(server):
     """Each of usage.py's statements reads a range of (key, width, start): its cost is the buckets', whatever the
     key's history (bench/usage_history.py measures it)."""
-    statements = [totals_query(1, 1_700_000_000 - 7 * 60, 1_700_000_000 + 3 * 86400 + 5 * 3600 + 60),
-                  totals_query(1, 1_700_000_000 - 7 * 60, None), buckets_query(1, 3600, 1_700_000_000, 1_700_086400)]
+    statements = [totals_query(1, "/v1/classify", 1_700_000_000 - 7 * 60, 1_700_000_000 + 3 * 86400 + 5 * 3600 + 60),
+                  totals_query(1, "/v1/classify", 1_700_000_000 - 7 * 60, None),
+                  buckets_query(1, "/v1/classify", 3600, 1_700_000_000, 1_700_086400)]
     connection = sqlite3.connect(server.database_url.removeprefix("sqlite:///"))
     try:
         for statement in statements:
