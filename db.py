@@ -1,5 +1,5 @@
-"""The database: seven tables (keys, the request log, its per-minute, hour and day rollups and the backfill
-of those after an upgrade, the rate limiter's window, idempotency keys, readiness's one row), the async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3),
+"""The database: eight tables (keys, the request log, its per-minute, hour and day rollups and the backfill
+of those after an upgrade, the rate limiter's window and its count, idempotency keys, readiness's one row), the async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3),
 and bringing a database's schema to Alembic's head.
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
@@ -126,6 +126,15 @@ class RateLimitHit(Base):
     at_ms: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (Index("ix_rate_limit_hits_key_time", "key_id", "at_ms"),)
+
+
+# How many `rate_limit_hits` rows each key has, kept with them by every admission (ratelimit.py), so an
+# admission reads one number instead of counting its window's rows (10,000 of them took 0.6 ms).
+class RateLimitCount(Base):
+    __tablename__ = "rate_limit_counts"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), primary_key=True, autoincrement=False)
+    hits: Mapped[int] = mapped_column(BigInteger)
 
 
 # An Idempotency-Key sent with this API key: claimed while its first request runs (no status_code yet), then

@@ -14,16 +14,17 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import NamedTuple, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from sqlalchemy import BigInteger, bindparam, cast, delete, func, select
+from sqlalchemy import BigInteger, Insert, bindparam, cast, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from database_writer import DatabaseWriter, Transaction
-from db import ApiKey, RateLimitHit, now_ms
+from db import ApiKey, RateLimitCount, RateLimitHit, now_ms
 
 # PostgreSQL's own clock, in ms: hosts whose clocks disagree still record admissions in one order.
 POSTGRES_NOW_MS = cast(func.floor(func.extract("epoch", func.clock_timestamp()) * 1000), BigInteger)
@@ -75,7 +76,9 @@ class WindowStorage(Protocol):
 IN_WINDOW = (RateLimitHit.key_id == bindparam("key_id"), RateLimitHit.at_ms > bindparam("since_ms"))
 DELETE_EXPIRED = delete(RateLimitHit).where(RateLimitHit.key_id == bindparam("key_id"),
                                             RateLimitHit.at_ms <= bindparam("since_ms"))
-COUNT = select(func.count(), func.min(RateLimitHit.at_ms)).where(*IN_WINDOW)
+COUNT = select(func.count(), func.min(RateLimitHit.at_ms)).where(*IN_WINDOW)  # a peek's: it deletes nothing
+OLDEST = select(func.min(RateLimitHit.at_ms)).where(*IN_WINDOW)  # the index's first entry: no count
+KEPT_COUNT = select(RateLimitCount.hits).where(RateLimitCount.key_id == bindparam("key_id"))
 HIT_AT_OFFSET = select(RateLimitHit.at_ms).where(*IN_WINDOW).order_by(RateLimitHit.at_ms).offset(
     bindparam("offset")).limit(1)
 # FOR NO KEY UPDATE, not FOR UPDATE: request-log inserts, whose foreign key only share-locks the row, pass.
@@ -87,9 +90,18 @@ LOCK_KEY_AND_READ_CLOCK = select(POSTGRES_NOW_MS).select_from(
 READ_CLOCK = select(POSTGRES_NOW_MS)
 
 
+@cache
+def set_count(dialect_name: str) -> Insert:
+    """The key's `rate_limit_counts` row set to :hits (made if it has none); SQLite and PostgreSQL spell it alike."""
+    statement = (postgresql.insert if dialect_name == "postgresql" else sqlite.insert)(RateLimitCount)
+    return statement.on_conflict_do_update(index_elements=["key_id"], set_={"hits": statement.excluded.hits})
+
+
 class SqlWindowStorage:
     """The window as rows of `rate_limit_hits`, counted and added in the database thread's write transaction
-    (database_writer.py), among the other writes of its group.
+    (database_writer.py), among the other writes of its group. How many rows a key has is kept beside them
+    (`rate_limit_counts`, changed with every row deleted or added), so an admission costs the same with 10 or
+    10,000 requests in its window; a peek (for /v1/usage) counts the rows themselves.
 
     On SQLite that transaction starts with BEGIN IMMEDIATE, so it holds the database's single write lock from
     its first statement to the commit: requests racing in one process, or in several processes on one file,
@@ -118,9 +130,15 @@ class SqlWindowStorage:
         assert at_ms is not None, f"no api_keys row {key_id}: keys are revoked, never deleted"
         if guard is not None:
             guard.enter(transaction, at_ms=at_ms)  # raising, it is this admission's answer, and nothing is counted
-        # Expired hits are never read again; dropping them keeps each key's rows at most its limit.
-        transaction.execute(DELETE_EXPIRED, key_id=key_id, since_ms=at_ms - window_ms)
-        state = cls._count(transaction, key_id, limit, at_ms, window_ms, cost)
+        # Expired hits are never read again; dropping them keeps each key's rows at most its limit, and the
+        # rows left are the window's.
+        since_ms = at_ms - window_ms
+        expired = transaction.execute(DELETE_EXPIRED, key_id=key_id, since_ms=since_ms).rowcount
+        count = (transaction.scalar(KEPT_COUNT, key_id=key_id) or 0) - expired
+        if expired:  # at once: whatever is raised from here on, what was deleted is off the count
+            transaction.execute_many(set_count(transaction.dialect.name), [{"key_id": key_id, "hits": count}])
+        state = cls._state(transaction, key_id, limit, since_ms, at_ms, count,
+                           transaction.scalar(OLDEST, key_id=key_id, since_ms=since_ms), cost)
         is_allowed = state.count + cost <= limit
         try:
             if is_allowed and on_admit is not None:
@@ -131,6 +149,7 @@ class SqlWindowStorage:
             raise
         if is_allowed:
             transaction.insert(RateLimitHit, [{"key_id": key_id, "at_ms": at_ms}] * cost)
+            transaction.execute_many(set_count(transaction.dialect.name), [{"key_id": key_id, "hits": count + cost}])
         elif guard is not None:
             guard.leave(transaction, is_key_locked=True)  # in this transaction: a refusal leaves no claim behind
         return is_allowed, state
@@ -138,13 +157,12 @@ class SqlWindowStorage:
     @classmethod
     def _peek(cls, key_id: int, limit: int, window_ms: int, transaction: Transaction) -> WindowState:
         at_ms = transaction.scalar(READ_CLOCK) if transaction.is_postgres else now_ms()
-        return cls._count(transaction, key_id, limit, at_ms, window_ms)
+        count, oldest_ms = transaction.one(COUNT, key_id=key_id, since_ms=at_ms - window_ms)
+        return cls._state(transaction, key_id, limit, at_ms - window_ms, at_ms, count, oldest_ms)
 
     @staticmethod
-    def _count(transaction: Transaction, key_id: int, limit: int, at_ms: int, window_ms: int,
-               cost: int = 1) -> WindowState:
-        since_ms = at_ms - window_ms
-        count, oldest_ms = transaction.one(COUNT, key_id=key_id, since_ms=since_ms)
+    def _state(transaction: Transaction, key_id: int, limit: int, since_ms: int, at_ms: int, count: int,
+               oldest_ms: int | None, cost: int = 1) -> WindowState:
         freeing_ms = None
         if count + cost > limit:
             # Room for `cost` comes when the hit at this offset expires (a lowered limit can leave more than

@@ -64,6 +64,7 @@ def test_a_database_made_before_alembic_is_upgraded_in_place(tmp_path):
         connection.execute("ALTER TABLE request_log DROP COLUMN images")  # added by 0006, with usage_rollups
         connection.execute("DROP TABLE usage_rollups")
         connection.execute("DROP TABLE rollup_backfill")
+        connection.execute("DROP TABLE rate_limit_counts")  # added by 0007
         connection.execute("INSERT INTO api_keys VALUES (1, 'x', 'sk-old', 'old@example.com', 5, 60, 0, NULL)")
     connection.close()
     done = run_cli(database_url, "migrate")

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from conftest import key_id, make_key
 from database_writer import DatabaseWriter
 from db import make_engine
-from ratelimit import RedisWindowStorage, SqlWindowStorage, WindowStorage, make_redis
+from ratelimit import COUNT, KEPT_COUNT, RedisWindowStorage, SqlWindowStorage, WindowStorage, make_redis
 
 WINDOW_MS = 60_000
 
@@ -83,6 +83,34 @@ def test_a_lowered_limit_frees_room_at_the_right_hit(storage_factory):
         for limit, cost, freeing in ((2, 2, t2), (2, 1, t2), (4, 1, t1), (4, 2, t1)):
             allowed, state = await storage.admit(key, limit, WINDOW_MS, cost)
             assert not allowed and state.count == 5 and state.freeing_ms == freeing, (limit, cost, state)
+
+    run(storage_factory, steps)
+
+
+def test_admissions_stay_exact_as_hits_come_and_go(storage_factory):
+    """Hits expiring a few at a time, refusals, costs of several, and callers that raise after the storage has
+    dropped expired hits: SQL storages keep each key's count of hits beside them (what an admission reads
+    instead of counting), and it stays the number of rows; once all have expired, an admission sees none."""
+    async def steps(storage: WindowStorage, key: int) -> None:
+        window_ms, limit = 300, 7
+        for step in range(50):
+            def give_up_now_and_then(cost: int) -> None:
+                if step % 5 == 0:
+                    raise RuntimeError("the caller gave up")
+
+            try:
+                allowed, state = await storage.admit(key, limit, window_ms, 1 + step % 3, on_admit=give_up_now_and_then)
+                assert allowed == (state.count + 1 + step % 3 <= limit) and 0 <= state.count <= limit
+            except RuntimeError:
+                pass
+            if isinstance(storage, SqlWindowStorage):
+                kept, rows = await storage.writer.run(lambda transaction: (
+                    transaction.scalar(KEPT_COUNT, key_id=key), transaction.one(COUNT, key_id=key, since_ms=-1)[0]))
+                assert (kept or 0) == rows, step  # no row until its first hit
+            await asyncio.sleep(0.015)
+        await asyncio.sleep(window_ms / 1000)
+        allowed, after = await storage.admit(key, limit, window_ms)
+        assert allowed and after.count == 0
 
     run(storage_factory, steps)
 
