@@ -196,7 +196,7 @@ def test_openapi_documents_bodies_examples_errors_and_auth(server):
     assert spec["components"]["schemas"]["Classification"]["properties"]["model"]["examples"] == ["resnet18"]
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     usage_op = spec["paths"]["/v1/usage"]["get"]
-    assert {p["name"] for p in usage_op["parameters"]} == {"start_time", "end_time", "bucket_width"}
+    assert {p["name"] for p in usage_op["parameters"]} == {"start_time", "end_time", "bucket_width", "endpoint"}
     assert "HTTPValidationError" not in spec["components"]["schemas"]  # every 422 has the one error shape
 
 
