@@ -30,7 +30,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Executable, insert
+from sqlalchemy import Executable, Insert, insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.exc import DBAPIError
@@ -86,8 +87,7 @@ class Transaction:
         """One INSERT of `rows`, which all have the same keys; what else they write (the writer's `after_insert`)
         follows at `finish`, so a group's rows and a job's are counted together, in one order."""
         self.execute_many(_insert_into(table), rows)
-        if table in self._after_insert:
-            self._inserted.setdefault(table, []).extend(rows)
+        self.count_as_inserted(table, rows)
 
     def count_as_inserted(self, table: TableLike, rows: list[dict[str, Any]]) -> None:
         """Rows already in `table` that its `after_insert` has not seen (the log rows from before the rollups:
@@ -128,6 +128,11 @@ class Transaction:
         positions = tuple(compiled.positiontup) if compiled.positiontup is not None else None
         found = self._compiled[key] = (compiled.string, positions, defaults)
         return found
+
+
+def dialect_insert(dialect_name: str) -> Callable[[TableLike], Insert]:
+    """The INSERT that can say ON CONFLICT, PostgreSQL's or SQLite's (they spell it alike): for upserts."""
+    return postgresql.insert if dialect_name == "postgresql" else sqlite.insert
 
 
 @functools.cache
@@ -264,8 +269,7 @@ class DatabaseWriter:
                 if item.table is not None:
                     rows.setdefault(item.table, []).append(index)
             for table, indexes in rows.items():
-                inserted = [items[index].row for index in indexes]
-                transaction.insert(table, inserted)  # type: ignore[arg-type]
+                transaction.insert(table, [items[index].row for index in indexes])  # type: ignore[misc]
                 outcomes.update(dict.fromkeys(indexes))
             transaction.finish()
             self._end(transaction, "COMMIT")

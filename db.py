@@ -1,6 +1,7 @@
 """The database: eight tables (keys, the request log, its per-minute, hour and day rollups and the backfill
-of those after an upgrade, the rate limiter's window and its count, idempotency keys, readiness's one row), the async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3),
-and bringing a database's schema to Alembic's head.
+of those after an upgrade, the rate limiter's window and its count, idempotency keys, readiness's one row),
+the async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to
+Alembic's head.
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
 integer division in every SQL dialect.

@@ -32,13 +32,12 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from database_writer import LAST_IN_GROUP, DatabaseWriter, Transaction
+from database_writer import LAST_IN_GROUP, DatabaseWriter, Transaction, dialect_insert
 from db import IdempotencyKey, RequestLog, now_ms
 from errors import ApiError, error_response, handle_database_error
 from ratelimit import LOCK_KEY_AND_READ_CLOCK, READ_CLOCK
@@ -73,16 +72,16 @@ PRUNE = delete(IdempotencyKey).where(IdempotencyKey.id.in_(
     .with_for_update(skip_locked=True)))
 
 
-def _claim_insert(dialect_insert: Any) -> Any:
+def _claim_insert(dialect_name: str) -> Any:
     # Its own `claim_` names: an INSERT's bind parameters are named for its columns, and these would clash.
-    return dialect_insert(IdempotencyKey).values(
+    return dialect_insert(dialect_name)(IdempotencyKey).values(
         key_id=bindparam("claim_key_id"), idempotency_key=bindparam("claim_idempotency_key"),
         request_hash=bindparam("claim_request_hash"), owner=bindparam("claim_owner"),
         created_at_ms=bindparam("claim_now_ms"), expires_at_ms=bindparam("claim_expires_at_ms"),
     ).on_conflict_do_nothing(index_elements=["key_id", "idempotency_key"])
 
 
-INSERT_CLAIM = {"postgresql": _claim_insert(postgresql.insert), "sqlite": _claim_insert(sqlite.insert)}
+INSERT_CLAIM = {name: _claim_insert(name) for name in ("postgresql", "sqlite")}
 
 
 def locked_clock_ms(transaction: Transaction, key_id: int) -> int:

@@ -21,9 +21,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from sqlalchemy import BigInteger, Insert, bindparam, cast, delete, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from database_writer import DatabaseWriter, Transaction
+from database_writer import DatabaseWriter, Transaction, dialect_insert
 from db import ApiKey, RateLimitCount, RateLimitHit, now_ms
 
 # PostgreSQL's own clock, in ms: hosts whose clocks disagree still record admissions in one order.
@@ -93,7 +92,7 @@ READ_CLOCK = select(POSTGRES_NOW_MS)
 @cache
 def set_count(dialect_name: str) -> Insert:
     """The key's `rate_limit_counts` row set to :hits (made if it has none); SQLite and PostgreSQL spell it alike."""
-    statement = (postgresql.insert if dialect_name == "postgresql" else sqlite.insert)(RateLimitCount)
+    statement = dialect_insert(dialect_name)(RateLimitCount)
     return statement.on_conflict_do_update(index_elements=["key_id"], set_={"hits": statement.excluded.hits})
 
 

@@ -19,9 +19,8 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import Insert
-from sqlalchemy.dialects import postgresql, sqlite
 
-from database_writer import Transaction
+from database_writer import Transaction, dialect_insert
 from db import LATENCY_BUCKETS, UsageRollup
 
 # What the limit charges and /v1/usage can be asked about; other routes' rows would be counters nobody reads.
@@ -80,8 +79,7 @@ def counted(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 @cache
 def upsert(dialect_name: str) -> Insert:
     """INSERT ... ON CONFLICT DO UPDATE adding to the counters; SQLite and PostgreSQL spell it alike."""
-    dialect_insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
-    statement = dialect_insert(UsageRollup)
+    statement = dialect_insert(dialect_name)(UsageRollup)
     table = UsageRollup.__table__
     return statement.on_conflict_do_update(
         index_elements=list(KEY),
