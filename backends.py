@@ -138,7 +138,7 @@ def serve_cached(located: Located, settings: Settings) -> tuple[LoadedModel, Bac
     try:
         if not path.is_file():
             make_int8(files, cached.spec)
-        backend = OnnxBackend(path, settings.inference_precision, settings.inference_threads)
+        backend = OnnxBackend(path, settings.inference_precision, settings.threads_per_batch)
         warm_up(backend, model.spec.crop, model.batch_limit(settings.max_batch))
     except Exception:  # made by another ONNX Runtime, or damaged: made again, by torch if need be
         logger.warning("cannot serve the cached graph %s; making it again", path, exc_info=True)
@@ -158,7 +158,7 @@ def warn_one_at_a_time(path: Path) -> None:
 
 def built_backend(model: LoadedModel, settings: Settings) -> Backend:
     """The backend for a model torch built (or MODEL_ONNX as read): its graph exported and cached, or torch."""
-    precision, threads, cache_dir = settings.inference_precision, settings.inference_threads, settings.model_cache_dir
+    precision, threads, cache_dir = settings.inference_precision, settings.threads_per_batch, settings.model_cache_dir
     max_batch = model.batch_limit(settings.max_batch)
     if model.onnx is not None:
         try:
@@ -177,7 +177,7 @@ def built_backend(model: LoadedModel, settings: Settings) -> Backend:
         logger.warning("INFERENCE_PRECISION=%s needs ONNX Runtime; torch runs fp32", precision)
     from networks import TorchBackend
 
-    backend = TorchBackend(model, threads)
+    backend = TorchBackend(model, settings.inference_threads)  # one pass at a time: torch's threads are the process's
     warm_up(backend, model.spec.crop, max_batch)
     return backend
 

@@ -1,7 +1,8 @@
-"""The batching worker: one thread owns the model and runs the images that are waiting as one batch.
+"""The batching worker: the model's threads run the images that are waiting as batches, PARALLEL_BATCHES at once.
 
-Requests put their preprocessed images on a queue and await futures; the worker takes up to MAX_BATCH of them,
-waiting at most BATCH_WAIT_MS for more once it has one, runs them as one forward pass, and answers each future.
+Requests put their preprocessed images on a queue and await futures; once a model thread is free the worker takes
+up to MAX_BATCH of them, waiting at most BATCH_WAIT_MS for more while more are being decoded, runs them as one
+forward pass on that thread, and answers each future.
 The queue is bounded (MAX_QUEUE images accepted and not yet answered), so overload is refused at once instead of
 queueing forever, and every image has a deadline after which it is dropped rather than run.
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends import Backend
+from backends import Backend, Outputs
 from metrics import Gauge, Histogram
 from shutdown import ShuttingDown
 
@@ -88,17 +89,20 @@ class Batcher:
     await them."""
 
     def __init__(self, backend: Backend, max_batch: int, batch_wait_ms: float, max_queue: int,
-                 model_thread: ThreadPoolExecutor) -> None:
+                 model_threads: ThreadPoolExecutor, parallel_batches: int = 1) -> None:
         self.backend = backend
+        self.parallel_batches = parallel_batches
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000
         self.max_queue = max_queue
-        self.model_thread = model_thread  # one thread: the backend is built and run only there
+        self.model_threads = model_threads  # one per batch run at once: the backend is built and run only there
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.accepted = 0  # images reserved and not yet answered: what MAX_QUEUE bounds
         self._places_lock = threading.Lock()  # `accepted` changes in the event loop and the database's thread
+        self.coming = 0  # admitted images being decoded (images_coming)
         self.is_stopped = False  # past the shutdown deadline: nothing more is run
         self._worker: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()  # batches being run
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="batching-worker")
@@ -138,21 +142,39 @@ class Batcher:
                 self.accepted -= taken
                 QUEUE_DEPTH.set(self.accepted)
 
-    async def infer(self, images: list[np.ndarray], deadline: float) -> list[Answer]:
-        """Probabilities for each image, in order. Call with room taken for them (`reservation`).
+    @contextmanager
+    def images_coming(self, image_count: int) -> Iterator[None]:
+        """Admitted images on their way to the queue (being decoded): a batch waits BATCH_WAIT_MS for more only
+        while some are. Submit them inside the block, so the batch sees them queued as the count drops."""
+        self.coming += image_count
+        try:
+            yield
+        finally:
+            self.coming -= image_count
 
-        Raises DeadlineExceeded if an image is still queued at `deadline` (one already in a forward pass is
-        waited for: that takes one pass at most). If the caller is cancelled (its client went away), the images
-        still queued are dropped, not run.
+    def infer(self, images: list[np.ndarray], deadline: float) -> asyncio.Future[list[Answer]]:
+        """Queues the images at once; the future gives their answers, in order. Call with room taken for them
+        (`reservation`).
+
+        The future fails with DeadlineExceeded if an image is still queued at `deadline` (one already in a forward
+        pass is waited for: that takes one pass at most), with ShuttingDown past the shutdown deadline. If it is
+        cancelled (its client went away), the images still queued are dropped, not run.
         """
-        if self.is_stopped:
-            raise ShuttingDown
-        if time.monotonic() >= deadline:
-            raise DeadlineExceeded
         loop = asyncio.get_running_loop()
+        if self.is_stopped or time.monotonic() >= deadline:
+            refused = loop.create_future()
+            refused.set_exception(ShuttingDown() if self.is_stopped else DeadlineExceeded())
+            return refused
         pendings = [Pending(image, deadline, loop.create_future()) for image in images]
         for pending in pendings:
             self.queue.put_nowait(pending)
+        answers = asyncio.ensure_future(self._answers(pendings, deadline))
+        # Cancelled before it first ran, the task never reaches its `finally`: its images leave the queue here.
+        answers.add_done_callback(lambda done: done.cancelled() and _cancel_all(pendings))
+        return answers
+
+    async def _answers(self, pendings: list[Pending], deadline: float) -> list[Answer]:
+        loop = asyncio.get_running_loop()
         answers = asyncio.gather(*(pending.future for pending in pendings))
         # A caller that goes away (its client hung up) leaves this failed with CancelledError and unread: read, it
         # is not logged as a lost exception, an ERROR line for every cancellation.
@@ -173,16 +195,24 @@ class Batcher:
                     pending.future.exception()
 
     async def _run(self) -> None:
+        free = asyncio.Semaphore(self.parallel_batches)
         while True:
+            await free.acquire()  # a batch is formed only once a model thread is free to run it
             batch = await self._next_batch()
-            try:
-                await self._run_batch(batch)
-            except Exception:  # a bug here must not stop the worker, or every later request would wait in vain
-                logger.exception("a batch of %d images failed", len(batch))
-                for pending in batch:
-                    if not pending.future.done():
-                        # One exception each: a shared one would collect every waiter's frames in its traceback.
-                        pending.future.set_exception(InferenceFailed("the forward pass failed"))
+            running = asyncio.create_task(self._run_and_answer(batch))
+            self._running.add(running)
+            running.add_done_callback(lambda done: (self._running.discard(done), free.release()))
+
+    async def _run_and_answer(self, batch: list[Pending]) -> None:
+        try:
+            await self._run_batch(batch)
+        except Exception:  # a bug here must not stop the worker, or every later request would wait in vain
+            logger.exception("a batch of %d images failed", len(batch))
+        finally:  # failed, or cancelled as the server stops: no waiter is left without an answer
+            for pending in batch:
+                if not pending.future.done():
+                    # One exception each: a shared one would collect every waiter's frames in its traceback.
+                    pending.future.set_exception(InferenceFailed("the forward pass failed"))
 
     async def _run_batch(self, batch: list[Pending]) -> None:
         now = time.monotonic()
@@ -193,9 +223,9 @@ class Batcher:
             return
         for pending in live:
             pending.is_started = True
-        x = np.stack([pending.image for pending in live])  # (B, 224, 224, 3)
         started = time.monotonic()
-        outputs = await asyncio.get_running_loop().run_in_executor(self.model_thread, self.backend.run, x)
+        outputs = await asyncio.get_running_loop().run_in_executor(self.model_threads, self._forward,
+                                                                   [pending.image for pending in live])
         probabilities = outputs.probabilities  # (B, N)
         if len(probabilities) != len(live):
             raise RuntimeError(f"the model returned {len(probabilities)} rows for {len(live)} images")
@@ -208,8 +238,12 @@ class Batcher:
                 pending.future.set_result(Answer(row, embedding, len(live), (started - pending.enqueued) * 1000,
                                                  model_ms))
 
+    def _forward(self, images: list[np.ndarray]) -> Outputs:
+        return self.backend.run(np.stack(images))  # (B, 224, 224, 3): stacked here, off the event loop
+
     async def _next_batch(self) -> list[Pending]:
-        """Up to max_batch live images: waits for one, then at most batch_wait_s for more. Images whose request
+        """Up to max_batch live images: waits for one, then at most batch_wait_s for more while some are on
+        their way (being decoded: `images_coming`), not for requests that may never come. Images whose request
         has gone (cancelled futures) are skipped here, so they never take a place in a batch."""
         batch: list[Pending] = []
         wait_until = math.inf
@@ -220,7 +254,7 @@ class Batcher:
                 pending = await self.queue.get()
             else:
                 remaining = wait_until - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self.coming == 0:
                     break
                 try:
                     pending = await asyncio.wait_for(self.queue.get(), remaining)
@@ -251,13 +285,19 @@ class Batcher:
     async def stop(self) -> None:
         """Stops the worker; anything still queued (uvicorn waits for requests first, so normally nothing) is
         answered with InferenceFailed rather than left waiting."""
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        tasks = [task for task in (self._worker, *self._running) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         while not self.queue.empty():
             pending = self.queue.get_nowait()
             if not pending.future.done():
                 pending.future.set_exception(InferenceFailed("the server stopped before the forward pass"))
+
+
+def _cancel_all(pendings: list[Pending]) -> None:
+    for pending in pendings:
+        pending.future.cancel()
 
 
 def _read_outcome(future: asyncio.Future[list[Answer]]) -> None:

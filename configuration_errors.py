@@ -52,7 +52,9 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        raise ConfigurationError("; ".join(map(describe, exc.errors(include_url=False)))) from None
+        # A default computed from another setting is not made when that one is not valid: only that one is named.
+        errors = [error for error in exc.errors(include_url=False) if error["type"] != "default_factory_not_called"]
+        raise ConfigurationError("; ".join(map(describe, errors))) from None
 
 
 def describe(error: dict) -> str:

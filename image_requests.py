@@ -6,7 +6,6 @@ claim, decoding, and the forward pass. The routes in main.py turn the answers in
 import asyncio
 import time
 
-import numpy as np
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
@@ -63,10 +62,9 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def infer(request: Request, batcher: Batcher, images: list[np.ndarray], deadline: float) -> list[Answer]:
+async def infer(request: Request, inference: asyncio.Future[list[Answer]]) -> list[Answer]:
     """The batcher's answers; 504 past the deadline, and nothing run for a client that has gone, unless its
     answer is to be stored for an Idempotency-Key: its retry will ask for it."""
-    inference = asyncio.ensure_future(batcher.infer(images, deadline))
     is_kept = getattr(request.state, "idempotency_claim", None) is not None
     disconnect = (asyncio.get_running_loop().create_future() if is_kept  # never done: the client is not watched
                   else asyncio.ensure_future(wait_for_disconnect(request)))
@@ -159,10 +157,12 @@ async def run_images(request: Request, key: ApiKey,
             await charge(request, key, limiter, len(to_classify.sources), on_admit=take_places, claim=claim)
             with not_waiting_for_the_database():
                 started = time.perf_counter()
-                images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
-                                             settings.max_image_pixels)
-                add_timing(request, "decode", started)
-                answers = await infer(request, batcher, images, deadline)
+                with batcher.images_coming(len(to_classify.sources)):
+                    images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
+                                                 settings.max_image_pixels)
+                    add_timing(request, "decode", started)
+                    inference = batcher.infer(images, deadline)
+                answers = await infer(request, inference)
     except Overloaded:
         raise overloaded(settings.max_queue) from None
     request.state.timings["queue"] = max(answer.queue_ms for answer in answers)

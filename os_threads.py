@@ -3,12 +3,16 @@
 
     (the process's name)  the event loop: the main thread, whose thread id is the process id
     decode_N              the decoding pool: body parsing, base64, decode, crop (image_requests.py)
-    model                 the model's thread, which runs every forward pass (batching.py)
-    model_pool            ONNX Runtime's (or torch's) own threads, started from the model's thread
+    model                 the model's threads, one per batch run at once (PARALLEL_BATCHES), each running its
+                          forward passes (batching.py)
+    model_pool            ONNX Runtime's (or torch's) own threads, started from a model thread, when a pass has
+                          more than one thread (INFERENCE_THREADS / PARALLEL_BATCHES)
 """
 
+import asyncio
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from batching import lower_priority
@@ -43,3 +47,11 @@ def name_model_pool() -> None:
                 comm.write_text(MODEL_POOL)
         except OSError:  # a thread that has just ended
             pass
+
+
+async def start_every_thread(executor: ThreadPoolExecutor, count: int) -> None:
+    """Makes the executor start all `count` of its threads now (it starts them only as work overlaps), so each
+    is named and niced before it runs a request's batch."""
+    everyone_started = threading.Barrier(count, timeout=60)
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(loop.run_in_executor(executor, everyone_started.wait) for _ in range(count)))

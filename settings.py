@@ -87,9 +87,13 @@ class Settings(BaseSettings):
     # Server processes on this machine's cores: uvicorn starts this many workers when --workers is not given, and
     # each reads it here to take its share of the cores (uvicorn never tells a worker how many there are).
     web_concurrency: int = Field(1, ge=1)
-    # The model's threads: one forward pass at a time, on this process's share of the cores (all of them with one
-    # worker; N workers each with all would make the cores' schedulers take turns between N pools).
+    # The model's threads: this process's share of the cores (all of them with one worker; N workers each with all
+    # would make the cores' schedulers take turns between N pools).
     inference_threads: int = Field(default_factory=lambda data: cores_per_worker(data.get("web_concurrency", 1)), ge=1)
+    # Forward passes run at once, each on inference_threads / parallel_batches of them. One thread per pass (the
+    # default) keeps the cores busy under load, where one pass's threads wait on each other; 1 gives a lone
+    # request every thread, which a heavy model answers faster (see the README's inference engine).
+    parallel_batches: int = Field(default_factory=lambda data: data.get("inference_threads", 1), ge=1)
     # Exported ONNX graphs, named by a hash of what they compute (weights, architecture, preprocessing), so a restart
     # serves them, without torch (graph_cache.py).
     model_cache_dir: Path = Path.home() / ".cache" / "classify"
@@ -179,6 +183,18 @@ class Settings(BaseSettings):
             raise ValueError(f"MODEL_CROP={self.model_crop} is over MODEL_RESIZE={self.model_resize}: the crop is "
                              "taken from the resized image; make MODEL_CROP at most MODEL_RESIZE")
         return self
+
+    @model_validator(mode="after")
+    def threads_for_each_batch(self) -> "Settings":
+        if self.parallel_batches > self.inference_threads:
+            raise ValueError(f"PARALLEL_BATCHES={self.parallel_batches} is over INFERENCE_THREADS="
+                             f"{self.inference_threads}: each forward pass needs a thread; make it at most "
+                             f"{self.inference_threads}")
+        return self
+
+    @property
+    def threads_per_batch(self) -> int:
+        return self.inference_threads // self.parallel_batches
 
     @field_validator("redis_url")
     @classmethod

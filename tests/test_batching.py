@@ -60,6 +60,22 @@ def test_concurrent_requests_share_forward_passes_and_get_the_answers_they_would
                            atol=1e-5)
 
 
+def test_a_batch_waits_only_for_images_on_their_way(start_server, cat):
+    """BATCH_WAIT_MS of a second: a lone request is run at once, since no other image is being decoded; requests
+    that arrive together still share passes (the images decoded meanwhile are waited for)."""
+    server = start_server({"BATCH_WAIT_MS": "1000", "PARALLEL_BATCHES": "1"})
+    key = make_key(server.database_url)
+    with server.client(key) as client:
+        client.post("/v1/classify", json={"image": cat})
+        started = time.monotonic()
+        alone = client.post("/v1/classify", json={"image": cat})
+        assert time.monotonic() - started < 1.0  # waiting for a second image would take the whole second
+    assert alone.status_code == 200 and alone.json()["batch_size"] == 1
+    together = post_all(server.url, key, [{"image": cat}] * 8)
+    assert all(response.status_code == 200 for response in together)
+    assert max(response.json()["batch_size"] for response in together) > 1
+
+
 def test_onnx_runtime_and_torch_agree_on_real_photos(tmp_path):
     model = load_efficientnet_lite0(fallback_reason=None)
     x = np.stack(photo_inputs(model.spec))  # (21, 224, 224, 3)

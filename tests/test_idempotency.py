@@ -10,11 +10,13 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from client import Client, InvalidRequest
-from conftest import (ONE_PIXEL, Server, assert_error, b64, backend_env, key_id, log_rows, make_key, query,
-                      raw_http, server_env)
+from conftest import (ONE_PIXEL, Server, assert_error, b64, backend_env, encode, key_id, log_rows, make_key,
+                      query, raw_http, server_env)
 from test_client import client_cli
 from test_metrics import scrape, value
 
@@ -107,43 +109,65 @@ def test_answers_other_than_200_are_not_stored_so_a_retry_is_processed_again(ser
     assert replayed_flags(server.database_url, key) == [False, False, False, False, True]
 
 
+SLOW_SIDE = 9000  # 81 MP: about a second to decode, in a 0.3 MB PNG
+
+
+@pytest.fixture(scope="module")
+def slow_image() -> bytes:
+    """A PNG whose decoding takes the server about a second: a request of it is still running for a while."""
+    ramp = np.linspace(0, 255, SLOW_SIDE, dtype=np.uint8)
+    pixels = np.empty((SLOW_SIDE, SLOW_SIDE, 3), np.uint8)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = ramp[None, :], ramp[:, None], 128
+    return encode(Image.fromarray(pixels), "PNG")
+
+
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server whose every single-image request waits a second for a batch to fill."""
+    """A server that accepts the slow image."""
     tmp = tmp_path_factory.mktemp("slow")
-    running = Server(tmp, server_env(tmp, BATCH_WAIT_MS="1000")).start()
+    running = Server(tmp, server_env(tmp, MAX_IMAGE_PIXELS=str(SLOW_SIDE ** 2))).start()
     yield running
     running.stop()
 
 
-def test_a_repeat_while_the_first_is_running_is_a_409_with_retry_after(slow_server):
+def wait_for_claim(database_url: str, key: str) -> None:
+    """Until the key's first request has claimed its Idempotency-Key: it is running from then on."""
+    deadline = time.monotonic() + 30
+    while not query(database_url, "SELECT COUNT(*) AS n FROM idempotency_keys WHERE key_id = :id",
+                    id=key_id(database_url, key))[0]["n"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_repeat_while_the_first_is_running_is_a_409_with_retry_after(slow_server, slow_image):
     key = make_key(slow_server.database_url)
+    body = {"image": b64(slow_image)}
     answers: list[httpx.Response] = []
     with slow_server.client(key) as client:
         first = threading.Thread(target=lambda: answers.append(
-            client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("slow"))))
+            client.post("/v1/classify", json=body, headers=keyed("slow"))))
         first.start()
-        time.sleep(0.4)
-        in_use = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("slow"))
+        wait_for_claim(slow_server.database_url, key)
+        in_use = client.post("/v1/classify", json=body, headers=keyed("slow"))
         first.join()
         assert_error(in_use, 409, "idempotency_key_in_use")
         assert in_use.headers["Retry-After"] == "1"
         rows = log_rows(slow_server.database_url, "key_id = :id", id=key_id(slow_server.database_url, key))
         assert [row["error_code"] for row in rows if row["status_code"] == 409] == ["idempotency_key_in_use"]
         assert answers[0].status_code == 200
-        again = client.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("slow"))
+        again = client.post("/v1/classify", json=body, headers=keyed("slow"))
     assert again.headers["Idempotent-Replayed"] == "true" and again.content == answers[0].content
     assert hits(slow_server.database_url, key) == 1
 
 
-def test_the_clients_retries_after_a_read_timeout_are_charged_and_run_once(slow_server, tmp_path):
+def test_the_clients_retries_after_a_read_timeout_are_charged_and_run_once(slow_server, slow_image, tmp_path):
     """The first attempt times out (the server takes a second); the server finishes it anyway, and the
     retries, with the same key, get a 409 while it runs and then its stored answer."""
     key = make_key(slow_server.database_url)
-    photo = tmp_path / "pixel.png"
-    photo.write_bytes(base64.b64decode(ONE_PIXEL))
+    photo = tmp_path / "slow.png"
+    photo.write_bytes(slow_image)
     before = images_run(slow_server)
-    done = client_cli("--url", slow_server.url, "--key", key, "--timeout", "0.5", "--max-attempts", "10",
+    done = client_cli("--url", slow_server.url, "--key", key, "--timeout", "0.3", "--max-attempts", "10",
                       "classify", str(photo))
     assert done.returncode == 0, done.stderr
     assert hits(slow_server.database_url, key) == 1

@@ -23,6 +23,9 @@ AT_IMPORT = {
     "MAX_QUEUE below MAX_IMAGES_PER_REQUEST": ({"MAX_QUEUE": "4"},
                                                "MAX_QUEUE=4 is below MAX_IMAGES_PER_REQUEST=16: the largest request "
                                                "would never fit; raise MAX_QUEUE or lower MAX_IMAGES_PER_REQUEST"),
+    "PARALLEL_BATCHES over INFERENCE_THREADS": ({"PARALLEL_BATCHES": "3", "INFERENCE_THREADS": "2"},
+                                                "PARALLEL_BATCHES=3 is over INFERENCE_THREADS=2: each forward pass "
+                                                "needs a thread; make it at most 2"),
     "DATABASE_URL of another database": ({"DATABASE_URL": f"mysql://app:{PASSWORD}@db/classify"},
                                          "DATABASE_URL=mysql://app:***@db/classify is not valid: DATABASE_URL must be"),
 }
@@ -56,7 +59,7 @@ def uvicorn(tmp: Path, env: dict[str, str], *options: str) -> subprocess.Complet
 def assert_said_in_one_line(done: subprocess.CompletedProcess, expected: str) -> str:
     """The line that names the setting, once; no traceback; no password."""
     output = done.stdout + done.stderr
-    assert "Traceback" not in output and PASSWORD not in output, output
+    assert "Traceback" not in output and PASSWORD not in output and "PydanticUndefined" not in output, output
     said = [line for line in output.splitlines() if "cannot start: " in line]
     assert len(said) == 1 and expected in said[0], output
     return said[0]
@@ -126,3 +129,13 @@ def test_the_cli_names_a_database_url_it_cannot_open_with_its_password_hidden(tm
     assert done.stderr.startswith(f"DATABASE_URL=postgresql+psycopg://app:***@{address}/classify: the database is "
                                   "busy or unreachable (connection failed") and PASSWORD not in done.stderr
     assert f"check that PostgreSQL runs at {address}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_setting_others_default_from_is_the_only_one_named(tmp_path):
+    """INFERENCE_THREADS defaults from WEB_CONCURRENCY and PARALLEL_BATCHES from INFERENCE_THREADS: when the first
+    is not valid, the line names it alone (it said `INFERENCE_THREADS=PydanticUndefined is not valid` too)."""
+    done = run_cli(f"sqlite:///{tmp_path / 'classify.db'}", "migrate", WEB_CONCURRENCY="two")
+    assert done.returncode == EXIT_BAD_SETTING and not done.stdout, done.stderr
+    assert done.stderr.strip() == ("WEB_CONCURRENCY=two is not valid (input should be a valid integer, unable to parse "
+                                   "string as an integer): set WEB_CONCURRENCY to what the README's Settings table "
+                                   "says it takes, or unset it for the default")

@@ -1,13 +1,19 @@
 """The server's threads: named, so `top -H` and /proc/PID/task/*/comm tell them apart; each worker's model sized
-to its share of the cores (WEB_CONCURRENCY), not all of them; and the model's threads idle between batches."""
+to its share of the cores (WEB_CONCURRENCY), not all of them; batches run at once on threads of their own
+(PARALLEL_BATCHES); and the model's threads idle between batches."""
 
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from backends import OnnxBackend, photo_inputs
-from conftest import ROOT, Server, b64, photo_path, server_env
+from conftest import ROOT, Server, b64, make_key, photo_path, server_env
+from test_batching import post_all
 from graph_cache import find_cached
 from settings import Settings, usable_cores
 from weights import locate_weights
@@ -32,13 +38,62 @@ def workers_of(server: Server) -> list[int]:
     return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
-def test_the_decoders_the_model_and_its_pool_are_named(server, api):
+def threads_cpu_s(pid: int, names: tuple[str, ...]) -> dict[int, float]:
+    """utime + stime of each of the process's threads of these names, in seconds, by thread id."""
+    spent = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() in names:
+                ticks = sum(int(field) for field in (task / "stat").read_text().rsplit(")", 1)[1].split()[11:13])
+                spent[int(task.name)] = ticks / os.sysconf("SC_CLK_TCK")
+        except OSError:  # a thread that has just ended
+            pass
+    return spent
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server that runs one batch at a time, on every thread (PARALLEL_BATCHES=1)."""
+    tmp = tmp_path_factory.mktemp("one-at-a-time")
+    running = Server(tmp, server_env(tmp, PARALLEL_BATCHES="1")).start()
+    yield running
+    running.stop()
+
+
+def test_the_decoders_and_the_models_threads_are_named(server, api):
     cat = b64(photo_path("chelsea.png").read_bytes())
     assert api.post("/v1/classify", json={"images": [cat] * usable_cores()}).status_code == 200  # a decoder each
     names = thread_names(server.process.pid)
     assert sorted(name for name in names if name.startswith("decode_")) == [f"decode_{i}" for i in range(usable_cores())]
+    assert names.count("model") == usable_cores()  # by default a batch at once per core, on one thread each
+
+
+def test_one_batch_at_a_time_runs_on_every_thread(one_at_a_time):
+    names = thread_names(one_at_a_time.process.pid)
     assert names.count("model") == 1
     assert names.count("model_pool") >= usable_cores() - 1  # ONNX Runtime's: a thread per core after the model's
+    assert f", {usable_cores()} threads, 1 at once, batches of up to" in one_at_a_time.log()
+
+
+def test_parallel_batches_each_run_on_a_model_thread_of_their_own(start_server):
+    """Two single-image batches at a time (MAX_BATCH=1), each on one of the two model threads: both threads
+    compute, and every answer is the one the image gets alone."""
+    server = start_server({"PARALLEL_BATCHES": "2", "INFERENCE_THREADS": "2", "MAX_BATCH": "1"})
+    key = make_key(server.database_url, rate_limit=1000)
+    cat = b64(photo_path("chelsea.png").read_bytes())
+    with server.client(key) as client:
+        alone = client.post("/v1/classify", json={"image": cat}).json()["predictions"]
+        before = threads_cpu_s(server.process.pid, ("model",))
+        responses = post_all(server.url, key, [{"images": [cat] * 8}] * 4)
+    spent = [cpu - before[thread] for thread, cpu in threads_cpu_s(server.process.pid, ("model",)).items()]
+    assert len(spent) == 2 and min(spent) > 0.05, spent  # 32 passes of about 10 ms of CPU each, shared
+    for response in responses:
+        assert response.status_code == 200
+        for result in response.json()["results"]:
+            assert result["batch_size"] == 1
+            assert [p["label"] for p in result["predictions"]] == [p["label"] for p in alone]
+            assert np.allclose([p["confidence"] for p in result["predictions"]],
+                               [p["confidence"] for p in alone], atol=1e-5)
 
 
 def test_each_worker_takes_its_share_of_the_cores(server, start_server):
@@ -50,11 +105,9 @@ def test_each_worker_takes_its_share_of_the_cores(server, start_server):
     workers = workers_of(two)
     assert len(workers) == 2
     share = max(1, usable_cores() // 2)
-    assert two.log().count(f", {share} threads, batches of up to") == 2
+    assert two.log().count(f", {share} threads, {share} at once, batches of up to") == 2
     for pid in workers:
-        # ONNX Runtime's pool: a thread per core after the model's (torch's, had a worker exported the graph,
-        # would add more: the `server` fixture has cached it)
-        assert thread_names(pid).count("model_pool") == share - 1
+        assert thread_names(pid).count("model") == share  # a model thread per batch at once
 
 
 def test_make_run_passes_the_worker_count_to_uvicorn_and_the_app():
@@ -64,36 +117,28 @@ def test_make_run_passes_the_worker_count_to_uvicorn_and_the_app():
     assert command.startswith("WEB_CONCURRENCY=3 ") and "uvicorn main:app" in command and "--workers" not in command
 
 
-def thread_cpu_s(pid: int, names: tuple[str, ...]) -> float:
-    """utime + stime of the process's threads of these names, in seconds."""
-    ticks = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            if (task / "comm").read_text().strip() in names:
-                ticks += sum(int(field) for field in (task / "stat").read_text().rsplit(")", 1)[1].split()[11:13])
-        except OSError:  # a thread that has just ended
-            pass
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def test_between_requests_the_models_threads_rest(server, api):
+def test_between_requests_the_models_threads_rest(one_at_a_time):
     """A forward pass costs the server what it costs ONNX Runtime alone, back to back: its pool does not spin
     between batches (spinning, it cost 1.5x to 2x that with 20 ms between requests)."""
     cat = b64(photo_path("chelsea.png").read_bytes())
+    server = one_at_a_time
     settings = Settings(**{name.lower(): value for name, value in server_env(server.tmp).items()})
     model, files = find_cached(locate_weights(settings), settings)  # the server's own graph
     [x] = photo_inputs(model.spec, [photo_path("chelsea.png")])
     alone = OnnxBackend(files.fp32, "fp32", usable_cores())
-    for _ in range(3):
-        alone.run(x[None])
-        api.post("/v1/classify", json={"image": cat})
-    started = time.process_time()
-    for _ in range(REQUESTS):
-        alone.run(x[None])
-    raw_s = (time.process_time() - started) / REQUESTS
-    before = thread_cpu_s(server.process.pid, ("model", "model_pool"))
-    for _ in range(REQUESTS):
-        assert api.post("/v1/classify", json={"image": cat}).json()["batch_size"] == 1
-        time.sleep(0.02)
-    served_s = (thread_cpu_s(server.process.pid, ("model", "model_pool")) - before) / REQUESTS
+    with server.client(make_key(server.database_url, rate_limit=1000)) as api:
+        for _ in range(3):
+            alone.run(x[None])
+            api.post("/v1/classify", json={"image": cat})
+        started = time.process_time()
+        for _ in range(REQUESTS):
+            alone.run(x[None])
+        raw_s = (time.process_time() - started) / REQUESTS
+        before = sum(threads_cpu_s(server.process.pid, ("model", "model_pool")).values())
+        for _ in range(REQUESTS):
+            assert api.post("/v1/classify", json={"image": cat}).json()["batch_size"] == 1
+            time.sleep(0.02)
+        served_s = (sum(threads_cpu_s(server.process.pid, ("model", "model_pool")).values()) - before) / REQUESTS
     assert served_s < 1.35 * raw_s, (served_s, raw_s)  # CPU time, not wall time: the noise of a shared machine is in both
