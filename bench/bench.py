@@ -6,13 +6,15 @@
    weights), fp32 and int8: the server started on its cached graph (start-up time, memory at start and after
    load), `wrk` with 8 connections posting skimage's chelsea.png as a 451x300 JPEG in base64 for --seconds while
    a probe reads /v1/usage every 50 ms; CPU per request by thread group from /proc (server_load.py); then the
-   server's own cached graph alone (ONNX Runtime as the server runs it, uint8 input, the server's threads):
-   images/s at batch 1 and 8, and CPU per image at the batch size the server formed (and at batch 1 with ONNX
-   Runtime's defaults, which spin).
+   server's own cached graph alone (ONNX Runtime, uint8 input): images/s at batch 1 and 8 one pass at a time on
+   all the server's threads (the reference), at batch 1 as the server runs it (PARALLEL_BATCHES passes side by
+   side, a share of the threads each), CPU per image at the batch size the server formed, as it runs it, and at
+   batch 1 with ONNX Runtime's defaults, which spin.
 2. Cost as the work grows, on EfficientNet-Lite0 fp32, each as CPU per image: 1,000 keys instead of 1, 16
    images per request, a 12 MP JPEG; and 8 Python (httpx) clients in the probe's process instead of wrk.
 3. Worker layouts on 1 and 2 cores (`taskset`): one worker; two with all the cores each (INFERENCE_THREADS set
-   to them: what `--workers 2` gave before WEB_CONCURRENCY); two with their share (WEB_CONCURRENCY=2).
+   to them, one pass at a time: what `--workers 2` gave before WEB_CONCURRENCY); two with their share
+   (WEB_CONCURRENCY=2).
 4. Raw torch eager and ONNX Runtime for ResNet-18 and MobileNetV3-Small (random weights), int8's agreement with
    fp32 on real photos (EfficientNet-Lite0), and one image's request-path steps timed alone.
 
@@ -28,6 +30,7 @@ import json
 import platform
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,16 +63,26 @@ CONNECTIONS = 8
 WARM_UP_S = 2
 
 
-def images_per_second(backend: Backend, batch: int, seconds: float) -> tuple[float, float]:
-    """images/s and process CPU ms per image of `backend` alone at `batch`, random pixels."""
+def images_per_second(backend: Backend, batch: int, seconds: float, at_once: int = 1) -> tuple[float, float]:
+    """images/s and process CPU ms per image of `backend` alone at `batch`, random pixels, run by `at_once`
+    threads side by side (as the server runs PARALLEL_BATCHES)."""
     x = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)  # (B, 224, 224, 3)
     for _ in range(3):
         backend.run(x)
-    done, started, cpu_started = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - started < seconds:
-        backend.run(x)
-        done += batch
-    return done / (time.perf_counter() - started), (time.process_time() - cpu_started) * 1000 / done
+    done = [0] * at_once
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    def run(lane: int) -> None:
+        while time.perf_counter() - started < seconds:
+            backend.run(x)
+            done[lane] += batch
+
+    lanes = [threading.Thread(target=run, args=(lane,)) for lane in range(at_once)]
+    for lane in lanes:
+        lane.start()
+    for lane in lanes:
+        lane.join()
+    return sum(done) / (time.perf_counter() - started), (time.process_time() - cpu_started) * 1000 / sum(done)
 
 
 class SpinningBackend:
@@ -87,9 +100,14 @@ class SpinningBackend:
         return self.session.run(None, {self.input_name: x})
 
 
+def settings_of(env: dict[str, str]) -> Settings:
+    """The settings a server started with `env` reads."""
+    return Settings(**{name.lower(): value for name, value in env.items()})
+
+
 def server_graph(env: dict[str, str], precision: Precision) -> Path:
     """The graph a server started with `env` runs: found as it finds it."""
-    settings = Settings(**{name.lower(): value for name, value in env.items()})
+    settings = settings_of(env)
     found = find_cached(locate_weights(settings), settings)
     assert found is not None, "the server has not exported its graph"
     return found[1].graph(precision)
@@ -97,16 +115,22 @@ def server_graph(env: dict[str, str], precision: Precision) -> Path:
 
 def raw_server_graph(env: dict[str, str], precision: Precision, threads: int, mean_batch: float,
                      seconds: float) -> dict:
+    """The server's graph alone: one pass at a time on every thread (the reference: what one would run), and
+    as the server runs it, PARALLEL_BATCHES passes side by side on their share of the threads each."""
     path = server_graph(env, precision)
     backend = OnnxBackend(path, precision, threads)
     b1, b1_cpu = images_per_second(backend, 1, seconds)
     b8, b8_cpu = images_per_second(backend, 8, seconds)
+    at_once = settings_of(env).parallel_batches
+    as_served = OnnxBackend(path, precision, threads // at_once)
+    side_by_side_b1, side_by_side_cpu = images_per_second(as_served, 1, seconds, at_once)
     served_batch = max(1, round(mean_batch))
-    _, served_cpu = images_per_second(backend, served_batch, seconds)
+    _, served_cpu = images_per_second(as_served, served_batch, seconds, at_once)
     spinning_b1, spinning_cpu = images_per_second(SpinningBackend(path, threads), 1, seconds)
     return {"graph": path.name, "b1_per_s": b1, "b8_per_s": b8, "b1_cpu_ms": b1_cpu, "b8_cpu_ms": b8_cpu,
-            "served_batch": served_batch, "served_batch_cpu_ms": served_cpu, "spinning_b1_per_s": spinning_b1,
-            "spinning_b1_cpu_ms": spinning_cpu}
+            "parallel_batches": at_once, "side_by_side_b1_per_s": side_by_side_b1,
+            "side_by_side_b1_cpu_ms": side_by_side_cpu, "served_batch": served_batch,
+            "served_batch_cpu_ms": served_cpu, "spinning_b1_per_s": spinning_b1, "spinning_b1_cpu_ms": spinning_cpu}
 
 
 @contextmanager
@@ -171,7 +195,7 @@ def layout_rows(tmp: Path, body: Path, seconds: float) -> list[dict]:
     layouts = [("0", "one worker", 1, {}), ("0", "two workers", 2, {})]
     if usable_cores() >= 2:
         layouts += [("0,1", "one worker", 1, {}), ("0,1", "two workers, all the cores each", 2,
-                                                   {"INFERENCE_THREADS": "2"}),
+                                                   {"INFERENCE_THREADS": "2", "PARALLEL_BATCHES": "1"}),
                     ("0,1", "two workers, their share each (WEB_CONCURRENCY=2)", 2, {})]
     rows = []
     for index, (cpus, label, workers, extra) in enumerate(layouts):
