@@ -3,7 +3,7 @@
     $ make bench                      # or: .venv/bin/python bench/bench.py --seconds 20
 
 1. For ResNet-18 (random weights, saved to a file: the speed of trained ones) and EfficientNet-Lite0 (its real
-   weights), fp32 and int8: the server started on its cached graph (start-up time, memory at start and after
+   weights), fp32 and int8, as set by default and with PARALLEL_BATCHES=2: the server started on its cached graph (start-up time, memory at start and after
    load), `wrk` with 8 connections posting skimage's chelsea.png as a 451x300 JPEG in base64 for --seconds while
    a probe reads /v1/usage every 50 ms; CPU per request by thread group from /proc (server_load.py); then the
    server's own cached graph alone (ONNX Runtime, uint8 input): images/s at batch 1 and 8 one pass at a time on
@@ -13,8 +13,8 @@
 2. Cost as the work grows, on EfficientNet-Lite0 fp32, each as CPU per image: 1,000 keys instead of 1, 16
    images per request, a 12 MP JPEG; and 8 Python (httpx) clients in the probe's process instead of wrk.
 3. Worker layouts on 1 and 2 cores (`taskset`): one worker; two with all the cores each (INFERENCE_THREADS set
-   to them, one pass at a time: what `--workers 2` gave before WEB_CONCURRENCY); two with their share
-   (WEB_CONCURRENCY=2).
+   to them: what `--workers 2` gave before WEB_CONCURRENCY); two with their share (WEB_CONCURRENCY=2); one
+   running two batches at once, a thread each (PARALLEL_BATCHES=2).
 4. Raw torch eager and ONNX Runtime for ResNet-18 and MobileNetV3-Small (random weights), int8's agreement with
    fp32 on real photos (EfficientNet-Lite0), and one image's request-path steps timed alone.
 
@@ -165,7 +165,7 @@ def model_rows(tmp: Path, models: list[tuple[str, dict[str, str], Precision]], b
             row = {"model": label, "precision": precision, "ready_s": running.ready_s,
                    "memory_at_start": [server_load.memory_mb(pid) for pid in running.pids],
                    **load_row(running, key, keys, bodies["photo"], args.seconds)}
-            if label.startswith("EfficientNet-Lite0") and precision == "fp32":
+            if label == "EfficientNet-Lite0" and precision == "fp32":
                 row["growing"] = growing_work(tmp, running, key, keys, bodies, args.seconds)
         row["raw"] = raw_server_graph(env, precision, threads, row["mean_batch"], args.raw_seconds)
         rows.append(row)
@@ -195,8 +195,9 @@ def layout_rows(tmp: Path, body: Path, seconds: float) -> list[dict]:
     layouts = [("0", "one worker", 1, {}), ("0", "two workers", 2, {})]
     if usable_cores() >= 2:
         layouts += [("0,1", "one worker", 1, {}), ("0,1", "two workers, all the cores each", 2,
-                                                   {"INFERENCE_THREADS": "2", "PARALLEL_BATCHES": "1"}),
-                    ("0,1", "two workers, their share each (WEB_CONCURRENCY=2)", 2, {})]
+                                                   {"INFERENCE_THREADS": "2"}),
+                    ("0,1", "two workers, their share each (WEB_CONCURRENCY=2)", 2, {}),
+                    ("0,1", "one worker, two batches at once (PARALLEL_BATCHES=2)", 1, {"PARALLEL_BATCHES": "2"})]
     rows = []
     for index, (cpus, label, workers, extra) in enumerate(layouts):
         with serving(tmp / f"layout-{index}", {**env, **extra}, workers, cpus) as (running, key, keys):
@@ -308,6 +309,8 @@ def main() -> None:
     models: list[tuple[str, dict[str, str], Precision]] = [
         ("ResNet-18", resnet18_env, "fp32"), ("ResNet-18", resnet18_env, "int8"),
         ("EfficientNet-Lite0", lite0_env, "fp32"), ("EfficientNet-Lite0", lite0_env, "int8")]
+    models += [(f"{label}, 2 at once", {**env, "PARALLEL_BATCHES": "2"}, precision)  # the throughput setting
+               for label, env, precision in list(models)]
     request_bodies = bodies(tmp)
     rows = model_rows(tmp, models, request_bodies, threads, args)
     layouts = layout_rows(tmp, request_bodies["photo"], args.seconds)

@@ -63,7 +63,7 @@ def test_concurrent_requests_share_forward_passes_and_get_the_answers_they_would
 def test_a_batch_waits_only_for_images_on_their_way(start_server, cat):
     """BATCH_WAIT_MS of a second: a lone request is run at once, since no other image is being decoded; requests
     that arrive together still share passes (the images decoded meanwhile are waited for)."""
-    server = start_server({"BATCH_WAIT_MS": "1000", "PARALLEL_BATCHES": "1"})
+    server = start_server({"BATCH_WAIT_MS": "1000"})
     key = make_key(server.database_url)
     with server.client(key) as client:
         client.post("/v1/classify", json={"image": cat})
