@@ -85,7 +85,7 @@ def lower_priority() -> None:
 
 
 class Batcher:
-    """Owns the model's thread: requests take queue places (`reservation`), queue their images with `infer`, and
+    """Owns the model's threads: requests take queue places (`reservation`), queue their images with `infer`, and
     await them."""
 
     def __init__(self, backend: Backend, max_batch: int, batch_wait_ms: float, max_queue: int,
@@ -242,9 +242,9 @@ class Batcher:
         return self.backend.run(np.stack(images))  # (B, 224, 224, 3): stacked here, off the event loop
 
     async def _next_batch(self) -> list[Pending]:
-        """Up to max_batch live images: waits for one, then at most batch_wait_s for more while some are on
-        their way (being decoded: `images_coming`), not for requests that may never come. Images whose request
-        has gone (cancelled futures) are skipped here, so they never take a place in a batch."""
+        """Up to max_batch live images: waits for one, then at most batch_wait_s for more if some are on their
+        way (being decoded: `images_coming`, read before each wait), not for requests that may never come.
+        Images whose request has gone (cancelled futures) are skipped here, so they never take a place in a batch."""
         batch: list[Pending] = []
         wait_until = math.inf
         while len(batch) < self.max_batch:

@@ -92,7 +92,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # ModelLoadError is a ConfigurationError: StartupFailure logs its one line.
         model, backend = await loop.run_in_executor(model_threads, load_backend, settings)
         await loop.run_in_executor(model_threads, name_model_pool)
-        await start_every_thread(model_threads, settings.parallel_batches)
+        # torch runs one pass at a time: its threads are the process's
+        parallel_batches = settings.parallel_batches if backend.name == "onnxruntime" else 1
+        await start_every_thread(model_threads, parallel_batches)
     except BaseException:
         # Start-up failed (StartupFailure says why, in one line for a setting): nothing started may outlive it.
         model_threads.shutdown(wait=False)
@@ -101,7 +103,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await redis.aclose()
         raise
     max_batch = model.batch_limit(settings.max_batch)
-    parallel_batches = settings.parallel_batches if backend.name == "onnxruntime" else 1
     batcher = Batcher(backend, max_batch, settings.batch_wait_ms, settings.max_queue, model_threads, parallel_batches)
     batcher.start()
     MODEL_INFO.labels(model.spec.name, model.version, backend.name, backend.precision, model.weights_source).set(1)

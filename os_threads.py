@@ -6,7 +6,7 @@
     model                 the model's threads, one per batch run at once (PARALLEL_BATCHES), each running its
                           forward passes (batching.py)
     model_pool            ONNX Runtime's (or torch's) own threads, started from a model thread, when a pass has
-                          more than one thread (INFERENCE_THREADS / PARALLEL_BATCHES)
+                          more than one thread (PARALLEL_BATCHES=1)
 """
 
 import asyncio

@@ -90,15 +90,17 @@ class Settings(BaseSettings):
     # The model's threads: this process's share of the cores (all of them with one worker; N workers each with all
     # would make the cores' schedulers take turns between N pools).
     inference_threads: int = Field(default_factory=lambda data: cores_per_worker(data.get("web_concurrency", 1)), ge=1)
-    # Forward passes run at once, each on inference_threads / parallel_batches of them. One (the default) gives
-    # each pass every thread: a lone request is answered soonest, and the slowest answers under load come sooner.
-    # One thread per pass keeps the cores busier under load (one pass's threads wait on each other): 5-18% more
-    # requests answered, at the price of those two (see the README's inference engine).
+    # Forward passes run at once: 1 (the default), each on every thread, so a lone request is answered soonest
+    # and the slowest answers under load come sooner; or inference_threads, each on one thread, which keeps the
+    # cores busier under load (one pass's threads wait on each other): 5-18% more requests answered, at the
+    # price of those two (see the README's inference engine). Nothing between: passes side by side share one
+    # session, and with it its pool of threads.
     parallel_batches: int = Field(1, ge=1)
     # Exported ONNX graphs, named by a hash of what they compute (weights, architecture, preprocessing), so a restart
     # serves them, without torch (graph_cache.py).
     model_cache_dir: Path = Path.home() / ".cache" / "classify"
-    # A forward pass takes up to max_batch waiting images, and waits up to batch_wait_ms for more once it has one
+    # A forward pass takes up to max_batch waiting images, and waits up to batch_wait_ms for more once it has one,
+    # while more are being decoded
     # (2 ms: with 8 clients, 0 or 5 ms changed neither the model's CPU per image nor the requests answered).
     max_batch: int = Field(8, ge=1, le=256)
     batch_wait_ms: float = Field(2.0, ge=0, le=1000)
@@ -187,10 +189,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def threads_for_each_batch(self) -> "Settings":
-        if self.parallel_batches > self.inference_threads:
-            raise ValueError(f"PARALLEL_BATCHES={self.parallel_batches} is over INFERENCE_THREADS="
-                             f"{self.inference_threads}: each forward pass needs a thread; make it at most "
-                             f"{self.inference_threads}")
+        if self.parallel_batches not in (1, self.inference_threads):
+            raise ValueError(f"PARALLEL_BATCHES={self.parallel_batches} is neither 1 nor INFERENCE_THREADS="
+                             f"{self.inference_threads}: passes side by side run on one thread each; make it 1 "
+                             f"(one pass at a time, on every thread) or {self.inference_threads}")
         return self
 
     @property

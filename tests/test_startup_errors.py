@@ -23,9 +23,10 @@ AT_IMPORT = {
     "MAX_QUEUE below MAX_IMAGES_PER_REQUEST": ({"MAX_QUEUE": "4"},
                                                "MAX_QUEUE=4 is below MAX_IMAGES_PER_REQUEST=16: the largest request "
                                                "would never fit; raise MAX_QUEUE or lower MAX_IMAGES_PER_REQUEST"),
-    "PARALLEL_BATCHES over INFERENCE_THREADS": ({"PARALLEL_BATCHES": "3", "INFERENCE_THREADS": "2"},
-                                                "PARALLEL_BATCHES=3 is over INFERENCE_THREADS=2: each forward pass "
-                                                "needs a thread; make it at most 2"),
+    "PARALLEL_BATCHES neither 1 nor INFERENCE_THREADS": ({"PARALLEL_BATCHES": "2", "INFERENCE_THREADS": "4"},
+                                                         "PARALLEL_BATCHES=2 is neither 1 nor INFERENCE_THREADS=4: "
+                                                         "passes side by side run on one thread each; make it 1 "
+                                                         "(one pass at a time, on every thread) or 4"),
     "DATABASE_URL of another database": ({"DATABASE_URL": f"mysql://app:{PASSWORD}@db/classify"},
                                          "DATABASE_URL=mysql://app:***@db/classify is not valid: DATABASE_URL must be"),
 }
@@ -132,8 +133,8 @@ def test_the_cli_names_a_database_url_it_cannot_open_with_its_password_hidden(tm
 
 
 def test_a_setting_others_default_from_is_the_only_one_named(tmp_path):
-    """INFERENCE_THREADS defaults from WEB_CONCURRENCY and PARALLEL_BATCHES from INFERENCE_THREADS: when the first
-    is not valid, the line names it alone (it said `INFERENCE_THREADS=PydanticUndefined is not valid` too)."""
+    """INFERENCE_THREADS defaults from WEB_CONCURRENCY: when that is not valid, the line names it alone (it said
+    `INFERENCE_THREADS=PydanticUndefined is not valid` too)."""
     done = run_cli(f"sqlite:///{tmp_path / 'classify.db'}", "migrate", WEB_CONCURRENCY="two")
     assert done.returncode == EXIT_BAD_SETTING and not done.stdout, done.stderr
     assert done.stderr.strip() == ("WEB_CONCURRENCY=two is not valid (input should be a valid integer, unable to parse "
