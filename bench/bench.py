@@ -116,14 +116,18 @@ def server_graph(env: dict[str, str], precision: Precision) -> Path:
 def raw_server_graph(env: dict[str, str], precision: Precision, threads: int, mean_batch: float,
                      seconds: float) -> dict:
     """The server's graph alone: one pass at a time on every thread (the reference: what one would run), and
-    as the server runs it, PARALLEL_BATCHES passes side by side on their share of the threads each."""
+    as the server runs it, PARALLEL_BATCHES passes side by side (one thread each, when more than one)."""
     path = server_graph(env, precision)
     backend = OnnxBackend(path, precision, threads)
     b1, b1_cpu = images_per_second(backend, 1, seconds)
     b8, b8_cpu = images_per_second(backend, 8, seconds)
-    at_once = settings_of(env).parallel_batches
-    as_served = OnnxBackend(path, precision, threads // at_once)
-    side_by_side_b1, side_by_side_cpu = images_per_second(as_served, 1, seconds, at_once)
+    served = settings_of(env)
+    at_once = served.parallel_batches
+    if at_once == 1:  # served as the reference runs: measured once
+        as_served, side_by_side_b1, side_by_side_cpu = backend, b1, b1_cpu
+    else:
+        as_served = OnnxBackend(path, precision, served.threads_per_batch)
+        side_by_side_b1, side_by_side_cpu = images_per_second(as_served, 1, seconds, at_once)
     served_batch = max(1, round(mean_batch))
     _, served_cpu = images_per_second(as_served, served_batch, seconds, at_once)
     spinning_b1, spinning_cpu = images_per_second(SpinningBackend(path, threads), 1, seconds)
