@@ -16,11 +16,10 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from fastapi import Depends, Request
 from sqlalchemy import (BigInteger, Connection, Engine, ForeignKey, Index, Integer, LargeBinary, String, Text,
                         UniqueConstraint, create_engine, event, false, insert, inspect, text, update)
 from sqlalchemy.engine import make_url
@@ -242,12 +241,12 @@ def make_engine(database_url: str, timeout_s: float, pool_size: int = 10, max_ov
         engine = create_async_engine(url.set(drivername="postgresql+psycopg"), pool_size=pool_size,
                                      max_overflow=max_overflow, pool_timeout=timeout_s,
                                      connect_args=_postgres_connect_args(timeout_s))
-        _bound_postgres_lock_waits(engine, timeout_s)
+        _bound_postgres_lock_waits(engine.sync_engine, timeout_s)
         return engine
     engine = create_async_engine(url.set(drivername="sqlite+aiosqlite"), connect_args={"timeout": timeout_s},
                                  pool_size=8, max_overflow=8)
     _configure_sqlite_connections(engine.sync_engine, timeout_s)
-    _use_explicit_sqlite_transactions(engine, timeout_s)
+    _use_explicit_sqlite_transactions(engine.sync_engine, timeout_s)
     return engine
 
 
@@ -263,13 +262,30 @@ def make_writer_engine(database_url: str, timeout_s: float) -> Engine:
     return engine
 
 
+def make_reader_engine(database_url: str, timeout_s: float, threads: int) -> Engine:
+    """A synchronous engine on `database_url` for the threads that read (database_reader.py), a connection each,
+    whose transactions begin and bound their lock waits as make_engine's do."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "postgresql":
+        engine = create_engine(url.set(drivername="postgresql+psycopg"), pool_size=threads, max_overflow=0,
+                               pool_timeout=timeout_s, connect_args=_postgres_connect_args(timeout_s))
+        _bound_postgres_lock_waits(engine, timeout_s)
+        return engine
+    # check_same_thread: a connection is used by one thread at a time, not always the one that opened it.
+    engine = create_engine(url.set(drivername="sqlite+pysqlite"), pool_size=threads, max_overflow=0,
+                           pool_timeout=timeout_s, connect_args={"timeout": timeout_s, "check_same_thread": False})
+    _configure_sqlite_connections(engine, timeout_s)
+    _use_explicit_sqlite_transactions(engine, timeout_s)
+    return engine
+
+
 def _postgres_connect_args(timeout_s: float) -> dict[str, Any]:
     # A lock wait (a key's admission queue) or a connection attempt longer than the timeout is a 503.
     return {"connect_timeout": max(2, math.ceil(timeout_s)), "options": f"-c lock_timeout={int(timeout_s * 1000)}"}
 
 
-def _bound_postgres_lock_waits(engine: AsyncEngine, timeout_s: float) -> None:
-    @event.listens_for(engine.sync_engine, "begin")
+def _bound_postgres_lock_waits(engine: Engine, timeout_s: float) -> None:
+    @event.listens_for(engine, "begin")
     def on_begin(connection: Any) -> None:
         bound_ms = _wait_bound_ms(timeout_s)
         if bound_ms < timeout_s * 1000 - WAIT_BOUND_SLACK_MS:  # a request that has waited already
@@ -309,8 +325,8 @@ def _use_wal(cursor: Any, timeout_s: float) -> None:
         time.sleep(0.01)
 
 
-def _use_explicit_sqlite_transactions(engine: AsyncEngine, timeout_s: float) -> None:
-    @event.listens_for(engine.sync_engine, "begin")
+def _use_explicit_sqlite_transactions(engine: Engine, timeout_s: float) -> None:
+    @event.listens_for(engine, "begin")
     def on_begin(connection: Any) -> None:
         # SQLite's busy timeout, how long a writer waits for the lock, belongs to the connection: it is set
         # for this transaction when the one in force is off by more than the slack.
@@ -335,15 +351,6 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
-
-
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    # Routes open short `session.begin()` blocks: no connection is held while a request waits for the model.
-    async with request.app.state.sessions() as session:
-        yield session
-
-
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"

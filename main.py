@@ -35,9 +35,9 @@ from backends import is_torch_loaded, load_backend
 from batching import Batcher
 from configuration_errors import StartupFailure, check_sqlite_file, settings_or_exit, unusable_database
 from database_file import DatabaseFile
+from database_reader import DatabaseReader
 from database_writer import DatabaseWriter
-from db import (ForeignSchemaError, RequestLog, SessionDep, make_engine, make_sessionmaker, migrate, ping,
-                waiting_until)
+from db import ForeignSchemaError, RequestLog, make_engine, migrate, ping, waiting_until
 from errors import ApiError, ErrorResponse, install_error_handlers
 from idempotency import (HEADER as IDEMPOTENCY_HEADER, REPLAYED_HEADER, IdempotencyMiddleware, Replayed, prune_expired,
                          replay)
@@ -123,15 +123,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Decoding is CPU work: more threads than cores would add memory (a decoded image each), not speed.
     decode_pool = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="decode",
                                      initializer=name_os_thread)
-    # The request path's writes (admissions, log rows and their rollups) go through one thread, in groups; reads
-    # use the engine.
+    # The request path's writes (admissions, log rows and their rollups) go through one thread, in groups;
+    # /v1/usage reads in threads of its own, one hand-off a read; the other reads use the engine.
     writer = DatabaseWriter(settings.database_url, settings.db_timeout_s, {RequestLog: rollups.add_rows})
     writer.start()
+    reader = DatabaseReader(settings.database_url, settings.db_timeout_s)
     app.state.engine = engine
     app.state.database_writer = writer
-    app.state.database_file = DatabaseFile(engine, on_replaced=writer.reconnect)
+    app.state.database_reader = reader
+    app.state.database_file = DatabaseFile(engine, on_replaced=lambda: (writer.reconnect(), reader.reconnect()))
     app.state.decode_pool = decode_pool
-    app.state.sessions = make_sessionmaker(engine)
     app.state.redis = redis
     storage: WindowStorage = (RedisWindowStorage(redis, settings.redis_key_prefix, writer) if redis
                               else SqlWindowStorage(writer))
@@ -163,6 +164,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_threads.shutdown(wait=True)
         decode_pool.shutdown(wait=True)
         await writer.stop()
+        await asyncio.to_thread(reader.stop)
         await engine.dispose()
         if redis is not None:
             await redis.aclose()
@@ -275,7 +277,7 @@ async def home() -> FileResponse:
 
 
 @router.get("/v1/usage", response_model=Usage, tags=["usage"], responses={s: ERRORS[s] for s in (400, 401, 422, 500, 503)})
-async def usage(request: Request, key: CurrentKey, session: SessionDep, limiter: LimiterDep,
+async def usage(request: Request, key: CurrentKey, limiter: LimiterDep,
                 start_time: Annotated[int | None, Query(ge=0, le=MAX_UNIX_TIME_S, description="Unix seconds, inclusive.")] = None,
                 end_time: Annotated[int | None, Query(ge=0, le=MAX_UNIX_TIME_S, description="Unix seconds, exclusive.")] = None,
                 bucket_width: Annotated[Literal["1m", "1h", "1d"] | None, Query(description="Per-bucket counts too; needs start_time.")] = None,
@@ -284,7 +286,7 @@ async def usage(request: Request, key: CurrentKey, session: SessionDep, limiter:
     """This key's requests to /v1/classify (or /v1/embeddings) of all outcomes, success rate, latency, and
     rate-limit state (one limit for both)."""
     limit_state = await limiter.peek(key.id, key.rate_limit, key.window_s)
-    return await read_usage(session, key, limit_state, endpoint, start_time, end_time, bucket_width,
+    return await read_usage(request.app.state.database_reader, key, limit_state, endpoint, start_time, end_time, bucket_width,
                             request.app.state.settings.usage_retention_days)
 
 

@@ -7,15 +7,16 @@ answer is what counting the log over the same (rounded) range gives, exactly.
 """
 
 import time
+from functools import partial
 from itertools import chain
 from typing import Any
 
 import numpy as np
 import orjson
 from fastapi.responses import Response
-from sqlalchemy import CompoundSelect, Select, bindparam, false, func, select, union_all
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import CompoundSelect, Connection, Select, bindparam, false, func, select, union_all
 
+from database_reader import DatabaseReader
 from db import ApiKey, RollupBackfill, UsageRollup
 from errors import ApiError
 from ratelimit import Decision
@@ -32,13 +33,22 @@ BACKFILL_FRONTIER = select(RollupBackfill.frontier_ms).where(RollupBackfill.key_
 Segment = tuple[int, int, int | None]  # a rollup width, and [from, to) in Unix seconds (None: no end)
 
 
-async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decision, endpoint: str,
+async def read_usage(reader: DatabaseReader, api_key: ApiKey, limit_state: Decision, endpoint: str,
                      start_time: int | None, end_time: int | None, bucket_width: str | None,
                      retention_days: int) -> Response:
     """This key's totals on `endpoint` ("classify" or "embeddings"; within [start_time, end_time) when given)
-    and, with bucket_width, per bucket:
-    a `Usage`, as JSON (its buckets built as plain dicts: a thousand pydantic models cost tens of ms)."""
+    and, with bucket_width, per bucket: a `Usage`, as JSON, read and built in a reading thread."""
     end_time = checked_range(start_time, end_time, bucket_width)
+    body = await reader.run(partial(usage_json, api_key=api_key, limit_state=limit_state, endpoint=endpoint,
+                                    start_time=start_time, end_time=end_time, bucket_width=bucket_width,
+                                    retention_days=retention_days))
+    return Response(body, media_type="application/json")
+
+
+def usage_json(connection: Connection, api_key: ApiKey, limit_state: Decision, endpoint: str,
+               start_time: int | None, end_time: int | None, bucket_width: str | None, retention_days: int) -> bytes:
+    """read_usage's answer, from one transaction (one snapshot, so the buckets add up to the totals); its buckets
+    built as plain dicts: a thousand pydantic models cost tens of ms."""
     path = f"/v1/{endpoint}"  # as the log and its rollups name it
     width_s = BUCKET_WIDTHS_S[bucket_width] if bucket_width is not None else MINUTE
     if start_time is not None:
@@ -47,30 +57,27 @@ async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decisi
         end_time = -(-end_time // width_s) * width_s
     covered_from = max(start_time or 0, retention_cutoff_s(retention_days))
     buckets = None
-    async with session.begin():  # one snapshot, so the buckets add up to the totals
-        connection = await session.connection()
-        # Requests from before the rollups are counted from the newest down (rollup_backfill.py): a key with
-        # some left is covered from its frontier on, rounded up to whole buckets. Read first: on PostgreSQL each
-        # statement sees its own snapshot, and a batch counted meanwhile only adds to rollups before this one.
-        frontier_ms = (await connection.execute(BACKFILL_FRONTIER, {"key": api_key.id})).scalar()
-        if frontier_ms is not None:
-            covered_from = max(covered_from, -(-frontier_ms // (width_s * 1000)) * width_s)
-        if bucket_width is None:
-            found = (await connection.execute(totals_query(api_key.id, path, covered_from, end_time))).all()
-            totals = np.array([[value or 0 for value in row] for row in found] or [[0] * len(COUNTS)],
-                              dtype=np.float64).sum(axis=0)
-        else:
-            assert start_time is not None and end_time is not None
-            found_rows = (await connection.execute(buckets_query(api_key.id, path, width_s, covered_from,
-                                                                  end_time))).all()
-            sums = np.zeros(((end_time - start_time) // width_s, len(COUNTS)))
-            if found_rows:
-                # Flattened: np.array of Rows is ten times slower, of tuples made of them a third slower
-                found = np.fromiter(chain.from_iterable(found_rows), np.float64,
-                                    len(found_rows) * (1 + len(COUNTS))).reshape(len(found_rows), -1)
-                np.add.at(sums, ((found[:, 0] // 1000 - start_time) // width_s).astype(np.int64), found[:, 1:])
-            buckets = bucket_figures(start_time, width_s, sums)
-            totals = sums.sum(axis=0)
+    # Requests from before the rollups are counted from the newest down (rollup_backfill.py): a key with
+    # some left is covered from its frontier on, rounded up to whole buckets. Read first: on PostgreSQL each
+    # statement sees its own snapshot, and a batch counted meanwhile only adds to rollups before this one.
+    frontier_ms = connection.execute(BACKFILL_FRONTIER, {"key": api_key.id}).scalar()
+    if frontier_ms is not None:
+        covered_from = max(covered_from, -(-frontier_ms // (width_s * 1000)) * width_s)
+    if bucket_width is None:
+        found = connection.execute(totals_query(api_key.id, path, covered_from, end_time)).all()
+        totals = np.array([[value or 0 for value in row] for row in found] or [[0] * len(COUNTS)],
+                          dtype=np.float64).sum(axis=0)
+    else:
+        assert start_time is not None and end_time is not None
+        found_rows = connection.execute(buckets_query(api_key.id, path, width_s, covered_from, end_time)).all()
+        sums = np.zeros(((end_time - start_time) // width_s, len(COUNTS)))
+        if found_rows:
+            # Flattened: np.array of Rows is ten times slower, of tuples made of them a third slower
+            found = np.fromiter(chain.from_iterable(found_rows), np.float64,
+                                len(found_rows) * (1 + len(COUNTS))).reshape(len(found_rows), -1)
+            np.add.at(sums, ((found[:, 0] // 1000 - start_time) // width_s).astype(np.int64), found[:, 1:])
+        buckets = bucket_figures(start_time, width_s, sums)
+        totals = sums.sum(axis=0)
     summed = figures(totals)
     requests = summed["total_requests"]
     usage = Usage(
@@ -82,7 +89,7 @@ async def read_usage(session: AsyncSession, api_key: ApiKey, limit_state: Decisi
         covered_from=covered_from, bucket_width=bucket_width,
     )
     # orjson: the standard library's encoder took 7 ms for 2,160 hourly buckets, orjson 0.6
-    return Response(orjson.dumps({**usage.model_dump(), "buckets": buckets}), media_type="application/json")
+    return orjson.dumps({**usage.model_dump(), "buckets": buckets})
 
 
 def totals_query(key_id: int, path: str, start: int, end: int | None) -> CompoundSelect | Select:

@@ -5,7 +5,7 @@ and its CPU time added up by thread group from /proc/PID/task/*/stat, by the nam
 
     event loop   the main thread
     decode       decode_N: body parsing, base64, decode, crop
-    database     the database's threads ("database", or aiosqlite's, which only py-spy can name)
+    database     the database's threads ("database", "database_read_N", or aiosqlite's, which only py-spy can name)
     model        model and model_pool: the model's thread and ONNX Runtime's
     other        the rest: numpy's OpenBLAS threads, uvloop's resolver, AnyIO's workers...
 """

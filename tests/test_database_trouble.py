@@ -126,6 +126,8 @@ def test_a_backup_copied_over_the_database_is_what_comes_back(start_server, tmp_
     with running.client(key) as client:
         for _ in range(3):
             assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        # Read once before: the reading thread's connection, kept in its pool, must not read the old file after.
+        assert client.get("/v1/usage").json()["total_requests"] == 3
         with sqlite3.connect(path) as source, sqlite3.connect(backup) as copy:
             source.backup(copy)
         for _ in range(5):  # after the backup: lost with the file
