@@ -39,7 +39,7 @@ def _identity(path: Path) -> Identity:
 class DatabaseFile:
     def __init__(self, engine: AsyncEngine, on_replaced: Callable[[], None] | None = None) -> None:
         self.engine = engine
-        self.on_replaced = on_replaced  # for connections the engine does not pool (database_writer.py's)
+        self.on_replaced = on_replaced  # for connections of other engines (the database and reading threads')
         database = engine.url.database
         is_file = engine.url.get_backend_name() == "sqlite" and database not in (None, "", ":memory:")
         self.path = Path(database).resolve() if is_file and database else None  # None: not a file database

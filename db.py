@@ -1,7 +1,7 @@
 """The database: eight tables (keys, the request log, its per-minute, hour and day rollups and the backfill
 of those after an upgrade, the rate limiter's window and its count, idempotency keys, readiness's one row),
-the async engine on SQLite (aiosqlite) or PostgreSQL (psycopg 3), and bringing a database's schema to
-Alembic's head.
+the engines on SQLite (aiosqlite, or sqlite3 for the reading and writing threads) or PostgreSQL (psycopg 3),
+and bringing a database's schema to Alembic's head.
 
 Times are integer milliseconds since the Unix epoch, so bucketing (`(t - start) / width`) is the same
 integer division in every SQL dialect.
@@ -187,7 +187,8 @@ class WaitBudget:
             self.deadline += time.monotonic() - started
 
 
-# The budget of the request being served; tasks it starts (and SQLAlchemy's greenlets) see it too.
+# The budget of the request being served; tasks it starts, SQLAlchemy's greenlets and the reading threads
+# (database_reader.py) see it too.
 wait_budget: ContextVar[WaitBudget | None] = ContextVar("database_wait_budget", default=None)
 
 

@@ -128,10 +128,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     writer = DatabaseWriter(settings.database_url, settings.db_timeout_s, {RequestLog: rollups.add_rows})
     writer.start()
     reader = DatabaseReader(settings.database_url, settings.db_timeout_s)
+
+    def reconnect_to_new_file() -> None:
+        writer.reconnect()
+        reader.reconnect()
+
     app.state.engine = engine
     app.state.database_writer = writer
     app.state.database_reader = reader
-    app.state.database_file = DatabaseFile(engine, on_replaced=lambda: (writer.reconnect(), reader.reconnect()))
+    app.state.database_file = DatabaseFile(engine, on_replaced=reconnect_to_new_file)
     app.state.decode_pool = decode_pool
     app.state.redis = redis
     storage: WindowStorage = (RedisWindowStorage(redis, settings.redis_key_prefix, writer) if redis
@@ -286,8 +291,8 @@ async def usage(request: Request, key: CurrentKey, limiter: LimiterDep,
     """This key's requests to /v1/classify (or /v1/embeddings) of all outcomes, success rate, latency, and
     rate-limit state (one limit for both)."""
     limit_state = await limiter.peek(key.id, key.rate_limit, key.window_s)
-    return await read_usage(request.app.state.database_reader, key, limit_state, endpoint, start_time, end_time, bucket_width,
-                            request.app.state.settings.usage_retention_days)
+    return await read_usage(request.app.state.database_reader, key, limit_state, endpoint, start_time, end_time,
+                            bucket_width, request.app.state.settings.usage_retention_days)
 
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"], responses={s: ERRORS[s] for s in (401, 500, 503)})
