@@ -268,8 +268,11 @@ def make_reader_engine(database_url: str, timeout_s: float, threads: int) -> Eng
     whose transactions begin and bound their lock waits as make_engine's do."""
     url = make_url(database_url)
     if url.get_backend_name() == "postgresql":
+        # pre-ping: a pooled connection that a restart of PostgreSQL closed is replaced before the read, not
+        # found out by it (a 503 for the first /v1/usage once PostgreSQL is back).
         engine = create_engine(url.set(drivername="postgresql+psycopg"), pool_size=threads, max_overflow=0,
-                               pool_timeout=timeout_s, connect_args=_postgres_connect_args(timeout_s))
+                               pool_timeout=timeout_s, pool_pre_ping=True,
+                               connect_args=_postgres_connect_args(timeout_s))
         _bound_postgres_lock_waits(engine, timeout_s)
         return engine
     # check_same_thread: a connection is used by one thread at a time, not always the one that opened it.

@@ -97,6 +97,7 @@ def test_postgresql_down_is_503_with_retry_after_and_recovers_without_restart(ow
     key = make_key(running.database_url)
     with running.client(key) as client:
         assert client.post("/v1/classify", json={"image": ONE_PIXEL}).status_code == 200
+        assert client.get("/v1/usage").status_code == 200  # its reading thread's connection is then pooled
         own_postgres.stop()
         assert_error(client.get("/readyz"), 503, "not_ready")
         for response in (client.post("/v1/classify", json={"image": ONE_PIXEL}), client.get("/v1/usage"),
