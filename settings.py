@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from schemas import MAX_IMAGES
 
@@ -164,8 +166,16 @@ class Settings(BaseSettings):
         # The limiter locks per key in these two (SQLite's write lock, PostgreSQL's row lock); no others.
         if value.startswith("postgres://"):  # what Heroku and many hosts hand out: the same database
             value = "postgresql://" + value.removeprefix("postgres://")
-        if not value.startswith(("sqlite:", "sqlite+aiosqlite:", "postgresql:", "postgresql+psycopg:")):
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            url = None
+        if url is None or not value.startswith(("sqlite:", "sqlite+aiosqlite:", "postgresql:", "postgresql+psycopg:")):
             raise ValueError("DATABASE_URL must be sqlite:///path.db or postgresql+psycopg://user:password@host/dbname")
+        if url.get_backend_name() == "sqlite" and (url.database in (None, "", ":memory:")
+                                                    or url.database.startswith("file::memory:")):
+            raise ValueError("an in-memory SQLite database lasts as long as its connection, and the server's "
+                             "threads open their own: point DATABASE_URL at a file, such as sqlite:///classify.db")
         return value
 
     @field_validator("model_mean", "model_std", mode="before")

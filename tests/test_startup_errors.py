@@ -29,6 +29,10 @@ AT_IMPORT = {
                                                          "(one pass at a time, on every thread) or 4"),
     "DATABASE_URL of another database": ({"DATABASE_URL": f"mysql://app:{PASSWORD}@db/classify"},
                                          "DATABASE_URL=mysql://app:***@db/classify is not valid: DATABASE_URL must be"),
+    # It crashed start-up with a traceback (a pool setting SQLite's in-memory engine refuses).
+    "DATABASE_URL in memory": ({"DATABASE_URL": "sqlite:///:memory:"},
+                               "DATABASE_URL=sqlite:///:memory: is not valid: an in-memory SQLite database lasts as "
+                               "long as its connection"),
 }
 
 
