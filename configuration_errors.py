@@ -95,7 +95,7 @@ def check_sqlite_file(database_url: str) -> None:
 
 
 def sqlite_file_problem(database: str | None) -> str | None:
-    if not database or database == ":memory:":
+    if not database:  # Settings refuses an in-memory database
         return None
     path = Path(database)
     if not path.parent.is_dir():

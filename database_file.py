@@ -41,8 +41,8 @@ class DatabaseFile:
         self.engine = engine
         self.on_replaced = on_replaced  # for connections of other engines (the database and reading threads')
         database = engine.url.database
-        is_file = engine.url.get_backend_name() == "sqlite" and database not in (None, "", ":memory:")
-        self.path = Path(database).resolve() if is_file and database else None  # None: not a file database
+        # None: PostgreSQL (Settings refuses an in-memory SQLite database)
+        self.path = Path(database).resolve() if engine.url.get_backend_name() == "sqlite" and database else None
         self.identity: Identity = None
         self.companions: dict[str, Identity] = {}  # the -wal and -shm files of the file at `identity`
         if self.path is not None:
