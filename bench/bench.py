@@ -3,13 +3,14 @@
     $ make bench                      # or: .venv/bin/python bench/bench.py --seconds 20
 
 1. For ResNet-18 (random weights, saved to a file: the speed of trained ones) and EfficientNet-Lite0 (its real
-   weights), fp32 and int8, as set by default and with PARALLEL_BATCHES=2: the server started on its cached graph (start-up time, memory at start and after
-   load), `wrk` with 8 connections posting skimage's chelsea.png as a 451x300 JPEG in base64 for --seconds while
-   a probe reads /v1/usage every 50 ms; CPU per request by thread group from /proc (server_load.py); then the
-   server's own cached graph alone (ONNX Runtime, uint8 input): images/s at batch 1 and 8 one pass at a time on
-   all the server's threads (the reference), at batch 1 as the server runs it (PARALLEL_BATCHES passes side by
-   side, a share of the threads each), CPU per image at the batch size the server formed, as it runs it, and at
-   batch 1 with ONNX Runtime's defaults, which spin.
+   weights), fp32 and int8, as set by default and with PARALLEL_BATCHES=2: the server started on its cached
+   graph (start-up time, memory at start and after load), `wrk` with 8 connections posting skimage's
+   chelsea.png as a 451x300 JPEG in base64 for --seconds while a probe reads /v1/usage every 50 ms; CPU per
+   request by thread group from /proc (server_load.py); then the server's own cached graph alone (ONNX Runtime,
+   uint8 input): images/s at batch 1 and 8 one pass at a time on all the server's threads (the reference), at
+   batch 1 as the server runs it (PARALLEL_BATCHES passes side by side, a share of the threads each), CPU per
+   image at the batch size the server formed, as it runs it, and at batch 1 with ONNX Runtime's defaults, which
+   spin.
 2. Cost as the work grows, on EfficientNet-Lite0 fp32, each as CPU per image: 1,000 keys instead of 1, 16
    images per request, a 12 MP JPEG; and 8 Python (httpx) clients in the probe's process instead of wrk.
 3. Worker layouts on 1 and 2 cores (`taskset`): one worker; two with all the cores each (INFERENCE_THREADS set
