@@ -114,13 +114,22 @@ def server_graph(env: dict[str, str], precision: Precision) -> Path:
     return found[1].graph(precision)
 
 
+def reference_b1(env: dict[str, str], precision: Precision, threads: int, seconds: float) -> float:
+    """The server's graph alone at batch 1, one pass at a time on every thread: images/s."""
+    return images_per_second(OnnxBackend(server_graph(env, precision), precision, threads), 1, seconds)[0]
+
+
 def raw_server_graph(env: dict[str, str], precision: Precision, threads: int, mean_batch: float,
-                     seconds: float) -> dict:
+                     seconds: float, b1_before: float) -> dict:
     """The server's graph alone: one pass at a time on every thread (the reference: what one would run), and
-    as the server runs it, PARALLEL_BATCHES passes side by side (one thread each, when more than one)."""
+    as the server runs it, PARALLEL_BATCHES passes side by side (one thread each, when more than one).
+
+    The reference is the mean of batch 1 measured just before the server's load (`b1_before`) and just after:
+    on a shared machine the raw speed moves by a third between minutes, and the two bracket the server's."""
     path = server_graph(env, precision)
     backend = OnnxBackend(path, precision, threads)
-    b1, b1_cpu = images_per_second(backend, 1, seconds)
+    b1_after, b1_cpu = images_per_second(backend, 1, seconds)
+    b1 = (b1_before + b1_after) / 2
     b8, b8_cpu = images_per_second(backend, 8, seconds)
     served = settings_of(env)
     at_once = served.parallel_batches
@@ -132,7 +141,8 @@ def raw_server_graph(env: dict[str, str], precision: Precision, threads: int, me
     served_batch = max(1, round(mean_batch))
     _, served_cpu = images_per_second(as_served, served_batch, seconds, at_once)
     spinning_b1, spinning_cpu = images_per_second(SpinningBackend(path, threads), 1, seconds)
-    return {"graph": path.name, "b1_per_s": b1, "b8_per_s": b8, "b1_cpu_ms": b1_cpu, "b8_cpu_ms": b8_cpu,
+    return {"graph": path.name, "b1_per_s": b1, "b1_before_per_s": b1_before, "b1_after_per_s": b1_after,
+            "b8_per_s": b8, "b1_cpu_ms": b1_cpu, "b8_cpu_ms": b8_cpu,
             "parallel_batches": at_once, "side_by_side_b1_per_s": side_by_side_b1,
             "side_by_side_b1_cpu_ms": side_by_side_cpu, "served_batch": served_batch,
             "served_batch_cpu_ms": served_cpu, "spinning_b1_per_s": spinning_b1, "spinning_b1_cpu_ms": spinning_cpu}
@@ -167,12 +177,13 @@ def model_rows(tmp: Path, models: list[tuple[str, dict[str, str], Precision]], b
         with serving(tmp / f"prepare-{index}", env):
             pass  # the first start exports (and quantizes) the graph; the measured one finds it cached
         with serving(tmp / f"model-{index}", env) as (running, key, keys):
+            memory_at_start = [server_load.memory_mb(pid) for pid in running.pids]
+            b1_before = reference_b1(env, precision, threads, args.raw_seconds)  # the server idle meanwhile
             row = {"model": label, "precision": precision, "ready_s": running.ready_s,
-                   "memory_at_start": [server_load.memory_mb(pid) for pid in running.pids],
-                   **load_row(running, key, keys, bodies["photo"], args.seconds)}
+                   "memory_at_start": memory_at_start, **load_row(running, key, keys, bodies["photo"], args.seconds)}
+            row["raw"] = raw_server_graph(env, precision, threads, row["mean_batch"], args.raw_seconds, b1_before)
             if label == "EfficientNet-Lite0" and precision == "fp32":
                 row["growing"] = growing_work(tmp, running, key, keys, bodies, args.seconds)
-        row["raw"] = raw_server_graph(env, precision, threads, row["mean_batch"], args.raw_seconds)
         rows.append(row)
         print(f"  {label}: {row['requests_per_s']:.1f} requests/s, raw b1 {row['raw']['b1_per_s']:.1f} images/s",
               file=sys.stderr)
