@@ -7,7 +7,8 @@
    graph (start-up time, memory at start and after load), `wrk` with 8 connections posting skimage's
    chelsea.png as a 451x300 JPEG in base64 for --seconds while a probe reads /v1/usage every 50 ms; CPU per
    request by thread group from /proc (server_load.py); then the server's own cached graph alone (ONNX Runtime,
-   uint8 input): images/s at batch 1 and 8 one pass at a time on all the server's threads (the reference), at
+   uint8 input, the server idle): images/s at batch 1 one pass at a time on all the server's threads, just
+   before the load and again just after (the reference: their mean), and at batch 8, at
    batch 1 as the server runs it (PARALLEL_BATCHES passes side by side, a share of the threads each), CPU per
    image at the batch size the server formed, as it runs it, and at batch 1 with ONNX Runtime's defaults, which
    spin.
@@ -133,7 +134,7 @@ def raw_server_graph(env: dict[str, str], precision: Precision, threads: int, me
     b8, b8_cpu = images_per_second(backend, 8, seconds)
     served = settings_of(env)
     at_once = served.parallel_batches
-    if at_once == 1:  # served as the reference runs: measured once
+    if at_once == 1:  # served as the reference runs: the reference's mean, and the CPU of the run after
         as_served, side_by_side_b1, side_by_side_cpu = backend, b1, b1_cpu
     else:
         as_served = OnnxBackend(path, precision, served.threads_per_batch)
