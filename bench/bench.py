@@ -7,11 +7,10 @@
    graph (start-up time, memory at start and after load), `wrk` with 8 connections posting skimage's
    chelsea.png as a 451x300 JPEG in base64 for --seconds while a probe reads /v1/usage every 50 ms; CPU per
    request by thread group from /proc (server_load.py); then the server's own cached graph alone (ONNX Runtime,
-   uint8 input, the server idle): images/s at batch 1 one pass at a time on all the server's threads, just
-   before the load and again just after (the reference: their mean), and at batch 8, at
-   batch 1 as the server runs it (PARALLEL_BATCHES passes side by side, a share of the threads each), CPU per
-   image at the batch size the server formed, as it runs it, and at batch 1 with ONNX Runtime's defaults, which
-   spin.
+   uint8 input, the server idle): images/s one pass at a time on all the server's threads at batch 1, just
+   before the load and again just after (the reference: their mean), and at batch 8; at batch 1 as the server
+   runs it (PARALLEL_BATCHES passes side by side, one thread each); CPU per image at the batch size the server
+   formed, as it runs it; and batch 1 with ONNX Runtime's defaults, which spin.
 2. Cost as the work grows, on EfficientNet-Lite0 fp32, each as CPU per image: 1,000 keys instead of 1, 16
    images per request, a 12 MP JPEG; and 8 Python (httpx) clients in the probe's process instead of wrk.
 3. Worker layouts on 1 and 2 cores (`taskset`): one worker; two with all the cores each (INFERENCE_THREADS set

@@ -39,8 +39,8 @@ def print_tables(report: dict) -> None:
           f"{report['load_average']} at the end; {report['inference_threads']} inference threads; wrk "
           f"{report['seconds']:g} s a row, 8 connections, the 451x300 photo as a base64 JPEG\n")
     models = report["models"]
-    table(["model", "raw ORT b1 (before, after) / b8 (img/s)", "raw b1, spinning", "raw b1, as served", "server (req/s)",
-           "p50 / p99 ms", "server / raw b1", "/v1/usage p50 / p99 ms", "start s", "RSS start / after MB"],
+    table(["model", "raw ORT b1 (before, after) / b8 (img/s)", "raw b1, spinning", "raw b1, as served",
+           "server (req/s)", "p50 / p99 ms", "server / raw b1", "/v1/usage p50 / p99 ms", "start s", "RSS start / after MB"],
           [[f"{row['model']} {row['precision']}", f"{raw_b1(row['raw'])} / {row['raw']['b8_per_s']:.1f}",
             f"{row['raw']['spinning_b1_per_s']:.1f}",
             f"{row['raw']['side_by_side_b1_per_s']:.1f} ({row['raw']['parallel_batches']} at once)",
