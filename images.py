@@ -90,7 +90,8 @@ def decode_for_model(data: bytes, max_pixels: int, resize: int, crop: int, resam
     and colour-keyed images excepted: resize needs them converted whole first).
     """
     image = open_checked(data, max_pixels)
-    orientation = exif_orientation(image)
+    # Pillow turns a TIFF upright itself as it loads it, and reports its upright size
+    orientation = 1 if image.format == "TIFF" else exif_orientation(image)
     width, height = image.size
     try:
         scale = resize / min(image.size)
@@ -113,9 +114,11 @@ def decode_for_model(data: bytes, max_pixels: int, resize: int, crop: int, resam
 
 
 def highest_value(image: Image.Image) -> float:
+    """The highest finite pixel value: one infinite pixel must not decide how the others are scaled."""
     highest = image.getextrema()[1]
-    if math.isnan(highest):  # Pillow's extrema turn NaN when the first pixel is NaN
-        highest = float(np.nanmax(np.asarray(image), initial=0))
+    if not math.isfinite(highest):  # NaN (Pillow's extrema turn NaN when the first pixel is) or infinite
+        pixels = np.asarray(image)
+        highest = float(pixels[np.isfinite(pixels)].max(initial=0))
     return highest
 
 
@@ -314,7 +317,7 @@ def to_rgb(image: Image.Image, highest: float) -> Image.Image:
         return image
     if image.mode in SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         return Image.fromarray(_to_uint8(np.asarray(image), image.mode, highest)).convert("RGB")
-    if "A" in image.getbands():
+    if image.has_transparency_data:  # not "A" in its bands: CIELab's A is a colour
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         white.alpha_composite(rgba)
