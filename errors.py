@@ -39,6 +39,8 @@ ERROR_TYPES = {
     504: "timeout_error",
 }
 MAX_LISTED_PROBLEMS = 10  # a list of a million wrong items gets a short answer, not a megabyte one
+MAX_QUOTED_CHARS = 100  # what a message quotes of the client's input: a field name of 15 MiB is not sent back
+MAX_MESSAGE_CHARS = 2000  # every message, whatever it quotes: an error body stays small
 
 
 class ErrorDetail(BaseModel):
@@ -62,6 +64,25 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class NotAdmitted(ApiError):
+    """A request refused before it could be admitted, for its connection or the server's room rather than what it
+    asks: never counted against the key's limit."""
+
+
+class MalformedBody(NotAdmitted):
+    """The body broke HTTP/1.1's framing (a bad chunk, a chunked body cut short): http_protocol.py raises it from
+    the app's read of the body."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(400, "invalid_http", f"The request body is not valid HTTP/1.1 ({reason}); send it with a "
+                                              "Content-Length, or as well-formed chunks.")
+
+
+def clipped(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text`, cut to `limit` characters if longer, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def database_unavailable() -> ApiError:
     return ApiError(503, "database_unavailable",
                     "The server's database is busy or unreachable; retry after the Retry-After seconds.",
@@ -81,8 +102,8 @@ def internal_error() -> ApiError:
 def json_error(error: ApiError, extra_headers: dict[str, str] | None = None) -> JSONResponse:
     error_type = ERROR_TYPES.get(error.status_code, "invalid_request_error")
     request_id = current_request_id.get() or new_request_id()
-    body = ErrorResponse(error=ErrorDetail(type=error_type, code=error.code, message=error.message,
-                                           request_id=request_id))
+    body = ErrorResponse(error=ErrorDetail(type=error_type, code=error.code,
+                                           message=clipped(error.message, MAX_MESSAGE_CHARS), request_id=request_id))
     return JSONResponse(body.model_dump(), status_code=error.status_code, headers={**(extra_headers or {}), **error.headers})
 
 
@@ -100,11 +121,12 @@ async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    path = clipped(request.url.path)
     if exc.status_code == 404:
-        message = f"No such endpoint: {request.url.path}. The API is described at /docs."
+        message = f"No such endpoint: {path}. The API is described at /docs."
     elif exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "another method")
-        message = f"{request.method} is not allowed on {request.url.path}; use {allowed}."
+        message = f"{clipped(request.method)} is not allowed on {path}; use {allowed}."
     else:
         message = str(exc.detail)
     code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
@@ -116,7 +138,7 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     errors = exc.errors()
     problems = []
     for error in errors[:MAX_LISTED_PROBLEMS]:
-        where = ".".join(str(part) for part in error["loc"])
+        where = clipped(".".join(str(part) for part in error["loc"]))
         problems.append(f"{where}: {error['msg']}" if where else error["msg"])
     if len(errors) > MAX_LISTED_PROBLEMS:
         problems.append(f"and {len(errors) - MAX_LISTED_PROBLEMS} more")

@@ -187,6 +187,23 @@ def test_unknown_paths_and_methods_get_the_one_error_shape(server):
         assert "POST" in not_allowed["message"]
 
 
+@pytest.mark.parametrize("case", ["an unknown field named by 1 MiB", "a path of 15 KiB", "a method of 8 KiB"])
+def test_an_error_quotes_little_of_what_it_was_sent(api, case):
+    """A 422 for an unknown field echoed its name whole: a key of 15 MiB made a 15 MiB error body."""
+    if case.startswith("an unknown field"):
+        response = api.post("/v1/classify", json={"image": b64(b"x"), "x" * ONE_MEGABYTE: 1})
+        status = 422
+    elif case.startswith("a path"):
+        response = api.get("/v1/" + "p" * 15 * 1024)
+        status = 404
+    else:
+        response = api.request("X" * 8 * 1024, "/v1/classify")
+        status = 405
+    error = assert_error(response, status)
+    assert len(response.content) < 1000, len(response.content)
+    assert "characters)" in error["message"]  # it says how long what it cut was
+
+
 def test_health_checks_answer_head(server):
     with server.client() as client:
         assert client.head("/healthz").status_code == 200
