@@ -11,12 +11,11 @@ WORKERS ?= 1
 
 .PHONY: run test install bench clean screenshot
 
-# --http: uvicorn's h11 protocol with our connection limits (MAX_CONNECTIONS, HEADER_TIMEOUT_S, request heads, early
-# answers: http_protocol.py). --timeout-graceful-shutdown: SHUTDOWN_TIMEOUT_S (20) and 5 s, a bound for what overruns it.
-# WEB_CONCURRENCY: uvicorn starts that many workers, and each reads it to take its share of the cores.
+# Plain `uvicorn main:app`: the app's start-up gives uvicorn its connection limits (http_protocol.py) and bounds its
+# wait at exit (SHUTDOWN_TIMEOUT_S and 5 s). WEB_CONCURRENCY: uvicorn starts that many workers, and each reads it to take its share of the cores.
 run: $(VENV)/.installed
 	$(BIN)/python cli.py init
-	WEB_CONCURRENCY=$(WORKERS) $(BIN)/uvicorn main:app --http http_protocol:HttpProtocol --host $(HOST) --port $(PORT) --no-server-header --timeout-graceful-shutdown 25
+	WEB_CONCURRENCY=$(WORKERS) $(BIN)/uvicorn main:app --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

@@ -1,42 +1,62 @@
 """The HTTP/1.1 connection: uvicorn's h11 protocol, with the limits a server facing the public needs.
 
-    $ uvicorn main:app --http http_protocol:HttpProtocol ...     (make run does; so do the tests' servers)
+However the app is started (`uvicorn main:app`, `make run`, `--workers N`), its start-up makes the uvicorn
+serving it use `HttpProtocol` for every connection (`adopt_running_server`), and bounds uvicorn's wait for
+running requests at exit (SHUTDOWN_TIMEOUT_S and SHUTDOWN_GRACE_S). What it adds to uvicorn's H11Protocol, in
+the order a connection meets it:
 
-What it adds to uvicorn's H11Protocol, in the order a connection meets it:
-
-    too many       past MAX_CONNECTIONS open in this process, a new connection is answered 503 and closed at
-                   once, before open connections use up the process's files (uvicorn's --limit-concurrency
-                   keeps each one open until its head arrives, then answers 503)
+    too many       past MAX_CONNECTIONS open in this process, a new connection is answered 503 and closed,
+                   before open connections use up the process's files (uvicorn's --limit-concurrency keeps
+                   each one open until its head arrives, then answers 503)
     head timeout   a request line and headers not all arrived HEADER_TIMEOUT_S after the connection opened, or
                    after its previous answer ended, get a 408 and the connection is closed (one that sent
                    nothing is just closed): uvicorn times no head, and its keep-alive timer stops at the first
                    byte, so a client sending a header line every few seconds held its connection for good
-    request head   a request line and headers over MAX_HEAD_BYTES get a 431 in the one error shape, and the
-                   connection is closed, however the head arrives (h11 caps only a head still arriving: one
-                   of 100 KB sent in one write was served)
+    request head   a request line and headers over MAX_HEAD_BYTES get a 431, however the head arrives (h11
+                   caps only a head still arriving: one of 100 KB sent in one write was served); a head ends
+                   at its first blank line, bare LFs included, as h11 reads it
+    not HTTP       what h11 refuses gets h11's status (400; 501 for a Transfer-Encoding it does not know) in the
+                   one error shape, not uvicorn's plain text; a body whose framing breaks mid-way (a bad chunk)
+                   is the app's to answer: reading it raises MalformedBody, a 400 the request log records
+    both lengths   a request with Content-Length and Transfer-Encoding is read by its Transfer-Encoding (h11
+                   does) and the connection is closed after its answer (RFC 9112 section 6.1), so nothing
+                   smuggled after its body is served
+    half-close     a client that shuts its sending side once its request is in (RFC 9112 section 9.6) is
+                   answered, then the connection closed; one that does so mid-body has gone
     early answer   an answer that starts before its request's body has all arrived (a 401, 413, 429 or 503
                    decided from the head) says `Connection: close`, and the connection is closed once it is
-                   sent: the rest of the body is not wanted, and uvicorn would keep such a connection open
-                   for good (body data arriving after the answer stops its keep-alive timer)
+                   sent: the rest of the body is not wanted
+    stalled reader an answer that cannot be written because the client reads none of it for SEND_TIMEOUT_S
+                   is abandoned and the connection aborted (at shutdown, by SHUTDOWN_TIMEOUT_S): otherwise it
+                   holds its connection, and the server's exit, for as long as the client likes
+    closing        a connection the client may still be sending on is closed in stages (RFC 9112 section
+                   9.6): the answer, then our side's FIN, then whatever the client still sends is read and
+                   discarded until it closes too, for at most BODY_TIMEOUT_S and MAX_BODY_BYTES. Closed at
+                   once, the kernel answers the client's next bytes with a reset, which destroys the answer
+                   before a client that writes its whole body first (httpx's AsyncClient) has read it
     given up       a request uvicorn cancels (--timeout-graceful-shutdown passed, or a second Ctrl-C) before
                    its answer started is closed unanswered, not given uvicorn's plain-text 500 and an ERROR line
-
-Plain `uvicorn main:app` runs uvicorn's own protocol, without any of these.
 """
 
 import asyncio
 import contextvars
 import functools
 import logging
+import math
+import re
+import socket
+import sys
 import time
 from typing import Any
 
 import h11
 from starlette.types import Message, Receive, Scope, Send
+from uvicorn.config import Config
+from uvicorn.lifespan.on import LifespanOn
 from uvicorn.protocols.http.flow_control import CLOSE_HEADER
-from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
+from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol, RequestResponseCycle
 
-from errors import ERROR_TYPES, ErrorDetail, ErrorResponse
+from errors import ERROR_TYPES, ErrorDetail, ErrorResponse, MalformedBody, clipped
 from requestid import HEADER as REQUEST_ID_HEADER, new_request_id
 from security_headers import API_HEADERS
 from settings import Settings
@@ -44,51 +64,148 @@ from settings import Settings
 logger = logging.getLogger("classify")
 
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers; a key and a few headers take well under 1 KiB
-HEAD_END = b"\r\n\r\n"
+HEAD_END = re.compile(rb"\n\r?\n")  # h11's own rule for where a head ends
 LOG_EVERY_S = 10.0
+# Past SHUTDOWN_TIMEOUT_S, uvicorn gives running requests this long more, then cancels them: a row that finds the
+# database locked at the deadline still gets written.
+SHUTDOWN_GRACE_S = 5.0
+# A closing connection is read until the client has sent nothing for this long (Apache's lingering close waits
+# 2 s a read): a client still writing its body sends more often.
+LINGER_QUIET_S = 2.0
+RESET_CHECK_S = 0.1  # how soon a client that closed as its images wait is noticed (they are then not run)
+# Connections refused at MAX_CONNECTIONS are over the cap already: this many at most linger, the rest close at once.
+MAX_REFUSED_LINGERING = 64
 
 
 @functools.cache
-def connection_settings() -> Settings:
-    """HEADER_TIMEOUT_S and MAX_CONNECTIONS, read once per process: uvicorn makes a protocol per connection."""
+def environment_settings() -> Settings:
+    """The limits when no app has set them (`adopt_running_server`): read once per process from the environment."""
     return Settings()
+
+
+class LogSummary:
+    """A warning about connections, logged at most once per LOG_EVERY_S with how many it stands for: a flood of
+    connections must not become a flood of log lines."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message  # its first %d: how many since the last line
+        self.count = 0
+        self.logged_at = -LOG_EVERY_S
+
+    def add(self, *args: object) -> None:
+        self.count += 1
+        if time.monotonic() - self.logged_at >= LOG_EVERY_S:
+            logger.warning(self.message, self.count, *args)
+            self.count, self.logged_at = 0, time.monotonic()
+
+
+REFUSALS = LogSummary("%d connections answered 503 and closed since the last such line: MAX_CONNECTIONS (%d) were "
+                      "open")
+ABANDONED = LogSummary("%d answers abandoned and their connections aborted since the last such line: the client "
+                       "read none of it for SEND_TIMEOUT_S (%g s), or by the shutdown deadline")
+
+
+def running_uvicorn_config() -> Config | None:
+    """The config of the uvicorn server whose lifespan is running this call, found up the call's frames (uvicorn
+    hands its config to no app); None under another server."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, LifespanOn):
+            return owner.config
+        frame = frame.f_back
+    return None
+
+
+def adopt_running_server(settings: Settings) -> bool:
+    """Makes the uvicorn server that runs this app's start-up serve its connections with HttpProtocol, with
+    `settings`' limits, and bounds its wait for running requests at exit; False if no uvicorn runs it.
+
+    Uvicorn reads its protocol class for each connection it accepts, and accepts none before start-up ends."""
+    HttpProtocol.settings = settings
+    config = running_uvicorn_config()
+    if config is None:
+        return False
+    if not (isinstance(config.http_protocol_class, type) and issubclass(config.http_protocol_class, HttpProtocol)):
+        config.http_protocol_class = HttpProtocol
+    if config.timeout_graceful_shutdown is None:
+        config.timeout_graceful_shutdown = math.ceil(settings.shutdown_timeout_s + SHUTDOWN_GRACE_S)
+    # The Server header names the software to whoever scans for its known holes, and tells a client nothing.
+    config.encoded_headers = [header for header in config.encoded_headers if header[0] != b"server"]
+    return True
+
+
+def has_both_lengths(headers: list[tuple[bytes, bytes]]) -> bool:
+    names = {name for name, _ in headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
+class ClosedInStages:
+    """The connection's transport, as uvicorn's code holds it: its close() is the protocol's close in stages."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: "HttpProtocol") -> None:
+        self.transport = transport
+        self.protocol = protocol
+
+    def close(self) -> None:
+        self.protocol.close_in_stages()
+
+    def is_closing(self) -> bool:
+        return self.protocol.is_lingering or self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 class HttpProtocol(H11Protocol):
     """uvicorn's H11Protocol and the limits above; uvicorn makes one for each connection."""
 
-    refused = 0  # connections refused (MAX_CONNECTIONS) since the last log line about it
-    refusal_logged_at = -LOG_EVERY_S
+    settings: Settings | None = None  # the app's, once it has started
+    refused_lingering = 0  # refused connections being closed in stages now
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.served_app = self.app
         self.app = self.serve  # what uvicorn runs for each request
-        self.header_timeout_s = connection_settings().header_timeout_s
-        self.max_connections = connection_settings().max_connections
+        settings = self.settings or environment_settings()
+        self.header_timeout_s = settings.header_timeout_s
+        self.max_connections = settings.max_connections
+        self.send_timeout_s = settings.send_timeout_s
+        self.shutdown_timeout_s = settings.shutdown_timeout_s
+        self.linger_max_s = settings.body_timeout_s
+        self.linger_max_bytes = settings.max_body_bytes + MAX_HEAD_BYTES
+        self.raw_transport: asyncio.Transport = None  # type: ignore[assignment]
         self.head_timer: asyncio.TimerHandle | None = None
+        self.send_timer: asyncio.TimerHandle | None = None  # runs while an answer waits for the client to read
+        self.send_deadline: float | None = None  # the loop's time by which any answer is abandoned (shutdown)
+        self.linger_timer: asyncio.TimerHandle | None = None
+        self.linger_ends_at = 0.0
+        self.linger_bytes_left = 0
+        self.is_lingering = False
+        self.is_refused = False
+        self.has_peer_eof = False
+        self.broken_cycle: RequestResponseCycle | None = None  # the request whose body broke its framing
+        self.broken_reason = ""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.raw_transport = transport
+        self.transport = ClosedInStages(transport, self)  # type: ignore[assignment]  (and every cycle's)
         if len(self.connections) > self.max_connections:  # this one included
-            self.log_refusal()
+            REFUSALS.add(self.max_connections)
+            self.is_refused = True
             self.refuse(503, "too_many_connections", f"The server holds {self.max_connections} connections "
                         "already (MAX_CONNECTIONS); retry shortly.", {"Retry-After": "1"})
             return
         self.start_head_timer()
 
-    @classmethod
-    def log_refusal(cls) -> None:
-        # One line per LOG_EVERY_S at most: a flood of connections must not become a flood of log lines.
-        cls.refused += 1
-        if time.monotonic() - cls.refusal_logged_at >= LOG_EVERY_S:
-            logger.warning("%d connections answered 503 and closed since the last such line: MAX_CONNECTIONS "
-                           "(%d) were open", cls.refused, connection_settings().max_connections)
-            cls.refused, cls.refusal_logged_at = 0, time.monotonic()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_head_timer()
+        self.stop_send_timer()
+        self.stop_lingering()
         super().connection_lost(exc)
+
+    # Request heads: their size and their time.
 
     def start_head_timer(self) -> None:
         self.stop_head_timer()
@@ -107,12 +224,19 @@ class HttpProtocol(H11Protocol):
             return
         buffered, _ = self.conn.trailing_data
         if not buffered:  # nothing sent since the connection opened, or since the last answer: just close
-            self.transport.close()
+            self.raw_transport.close()
             return
         logger.info("request head from %s not all in after %g s (HEADER_TIMEOUT_S): answered 408",
                     self.client, self.header_timeout_s)
+        # Closed at once: lingering would give a client that trickles its head longer than HEADER_TIMEOUT_S.
         self.refuse(408, "request_head_timeout", f"The request line and headers did not all arrive within "
-                    f"{self.header_timeout_s:g} s (HEADER_TIMEOUT_S); send them at once.")
+                    f"{self.header_timeout_s:g} s (HEADER_TIMEOUT_S); send them at once.", is_lingering=False)
+
+    def data_received(self, data: bytes) -> None:
+        if self.is_lingering:
+            self.discard(len(data))
+        elif self.conn.their_state is not h11.ERROR:  # after a broken body nothing more is read as HTTP
+            super().data_received(data)
 
     def handle_events(self) -> None:
         # Between requests h11 holds the next head unparsed; once it is complete, h11 takes it at any size.
@@ -123,22 +247,39 @@ class HttpProtocol(H11Protocol):
         if self.conn.their_state is not h11.IDLE:  # the head is in (its body is BODY_TIMEOUT_S's)
             self.stop_head_timer()
 
-    def on_response_complete(self) -> None:
-        self.start_head_timer()  # for the next head; a pipelined one already in stops it at once (handle_events)
-        super().on_response_complete()
-
     def buffered_head_bytes(self) -> int:
         buffered, _ = self.conn.trailing_data
-        end = buffered.find(HEAD_END, 0, MAX_HEAD_BYTES + len(HEAD_END))
-        return len(buffered) if end < 0 else end + len(HEAD_END)
+        end = HEAD_END.search(buffered, 0, MAX_HEAD_BYTES + 3)
+        return len(buffered) if end is None else end.end()
 
     def refuse_head(self) -> None:
         logger.warning("request head over %d bytes from %s: answered 431", MAX_HEAD_BYTES, self.client)
         self.refuse(431, "request_head_too_large", f"The request line and headers are over {MAX_HEAD_BYTES} "
                                                    "bytes; send fewer or shorter headers.")
 
-    def refuse(self, status: int, code: str, message: str, extra_headers: dict[str, str] | None = None) -> None:
-        """An error written straight to the socket (h11 sends no answer to a request it has not parsed); then close."""
+    def send_400_response(self, msg: str) -> None:
+        """What h11 refused: a head, answered here; or the body of the request being served, the app's to answer."""
+        # uvicorn calls this from its `except h11.RemoteProtocolError:`, so that error is the one being handled.
+        error = sys.exc_info()[1]
+        reason = clipped(str(error) or msg)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # h11 holds a next request unparsed until this one is answered: what broke is this request's body.
+            logger.info("request body from %s broke HTTP/1.1's framing (%s): the connection closes after the answer",
+                        self.client, reason)
+            self.broken_cycle, self.broken_reason = cycle, reason
+            cycle.keep_alive = False
+            cycle.message_event.set()  # a read waiting for the body raises MalformedBody now
+            return
+        status = getattr(error, "error_status_hint", 400)
+        logger.info("request from %s is not HTTP/1.1 (%s): answered %d", self.client, reason, status)
+        self.refuse(status, "invalid_http", f"The request is not valid HTTP/1.1 ({reason}); let your HTTP library "
+                                            "write it.")
+
+    def refuse(self, status: int, code: str, message: str, extra_headers: dict[str, str] | None = None,
+               is_lingering: bool = True) -> None:
+        """An error written straight to the socket (h11 sends no answer to a request it has not parsed); then the
+        connection closed, in stages unless not `is_lingering`."""
         request_id = new_request_id()
         error = ErrorDetail(type=ERROR_TYPES.get(status, "invalid_request_error"), code=code, message=message,
                             request_id=request_id)
@@ -148,26 +289,170 @@ class HttpProtocol(H11Protocol):
                    **(extra_headers or {})}
         head = f"HTTP/1.1 {status} {STATUS_PHRASES[status].decode()}\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in headers.items())
-        self.transport.write(head.encode("latin-1") + b"\r\n" + body)
-        self.transport.close()
+        self.raw_transport.write(head.encode("latin-1") + b"\r\n" + body)
+        if is_lingering:
+            self.close_in_stages(is_refusal=True)
+        else:
+            self.raw_transport.close()
+
+    # The end of a request, and of the connection.
+
+    def eof_received(self) -> bool | None:
+        if self.is_lingering:
+            return None  # the client has closed too: so do we
+        self.has_peer_eof = True
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or cycle.more_body:
+            return None  # nothing, part of a head or part of a body: it can never be completed, so the transport closes
+        # A whole request is in. The client may have shut only its sending side (and is answered), or closed and
+        # gone (and its images should not run): a FIN says the same for both. An interim 100, which an HTTP/1.1
+        # client must read and pass over (RFC 9110 section 15.2), tells them apart: a closed socket answers it
+        # with a reset, which ends the request as a hang-up does.
+        if not cycle.response_started and self.scope["http_version"] == "1.1":
+            self.raw_transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                                              reason=b"Continue")))
+            cycle.waiting_for_100_continue = False
+            self.watch_for_reset()
+        return True
+
+    def watch_for_reset(self) -> None:
+        """Until the answer starts, looks every RESET_CHECK_S for a reset: the transport reads no more once the
+        client's FIN is in, so a reset shows only as the socket's error."""
+        if self.cycle.response_started or self.raw_transport.is_closing():
+            return
+        sock = self.raw_transport.get_extra_info("socket")
+        if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            self.raw_transport.abort()  # uvicorn then tells the app the client has gone
+            return
+        self.loop.call_later(RESET_CHECK_S, self.watch_for_reset, context=contextvars.Context())
+
+    def on_response_complete(self) -> None:
+        self.start_head_timer()  # for the next head; a pipelined one already in stops it at once (handle_events)
+        super().on_response_complete()
+        # After the client's FIN, the requests it sent whole are answered; then there is nothing left to do.
+        if self.has_peer_eof and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
+            self.close_in_stages()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: an answer the client is not reading is abandoned by SHUTDOWN_TIMEOUT_S."""
+        self.send_deadline = self.loop.time() + self.shutdown_timeout_s
+        if self.is_lingering:
+            self.linger_ends_at = min(self.linger_ends_at, self.send_deadline)
+        if self.send_timer is not None:
+            self.start_send_timer()
+        super().shutdown()
+
+    def close_in_stages(self, is_refusal: bool = False) -> None:
+        """Closes the connection; if the client may still be sending (a body, pipelined requests, a refused
+        connection's request), in stages: the answer, then our FIN, then what the client sends is discarded until
+        it closes, goes quiet for LINGER_QUIET_S, or passes the linger's bounds."""
+        transport = self.raw_transport
+        if self.is_lingering or transport.is_closing():
+            return
+        buffered, _ = self.conn.trailing_data
+        may_send = is_refusal or self.conn.their_state in (h11.SEND_BODY, h11.ERROR) or bool(buffered)
+        if is_refusal and self.is_refused and HttpProtocol.refused_lingering >= MAX_REFUSED_LINGERING:
+            may_send = False  # a flood of connections over the cap: their files matter more than their answers
+        if self.has_peer_eof or not may_send or not transport.can_write_eof():
+            transport.close()
+            self.bound_the_flush()
+            return
+        self.stop_head_timer()
+        self.is_lingering = True
+        if self.is_refused:
+            HttpProtocol.refused_lingering += 1
+        self.linger_ends_at = min(self.loop.time() + self.linger_max_s, self.send_deadline or float("inf"))
+        self.linger_bytes_left = self.linger_max_bytes
+        transport.write_eof()  # sent once the answer is
+        transport.resume_reading()  # uvicorn's flow control may have paused it
+        self.bound_the_flush()
+        self.linger_timer = self.loop.call_later(LINGER_QUIET_S, self.stop_lingering_and_close,
+                                                 context=contextvars.Context())
+
+    def discard(self, size: int) -> None:
+        self.linger_bytes_left -= size
+        if self.linger_bytes_left <= 0 or self.loop.time() >= self.linger_ends_at:
+            self.stop_lingering_and_close()
+        elif self.linger_timer is not None:
+            self.linger_timer.cancel()
+            self.linger_timer = self.loop.call_later(LINGER_QUIET_S, self.stop_lingering_and_close,
+                                                     context=contextvars.Context())
+
+    def stop_lingering(self) -> None:
+        if self.linger_timer is not None:
+            self.linger_timer.cancel()
+            self.linger_timer = None
+        if self.is_lingering and self.is_refused:
+            HttpProtocol.refused_lingering -= 1
+            self.is_refused = False  # counted once
+
+    def stop_lingering_and_close(self) -> None:
+        self.stop_lingering()
+        if self.raw_transport.get_write_buffer_size():
+            self.raw_transport.abort()  # the client has read none of the answer in all this time
+        else:
+            self.raw_transport.close()
+
+    def bound_the_flush(self) -> None:
+        """A closing transport keeps its socket until its answer is written: SEND_TIMEOUT_S bounds that too."""
+        if self.send_timer is None and self.raw_transport.get_write_buffer_size():
+            self.start_send_timer()
+
+    # Answers the client does not read.
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.start_send_timer()
+
+    def resume_writing(self) -> None:
+        self.stop_send_timer()
+        super().resume_writing()
+
+    def start_send_timer(self) -> None:
+        self.stop_send_timer()
+        delay = self.send_timeout_s
+        if self.send_deadline is not None:
+            delay = max(0.0, min(delay, self.send_deadline - self.loop.time()))
+        self.send_timer = self.loop.call_later(delay, self.abandon_answer, context=contextvars.Context())
+
+    def stop_send_timer(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def abandon_answer(self) -> None:
+        self.send_timer = None
+        ABANDONED.add(self.send_timeout_s)
+        self.stop_lingering()
+        self.raw_transport.abort()
+
+    # Each request.
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         cycle = self.cycle  # this request's: the next one's starts only once this one is answered
+        if has_both_lengths(scope["headers"]):
+            cycle.keep_alive = False  # RFC 9112 section 6.1: read by Transfer-Encoding, then closed
 
-        async def send_closing_early(message: Message) -> None:
+        async def receive_whole() -> Message:
+            message = await receive()
+            if self.broken_cycle is cycle:
+                raise MalformedBody(self.broken_reason)
+            return message
+
+        async def send_closing(message: Message) -> None:
             # more_body: h11 has not seen the body's end, so the connection cannot carry another request.
-            if message["type"] == "http.response.start" and cycle.more_body:
+            if message["type"] == "http.response.start" and (cycle.more_body or not cycle.keep_alive):
                 headers = list(message.get("headers", []))
                 if CLOSE_HEADER not in headers:
                     message = {**message, "headers": headers + [CLOSE_HEADER]}
             await send(message)
 
         try:
-            await self.served_app(scope, receive, send_closing_early)
+            await self.served_app(scope, receive_whole, send_closing)
         except asyncio.CancelledError:
             if cycle.response_started:
                 raise
             # uvicorn gave up on the request: nothing the log holds may be answered now, so no answer at all.
             logger.warning("%s %s cancelled as the server exits: closed unanswered", scope["method"], scope["path"])
             cycle.disconnected = True  # uvicorn then sends nothing
-            self.transport.close()
+            self.raw_transport.close()

@@ -12,11 +12,11 @@ from fastapi.exceptions import RequestValidationError
 import metrics
 from batching import Answer, Batcher, DeadlineExceeded, Overloaded
 from db import ApiKey, not_waiting_for_the_database
-from errors import ApiError
+from errors import ApiError, NotAdmitted
 from idempotency import Claim, claim_for, has_stored_answer, requested_key
 from inference import LoadedModel
 from ratelimit import Decision, OnAdmit, SlidingWindowLimiter
-from request_body import ImagesToClassify, decode_images, parse_body, read_body
+from request_body import BodyRoom, ImagesToClassify, decode_images, parse_body, read_body
 from requestlog import add_timing
 from schemas import ClassifyRequest, ImagesRequest
 from settings import Settings
@@ -105,11 +105,12 @@ def check_image_count(count: int, key: ApiKey, settings: Settings) -> None:
 
 
 async def read_classify_request(request: Request, key: ApiKey, settings: Settings, limiter: SlidingWindowLimiter,
-                                schema: type[ImagesRequest] = ClassifyRequest) -> ImagesToClassify:
-    """The body, read, parsed and checked; a request refused here still counts once against the limit."""
+                                room: BodyRoom, schema: type[ImagesRequest] = ClassifyRequest) -> ImagesToClassify:
+    """The body, read (in `room`), parsed and checked; a request refused here still counts once against the limit,
+    unless it was never admitted (no room for its body, a body that is not HTTP, a server shutting down)."""
     try:
         with not_waiting_for_the_database():
-            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s,
+            body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s, room,
                                    request.app.state.shutdown)
         started = time.perf_counter()
         to_classify = await parse_body(request.app.state.decode_pool, body, request.headers.get("content-type", ""),
@@ -119,6 +120,8 @@ async def read_classify_request(request: Request, key: ApiKey, settings: Setting
         check_image_count(len(to_classify.sources), key, settings)
     except ShuttingDown:
         raise shutting_down() from None  # not the client's doing: not counted
+    except NotAdmitted:
+        raise
     except (ApiError, RequestValidationError):
         await charge(request, key, limiter, 1)
         raise
@@ -148,23 +151,27 @@ async def run_images(request: Request, key: ApiKey,
         refuse_if_full(request, key, known_full)
     if not batcher.has_room():
         raise overloaded(settings.max_queue)
-    to_classify = await read_classify_request(request, key, settings, limiter, schema)
-    claim = await claim_for(request, key.id, to_classify, idempotency_key)
-    try:
-        # Queue places are taken as the admission records its hits, in one step: a full server does not use up
-        # the limit, and a request waiting for the database's lock holds no place meanwhile.
-        with batcher.reservation() as take_places:
-            await charge(request, key, limiter, len(to_classify.sources), on_admit=take_places, claim=claim)
-            with not_waiting_for_the_database():
-                started = time.perf_counter()
-                with batcher.images_coming(len(to_classify.sources)):
-                    images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
-                                                 settings.max_image_pixels)
-                    add_timing(request, "decode", started)
-                    inference = batcher.infer(images, deadline)
-                answers = await infer(request, inference)
-    except Overloaded:
-        raise overloaded(settings.max_queue) from None
+    with state.body_memory.reserving() as room:
+        to_classify = await read_classify_request(request, key, settings, limiter, room, schema)
+        claim = await claim_for(request, key.id, to_classify, idempotency_key)
+        try:
+            # Queue places are taken as the admission records its hits, in one step: a full server does not use up
+            # the limit, and a request waiting for the database's lock holds no place meanwhile.
+            with batcher.reservation() as take_places:
+                await charge(request, key, limiter, len(to_classify.sources), on_admit=take_places, claim=claim)
+                with not_waiting_for_the_database():
+                    started = time.perf_counter()
+                    with batcher.images_coming(len(to_classify.sources)):
+                        images = await decode_images(request.app.state.decode_pool, to_classify, model.spec,
+                                                     settings.max_image_pixels)
+                        add_timing(request, "decode", started)
+                        inference = batcher.infer(images, deadline)
+                    # Decoded: the base64 text is not needed again, and would be held while the images wait.
+                    to_classify.sources.clear()
+                    room.release()
+                    answers = await infer(request, inference)
+        except Overloaded:
+            raise overloaded(settings.max_queue) from None
     request.state.timings["queue"] = max(answer.queue_ms for answer in answers)
     request.state.timings["model"] = max(answer.model_ms for answer in answers)
     request.state.model_name = model.spec.name  # for the request's line in the server log

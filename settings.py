@@ -121,11 +121,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     # A body still arriving after this long gets a 408: a slow sender cannot hold a slot forever.
     body_timeout_s: float = Field(30.0, gt=0)
+    # The memory request bodies may take at once, all requests together: a body counts three times its size (its
+    # bytes, the text or file parsed from them, the parser's copy) from when it starts to arrive until its images
+    # are decoded. Past it, a new upload is answered 503 before its body is read.
+    max_body_memory_bytes: int = Field(256 * 1024 * 1024, ge=2048)
     # A request line and headers not all in this long after the connection opened (or its last answer ended)
-    # get a 408 and the connection is closed; one that sent nothing is closed. Needs http_protocol.HttpProtocol.
+    # get a 408 and the connection is closed; one that sent nothing is closed.
     header_timeout_s: float = Field(10.0, gt=0)
+    # An answer the client reads none of for this long (its socket's buffers full) is abandoned, and the
+    # connection aborted: a client that never reads cannot hold a connection, or the server's exit, for good.
+    send_timeout_s: float = Field(30.0, gt=0)
     # Connections one server process holds at most; past it a new one is answered 503 and closed at once, before
-    # connections use up its open files. Needs http_protocol.HttpProtocol.
+    # connections use up its open files.
     max_connections: int = Field(default_factory=default_max_connections, ge=1)
     # Images whose header declares more pixels get a 413 before decoding (Pillow itself only warns at 89 MP).
     max_image_pixels: int = Field(25_000_000, ge=1)
@@ -229,6 +236,14 @@ class Settings(BaseSettings):
     @classmethod
     def upper_case_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def memory_holds_a_body(self) -> "Settings":
+        if self.max_body_memory_bytes < 3 * self.max_body_bytes:
+            raise ValueError(f"MAX_BODY_MEMORY_BYTES={self.max_body_memory_bytes} is below three times MAX_BODY_BYTES="
+                             f"{self.max_body_bytes}: a body counts three times its size, so the largest would never "
+                             "be read; raise MAX_BODY_MEMORY_BYTES or lower MAX_BODY_BYTES")
+        return self
 
     @model_validator(mode="after")
     def queue_holds_a_request(self) -> "Settings":

@@ -31,7 +31,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 from auth import create_key  # noqa: E402
-from conftest import HTTP_PROTOCOL  # noqa: E402  (make run's --http)
 from db import make_engine, make_sessionmaker, migrate  # noqa: E402
 from servers import free_port  # noqa: E402
 
@@ -53,7 +52,7 @@ def start(tmp: Path, env: dict[str, str], workers: int = 1, cpus: str | None = N
     """`uvicorn main:app` as make run starts it (WEB_CONCURRENCY for workers), on `cpus` if given."""
     port = free_port()
     database_url = f"sqlite:///{tmp / 'bench.db'}"
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--http", HTTP_PROTOCOL, "--port", str(port)]
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)]
     full_env = {**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "WARNING", "WEB_CONCURRENCY": str(workers),
                 **env}
     started = time.monotonic()

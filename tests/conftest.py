@@ -10,7 +10,6 @@ import asyncio
 import base64
 import io
 import os
-import re
 import select
 import signal
 import socket
@@ -40,8 +39,6 @@ CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"
 START_TIMEOUT_S = 120
 MODEL_CACHE = ROOT / ".cache" / "test-models"  # exported ONNX graphs, kept between runs like a user's cache
 ONE_MEGABYTE = 1024 * 1024
-# The HTTP protocol `make run` serves with (http_protocol.py), read from the Makefile: the tests run what users run.
-HTTP_PROTOCOL = re.search(r"--http (\S+)", (ROOT / "Makefile").read_text()).group(1)
 
 
 def photo_path(name: str) -> Path:
@@ -112,7 +109,7 @@ def content_length(response: bytes) -> int:
 
 
 class Server:
-    """One `uvicorn main:app --http http_protocol:...` subprocess; its stdout+stderr go to `log_path`."""
+    """One `uvicorn main:app` subprocess, as `make run` starts it; its stdout+stderr go to `log_path`."""
 
     def __init__(self, tmp: Path, env: dict[str, str], workers: int = 1, args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
@@ -127,8 +124,7 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Server":
-        command = [sys.executable, "-m", "uvicorn", "main:app", "--http", HTTP_PROTOCOL, "--host", "127.0.0.1",
-                   "--port", str(self.port)]
+        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
         if self.workers > 1:  # as `make run WORKERS=N` asks for them: uvicorn and each worker read it
             self.env["WEB_CONCURRENCY"] = str(self.workers)
         command += self.args
