@@ -16,8 +16,9 @@ the order a connection meets it:
                    caps only a head still arriving: one of 100 KB sent in one write was served); a head ends
                    at its first blank line, bare LFs included, as h11 reads it
     not HTTP       what h11 refuses gets h11's status (400; 501 for a Transfer-Encoding it does not know) in the
-                   one error shape, not uvicorn's plain text; a body whose framing breaks mid-way (a bad chunk)
-                   is the app's to answer: reading it raises MalformedBody, a 400 the request log records
+                   one error shape, not uvicorn's plain text; a body whose framing breaks mid-way (a bad chunk, or
+                   too many tiny ones) is the app's to answer: its reader is told (BODY_ERROR), and answers a 400
+                   the request log records
     both lengths   a request with Content-Length and Transfer-Encoding is read by its Transfer-Encoding (h11
                    does) and the connection is closed after its answer (RFC 9112 section 6.1), so nothing
                    smuggled after its body is served
@@ -56,7 +57,7 @@ from uvicorn.lifespan.on import LifespanOn
 from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol, RequestResponseCycle
 
-from errors import ERROR_TYPES, ErrorDetail, ErrorResponse, MalformedBody, clipped
+from errors import ERROR_TYPES, ErrorDetail, ErrorResponse, clipped
 from requestid import HEADER as REQUEST_ID_HEADER, new_request_id
 from security_headers import API_HEADERS
 from settings import Settings
@@ -72,7 +73,13 @@ SHUTDOWN_GRACE_S = 5.0
 # A closing connection is read until the client has sent nothing for this long (Apache's lingering close waits
 # 2 s a read): a client still writing its body sends more often.
 LINGER_QUIET_S = 2.0
-RESET_CHECK_S = 0.1  # how soon a client that closed as its images wait is noticed (they are then not run)
+# h11 and uvicorn spend 3.5-7 us of the event loop on each piece of a body (a chunk, or what one read brought):
+# past FREE_BODY_PIECES, a body whose pieces average under MIN_MEAN_PIECE_BYTES is refused as broken framing
+# (20 x 256 KB of 1-byte chunks cost 2.7 s of the loop; a 20 MiB body of them would cost minutes).
+FREE_BODY_PIECES = 1000
+MIN_MEAN_PIECE_BYTES = 256
+RESET_CHECK_S = 0.1
+BODY_ERROR = "classify.body_error"  # in a request's body message: why its framing broke (HTTP/1.1's words)  # how soon a client that closed as its images wait is noticed (they are then not run)
 # Connections refused at MAX_CONNECTIONS are over the cap already: this many at most linger, the rest close at once.
 MAX_REFUSED_LINGERING = 64
 
@@ -84,18 +91,19 @@ def environment_settings() -> Settings:
 
 
 class LogSummary:
-    """A warning about connections, logged at most once per LOG_EVERY_S with how many it stands for: a flood of
-    connections must not become a flood of log lines."""
+    """A line about what clients did, logged at most once per LOG_EVERY_S with how many times it stands for: a
+    flood of connections must not become a flood of log lines."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, level: int = logging.WARNING) -> None:
         self.message = message  # its first %d: how many since the last line
+        self.level = level
         self.count = 0
         self.logged_at = -LOG_EVERY_S
 
     def add(self, *args: object) -> None:
         self.count += 1
         if time.monotonic() - self.logged_at >= LOG_EVERY_S:
-            logger.warning(self.message, self.count, *args)
+            logger.log(self.level, self.message, self.count, *args)
             self.count, self.logged_at = 0, time.monotonic()
 
 
@@ -103,6 +111,35 @@ REFUSALS = LogSummary("%d connections answered 503 and closed since the last suc
                       "open")
 ABANDONED = LogSummary("%d answers abandoned and their connections aborted since the last such line: the client "
                        "read none of it for SEND_TIMEOUT_S (%g s), or by the shutdown deadline")
+SLOW_HEADS = LogSummary("%d request heads not all in after HEADER_TIMEOUT_S (%g s) answered 408 since the last such "
+                        "line", logging.INFO)
+LARGE_HEADS = LogSummary("%d request heads over %d bytes answered 431 since the last such line")
+NOT_HTTP = LogSummary("%d requests that are not HTTP/1.1 answered 400 or 501 since the last such line (the last: %s)")
+UPGRADES = LogSummary("%d requests to upgrade the connection (a WebSocket's) answered as plain HTTP since the last "
+                      "such line", logging.INFO)
+# uvicorn's own warnings about what a client sent, once per request: summarised above instead
+UVICORN_CLIENT_WARNINGS = {"Invalid HTTP request received.": None, "Unsupported upgrade request.": UPGRADES}
+
+
+class UvicornLog(logging.LoggerAdapter):
+    """uvicorn's logger as the protocol uses it, less its warnings about what a client sent (uvicorn logs one or two
+    for each such request; the summaries above count them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("uvicorn.error"), {})
+
+    @property
+    def level(self) -> int:  # uvicorn reads it to decide on its TRACE lines
+        return self.logger.level
+
+    def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
+        if msg in UVICORN_CLIENT_WARNINGS:
+            if (summary := UVICORN_CLIENT_WARNINGS[msg]) is not None:
+                summary.add()
+        elif str(msg).startswith("No supported WebSocket library"):
+            pass  # uvicorn's second line about the same request
+        else:
+            self.logger.warning(msg, *args, **kwargs)
 
 
 def running_uvicorn_config() -> Config | None:
@@ -165,6 +202,7 @@ class HttpProtocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.logger = UvicornLog()  # type: ignore[assignment]
         self.served_app = self.app
         self.app = self.serve  # what uvicorn runs for each request
         settings = self.settings or environment_settings()
@@ -186,6 +224,8 @@ class HttpProtocol(H11Protocol):
         self.has_peer_eof = False
         self.broken_cycle: RequestResponseCycle | None = None  # the request whose body broke its framing
         self.broken_reason = ""
+        self.body_pieces = self.body_bytes = 0
+        self.conn.next_event = self.next_event  # type: ignore[method-assign]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -224,10 +264,9 @@ class HttpProtocol(H11Protocol):
             return
         buffered, _ = self.conn.trailing_data
         if not buffered:  # nothing sent since the connection opened, or since the last answer: just close
-            self.raw_transport.close()
+            self.close_now()
             return
-        logger.info("request head from %s not all in after %g s (HEADER_TIMEOUT_S): answered 408",
-                    self.client, self.header_timeout_s)
+        SLOW_HEADS.add(self.header_timeout_s)
         # Closed at once: lingering would give a client that trickles its head longer than HEADER_TIMEOUT_S.
         self.refuse(408, "request_head_timeout", f"The request line and headers did not all arrive within "
                     f"{self.header_timeout_s:g} s (HEADER_TIMEOUT_S); send them at once.", is_lingering=False)
@@ -235,8 +274,21 @@ class HttpProtocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self.is_lingering:
             self.discard(len(data))
-        elif self.conn.their_state is not h11.ERROR:  # after a broken body nothing more is read as HTTP
+        elif self.broken_cycle is None and self.conn.their_state is not h11.ERROR:  # after that, nothing is HTTP
             super().data_received(data)
+
+    def next_event(self) -> Any:
+        """h11's next event, as uvicorn asks for them; a body in too many small pieces is an error of its framing."""
+        event = h11.Connection.next_event(self.conn)
+        if type(event) is h11.Data:
+            self.body_pieces += 1
+            self.body_bytes += len(event.data)
+            if self.body_pieces > FREE_BODY_PIECES and self.body_bytes < MIN_MEAN_PIECE_BYTES * self.body_pieces:
+                raise h11.RemoteProtocolError(f"a body in {self.body_pieces} pieces averaging under "
+                                              f"{MIN_MEAN_PIECE_BYTES} bytes; send it in larger chunks")
+        elif type(event) is h11.Request:
+            self.body_pieces = self.body_bytes = 0
+        return event
 
     def handle_events(self) -> None:
         # Between requests h11 holds the next head unparsed; once it is complete, h11 takes it at any size.
@@ -253,7 +305,7 @@ class HttpProtocol(H11Protocol):
         return len(buffered) if end is None else end.end()
 
     def refuse_head(self) -> None:
-        logger.warning("request head over %d bytes from %s: answered 431", MAX_HEAD_BYTES, self.client)
+        LARGE_HEADS.add(MAX_HEAD_BYTES)
         self.refuse(431, "request_head_too_large", f"The request line and headers are over {MAX_HEAD_BYTES} "
                                                    "bytes; send fewer or shorter headers.")
 
@@ -265,14 +317,14 @@ class HttpProtocol(H11Protocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             # h11 holds a next request unparsed until this one is answered: what broke is this request's body.
-            logger.info("request body from %s broke HTTP/1.1's framing (%s): the connection closes after the answer",
-                        self.client, reason)
+            logger.debug("request body from %s broke HTTP/1.1's framing (%s): the connection closes after the "
+                         "answer", self.client, reason)
             self.broken_cycle, self.broken_reason = cycle, reason
             cycle.keep_alive = False
-            cycle.message_event.set()  # a read waiting for the body raises MalformedBody now
+            cycle.message_event.set()  # a read waiting for the body is told now (BODY_ERROR)
             return
         status = getattr(error, "error_status_hint", 400)
-        logger.info("request from %s is not HTTP/1.1 (%s): answered %d", self.client, reason, status)
+        NOT_HTTP.add(reason)
         self.refuse(status, "invalid_http", f"The request is not valid HTTP/1.1 ({reason}); let your HTTP library "
                                             "write it.")
 
@@ -293,7 +345,7 @@ class HttpProtocol(H11Protocol):
         if is_lingering:
             self.close_in_stages(is_refusal=True)
         else:
-            self.raw_transport.close()
+            self.close_now()
 
     # The end of a request, and of the connection.
 
@@ -303,7 +355,10 @@ class HttpProtocol(H11Protocol):
         self.has_peer_eof = True
         cycle = self.cycle
         if cycle is None or cycle.response_complete or cycle.more_body:
-            return None  # nothing, part of a head or part of a body: it can never be completed, so the transport closes
+            # Nothing, part of a head or part of a body: it can never be completed. Closed here, not by the transport,
+            # so that an answer still being written to a client that does not read has its bound.
+            self.close_now()
+            return True
         # A whole request is in. The client may have shut only its sending side (and is answered), or closed and
         # gone (and its images should not run): a FIN says the same for both. An interim 100, which an HTTP/1.1
         # client must read and pass over (RFC 9110 section 15.2), tells them apart: a closed socket answers it
@@ -338,7 +393,7 @@ class HttpProtocol(H11Protocol):
         self.send_deadline = self.loop.time() + self.shutdown_timeout_s
         if self.is_lingering:
             self.linger_ends_at = min(self.linger_ends_at, self.send_deadline)
-        if self.send_timer is not None:
+        if self.send_timer is not None or self.raw_transport.get_write_buffer_size():
             self.start_send_timer()
         super().shutdown()
 
@@ -354,8 +409,7 @@ class HttpProtocol(H11Protocol):
         if is_refusal and self.is_refused and HttpProtocol.refused_lingering >= MAX_REFUSED_LINGERING:
             may_send = False  # a flood of connections over the cap: their files matter more than their answers
         if self.has_peer_eof or not may_send or not transport.can_write_eof():
-            transport.close()
-            self.bound_the_flush()
+            self.close_now()
             return
         self.stop_head_timer()
         self.is_lingering = True
@@ -393,8 +447,13 @@ class HttpProtocol(H11Protocol):
         else:
             self.raw_transport.close()
 
+    def close_now(self) -> None:
+        self.raw_transport.close()
+        self.bound_the_flush()
+
     def bound_the_flush(self) -> None:
-        """A closing transport keeps its socket until its answer is written: SEND_TIMEOUT_S bounds that too."""
+        """A closing transport keeps its socket until what it holds is written (under the high-water mark, no
+        pause_writing started the timer): SEND_TIMEOUT_S bounds that too."""
         if self.send_timer is None and self.raw_transport.get_write_buffer_size():
             self.start_send_timer()
 
@@ -433,10 +492,19 @@ class HttpProtocol(H11Protocol):
         if has_both_lengths(scope["headers"]):
             cycle.keep_alive = False  # RFC 9112 section 6.1: read by Transfer-Encoding, then closed
 
-        async def receive_whole() -> Message:
+        is_break_told = False
+
+        async def receive_checked() -> Message:
+            nonlocal is_break_told
             message = await receive()
-            if self.broken_cycle is cycle:
-                raise MalformedBody(self.broken_reason)
+            if self.broken_cycle is not cycle or message["type"] != "http.request":
+                return message
+            if not is_break_told:  # to a reader of the body, once (request_body.read_body raises MalformedBody)
+                is_break_told = True
+                return {**message, BODY_ERROR: self.broken_reason}
+            # Read on only to watch for a hang-up (Starlette's file answers do): nothing more comes but the end.
+            while message["type"] == "http.request":
+                message = await receive()
             return message
 
         async def send_closing(message: Message) -> None:
@@ -448,11 +516,11 @@ class HttpProtocol(H11Protocol):
             await send(message)
 
         try:
-            await self.served_app(scope, receive_whole, send_closing)
+            await self.served_app(scope, receive_checked, send_closing)
         except asyncio.CancelledError:
             if cycle.response_started:
                 raise
             # uvicorn gave up on the request: nothing the log holds may be answered now, so no answer at all.
             logger.warning("%s %s cancelled as the server exits: closed unanswered", scope["method"], scope["path"])
             cycle.disconnected = True  # uvicorn then sends nothing
-            self.raw_transport.close()
+            self.close_now()

@@ -26,7 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from errors import ApiError, NotAdmitted
+from errors import ApiError, MalformedBody, NotAdmitted
+from http_protocol import BODY_ERROR
 from images import decode_base64, decode_for_model
 from inference import ModelSpec, preprocess
 from schemas import MAX_IMAGES, ClassifyRequest, EncodingFormat, ImagesRequest
@@ -61,9 +62,10 @@ def return_freed_bodies_to_the_system() -> None:
 
 class BodyMemory:
     """The memory the bodies being read, parsed and decoded hold at once, bounded by MAX_BODY_MEMORY_BYTES: a
-    body's room is reserved before it is read (as it arrives, without a Content-Length), and freed once its
-    images are decoded. Without it, 24 uploads of 19 MiB held at once took the server from 1,075 to 2,048 MB.
-    A body counts BODY_MEMORY_FACTOR times its size."""
+    body's room is taken as its bytes arrive, BODY_MEMORY_FACTOR times their size, and freed once its images are
+    decoded; a body declared too big for the room left is refused before it is read. Without it, 24 uploads of
+    19 MiB held at once took the server from 1,075 to 2,048 MB. A declared length takes no room until its bytes
+    come: five connections declaring 20 MiB each and sending nothing shut out every upload for BODY_TIMEOUT_S."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
@@ -85,15 +87,18 @@ class BodyRoom:
         self.memory = memory
         self.bytes = 0
 
-    def grow(self, body_bytes: int) -> None:
-        """Room for `body_bytes` more of the body, or a 503 (uncounted: the server's room, not the request)."""
-        needed = BODY_MEMORY_FACTOR * body_bytes
-        if self.memory.held_bytes + needed > self.memory.limit_bytes:
+    def check(self, body_bytes: int) -> None:
+        """A 503 (uncounted: the server's room, not the request) unless `body_bytes` more of the body would fit now."""
+        if self.memory.held_bytes + BODY_MEMORY_FACTOR * body_bytes > self.memory.limit_bytes:
             raise NotAdmitted(503, "too_many_uploads", f"The server is reading as many request bodies as its memory "
                                                        f"allows (MAX_BODY_MEMORY_BYTES={self.memory.limit_bytes}); "
                                                        "retry shortly.", {"Retry-After": "1"})
-        self.memory.held_bytes += needed
-        self.bytes += needed
+
+    def grow(self, body_bytes: int) -> None:
+        """Room for `body_bytes` more of the body, or the 503 of `check`."""
+        self.check(body_bytes)
+        self.memory.held_bytes += BODY_MEMORY_FACTOR * body_bytes
+        self.bytes += BODY_MEMORY_FACTOR * body_bytes
 
     def release(self) -> None:
         self.memory.held_bytes -= self.bytes
@@ -103,8 +108,8 @@ class BodyRoom:
 async def read_body(request: Request, max_bytes: int, timeout_s: float, room: BodyRoom,
                     shutdown: Shutdown | None = None) -> bytearray:
     """The body, refused with 413 as soon as it is known to be too big (Content-Length, or while streaming), with
-    503 when `room` cannot be had for it, and with 408 if it has not all arrived within `timeout_s`;
-    ShuttingDown if the shutdown deadline comes first."""
+    503 when `room` cannot be had for it (for a declared length, before it is read), and with 408 if it has not all
+    arrived within `timeout_s`; ShuttingDown if the shutdown deadline comes first."""
     too_large = ApiError(413, "body_too_large", f"The request body is over {max_bytes} bytes (MAX_BODY_BYTES); "
                                                 "send a smaller or more compressed image.")
     declared = request.headers.get("content-length", "")
@@ -114,30 +119,32 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float, room: Bo
     if length is not None and length > max_bytes:
         raise too_large
     if length is not None:
-        room.grow(length)
-    # A declared body is read into its final place: a growing bytearray copies itself as it grows.
-    body = bytearray(length or 0)
-    received = 0
+        room.check(length)
+    body = bytearray()
     body_deadline = time.monotonic() + timeout_s
     try:
         async with asyncio.timeout(timeout_s) as timeout:
             with shutdown.bounding(timeout) if shutdown is not None else nullcontext():
-                async for chunk in request.stream():
-                    if received + len(chunk) > max_bytes:
+                # The messages themselves, not request.stream(): one may say the body's framing broke (BODY_ERROR).
+                while True:
+                    message = await request.receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnect
+                    if BODY_ERROR in message:
+                        raise MalformedBody(message[BODY_ERROR])
+                    chunk = message.get("body", b"")
+                    if len(body) + len(chunk) > max_bytes:
                         raise too_large
-                    if length is None:
-                        room.grow(len(chunk))
-                        body += chunk
-                    else:  # h11 holds a body to its Content-Length
-                        body[received:received + len(chunk)] = chunk
-                    received += len(chunk)
+                    room.grow(len(chunk))
+                    body += chunk
+                    if not message.get("more_body", False):
+                        break
     except TimeoutError:
         if shutdown is not None and shutdown.deadline is not None and shutdown.deadline <= body_deadline:
             raise ShuttingDown from None
         raise ApiError(408, "body_timeout", f"The body did not arrive within {timeout_s:g} s (BODY_TIMEOUT_S).") from None
     except ClientDisconnect:
         raise ApiError(499, "client_closed_request", "The client closed the connection before sending the body.") from None
-    del body[received:]  # nothing, unless the stream ended short of its Content-Length
     return body
 
 

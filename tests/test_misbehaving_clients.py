@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -368,3 +369,133 @@ def test_served_by_another_server_the_start_says_the_limits_are_missing(tmp_path
     assert "lifespan.startup.complete" in output and "lifespan.shutdown.complete" in output, output
     warnings = [line for line in output.splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and "not started by uvicorn" in warnings[0] and "uvicorn main:app" in warnings[0]
+
+
+# Found by a hostile review of the above.
+
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def send_queue(server_port: int, client_port: int) -> int | None:
+    """The bytes the kernel holds unsent on the server's end of one connection (/proc/net/tcp's tx_queue)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return int(fields[4].split(":")[0], 16)
+    return None
+
+
+def stalled(port: int, answers_bytes: int) -> socket.socket:
+    """A connection, with a 4 KB receive buffer, that asked for `answers_bytes` of /healthz answers and reads none;
+    returned once the server has written all it can."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(HEALTHZ * (answers_bytes // len(healthz_answer(port))))
+    last = None
+    while (queued := send_queue(port, sock.getsockname()[1])) != last:
+        last = queued
+        time.sleep(0.5)
+    return sock
+
+
+def healthz_answer(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(HEALTHZ)
+        return read_response(sock)
+
+
+@pytest.mark.parametrize("then", ["half-closes", "sends part of a head", "goes quiet"])
+def test_a_connection_the_kernel_cannot_flush_is_closed_within_send_timeout_s(start_server, then):
+    """With the kernel's send queue full and under 64 KiB more held by the server (so the transport never paused
+    writing), a close left the connection waiting to flush for good: after the client's FIN (its socket still in
+    CLOSE-WAIT 60 s later, and SIGTERM then waited out SHUTDOWN_TIMEOUT_S + 5 s), after a 408, after the head
+    timeout's quiet close."""
+    server = start_server({"SEND_TIMEOUT_S": "2", "HEADER_TIMEOUT_S": "3"})
+    probe = stalled(server.port, 8_000_000)  # far more than the kernel holds: what it holds is its capacity
+    capacity = send_queue(server.port, probe.getsockname()[1])
+    probe.close()
+    time.sleep(2.5)  # the probe's stalled answer is abandoned after SEND_TIMEOUT_S
+    before = open_files(server.process.pid)
+    sock = stalled(server.port, capacity + 32 * 1024)
+    try:
+        if then == "half-closes":
+            sock.shutdown(socket.SHUT_WR)
+        elif then == "sends part of a head":
+            sock.sendall(b"GET /healthz HT")
+        started = time.monotonic()
+        while open_files(server.process.pid) > before:
+            assert time.monotonic() - started < 3 + 2 + 3, "the connection is still held"
+            time.sleep(0.2)
+    finally:
+        sock.close()
+
+
+def test_a_broken_chunked_body_on_a_file_answer_gets_the_whole_file_and_no_traceback(server):
+    """Starlette's file answers read on to watch for a hang-up: the broken body was raised there, after the answer
+    had started, so the page's 1865 bytes were cut to 0 and an ERROR with a traceback was logged."""
+    page = httpx.get(server.url + "/").content
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n")
+        received = read_until_closed(sock)
+    assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(page), received[:300]
+    assert "Traceback" not in server.log()
+
+
+def test_bodies_declared_but_not_sent_take_no_room(start_server):
+    """Room was taken from Content-Length before any byte came: five connections declaring 20 MiB each and
+    sending nothing shut out every upload for BODY_TIMEOUT_S, again and again, with one key."""
+    server = start_server()
+    key = make_key(server.database_url)
+    mib = 1024 * 1024
+    lengths = [20 * mib] * 4 + [(256 * mib - 4 * 3 * 20 * mib) // 3]  # together, three times them: all the room
+    declared = []
+    try:
+        for length in lengths:
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall((f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n").encode())
+            declared.append(sock)
+        time.sleep(0.5)
+        with server.client(key) as client:
+            assert client.post("/v1/classify", json={"image": b64(cat_jpeg())}).status_code == 200
+    finally:
+        for sock in declared:
+            sock.close()
+
+
+def test_a_body_in_tiny_pieces_is_refused_before_it_costs_the_event_loop_much(server):
+    """h11 and uvicorn spend microseconds of the one event loop on each piece of a body: 20 x 256 KB of 1-byte
+    chunks cost 2.7 s of it (a probe waited 2.3 s), a 20 MiB body of them would cost minutes."""
+    key = make_key(server.database_url)
+    tiny_chunks = b"1\r\na\r\n" * 50_000
+    for path, status, code in [("/v1/classify", 400, "invalid_http"), ("/healthz", 405, "method_not_allowed")]:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                          "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+            sock.sendall(tiny_chunks)
+            response = error_body(read_until_closed(sock))
+        error = assert_error(response, status, code)
+        if status == 400:
+            assert "pieces averaging under 256 bytes" in error["message"]
+    rows = log_rows(server.database_url, "key_id = :key_id", key_id=key_id(server.database_url, key))
+    assert [(row["status_code"], row["error_code"]) for row in rows] == [(400, "invalid_http")]
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 17_000 + b"\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+], ids=["not HTTP", "head over 16 KiB", "an upgrade"])
+def test_a_flood_of_bad_requests_is_a_few_log_lines(start_server, request_bytes):
+    """Each was one or two lines of the server's log (uvicorn's and ours): 200 requests, 400 lines."""
+    server = start_server()
+    lines_before = len(server.log().splitlines())
+    for _ in range(100):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(request_bytes)
+            sock.shutdown(socket.SHUT_WR)
+            read_until_closed(sock)
+    assert len(server.log().splitlines()) - lines_before <= 3  # a summary or two
+    assert "Invalid HTTP request received" not in server.log() and "Unsupported upgrade" not in server.log()
