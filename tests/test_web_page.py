@@ -91,6 +91,16 @@ def test_the_page_and_its_files_are_served_with_a_policy_that_keeps_them_local(s
         assert "/" not in client.get("/openapi.json").json()["paths"]  # a page, not part of the API
 
 
+def test_the_page_names_its_icon_so_browsers_ask_for_no_favicon_ico(server):
+    """Without one the browser asked for /favicon.ico, and its console showed the 404."""
+    with server.client() as client:
+        page = client.get("/").text
+        [icon] = re.findall(r'<link rel="icon" href="([^"]+)"', page)
+        served = client.get(icon)
+    assert served.status_code == 200 and served.headers["content-type"].startswith("image/")
+    assert "ImageNet" not in page  # the model's labels, whichever they are
+
+
 def test_a_cat_photo_shows_cat_labels_then_a_wrong_key_shows_why(page, server, tmp_path):
     send(page, new_key(server, rate_limit=100), photo_path("chelsea.png"))
     page.wait_for_selector("#result", state="visible")
