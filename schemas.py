@@ -160,7 +160,8 @@ class Usage(BaseModel):
     end_time: int | None = None
     covered_from: int = Field(description="Unix seconds: the counts hold every request from here on; older ones "
                                           "have passed USAGE_RETENTION_DAYS, or were logged before an upgrade "
-                                          "to the rollups and are still being counted.")
+                                          "to the rollups and are still being counted. start_time (or 0) when "
+                                          "nothing is missing.")
     bucket_width: str | None = None
     buckets: list[UsageBucket] | None = Field(None, description="Per-bucket counts, when bucket_width is given.")
 
@@ -178,6 +179,8 @@ class ModelInfo(BaseModel):
     object: Literal["model"] = "model"
     version: str = Field(examples=["f37072fd47e8"], description=MODEL_VERSION)
     labels: int = Field(examples=[1000], description="How many classes it tells apart.")
+    label_names: list[str] = Field(examples=[["tench", "goldfish", "great white shark"]],
+                                   description="The classes' labels, by class_id.")
     input_size: int = Field(examples=[224], description="Side of the square input, in pixels.")
     preprocessing: Preprocessing
     embedding_dimensions: int | None = Field(examples=[512], description="The length of /v1/embeddings' vectors; "
