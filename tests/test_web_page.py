@@ -109,6 +109,7 @@ def test_a_cat_photo_shows_cat_labels_then_a_wrong_key_shows_why(page, server, t
     assert "efficientnet_lite0" in page.text_content("#meta") and "ms" in page.text_content("#meta")
     assert page.text_content("#quota").startswith("Quota: 99 of 100 requests left")  # from X-RateLimit-*
     assert page.evaluate("document.getElementById('preview').naturalWidth") == 451  # the photo itself is shown
+    page.locator("#usage-summary", has_text=re.compile(r"^1 request,")).wait_for()  # one: not "1 requests"
     page.screenshot(path=tmp_path / "cat.png", full_page=True)
     if target := os.environ.get("SCREENSHOT_TO"):
         page.screenshot(path=ROOT / target, full_page=True)
