@@ -158,9 +158,11 @@ def with_settings(model: LoadedModel, settings: Settings) -> LoadedModel:
         raise ModelLoadError(f"{name} has {model.classes} classes, not ImageNet's {IMAGENET_CLASSES}: set "
                              f"MODEL_LABELS to a file of its {model.classes} labels.")
     if model.fallback_reason is not None:
-        if name != model.spec.name or version is not None:
-            logger.warning("MODEL_ID and MODEL_VERSION name the model asked for, not the fallback: it answers as "
-                           "%s", model.spec.name)
+        asked_for = [name.upper() for name in ("model_id", "model_version", *PREPROCESSING_SETTINGS)
+                     if name in settings.model_fields_set]
+        if asked_for:  # the banner has said which model answers instead, and why
+            logger.warning("%s describe the model asked for, not the fallback: it answers as %s, preprocessed as "
+                           "its own", ", ".join(asked_for), model.spec.name)
         name, version = model.spec.name, None
     spec = dataclasses.replace(model.spec, name=name, labels=labels or model.spec.labels)
     return dataclasses.replace(model, spec=spec, version=version or default_version(model.weights_digest, labels))

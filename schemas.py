@@ -11,7 +11,8 @@ BUCKET_WIDTHS_S = {"1m": 60, "1h": 3600, "1d": 86400}
 EncodingFormat = Literal["float", "base64"]
 MAX_UNIX_TIME_S = 32_503_680_000  # year 3000: keeps millisecond times inside a 64-bit integer
 
-MODEL_VERSION = "MODEL_VERSION, or the first 12 hex digits of the SHA-256 of the weights (or ONNX) file."
+MODEL_VERSION = ("MODEL_VERSION, or 12 hex digits of a SHA-256 of the weights (or ONNX) file, its external data "
+                 "and MODEL_LABELS' labels; -int8 after it for int8.")
 
 ONE_PIXEL_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
