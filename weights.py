@@ -250,9 +250,9 @@ def pickled_objects(path: Path) -> str:
     """What a file torch.load(weights_only=True) refused holds besides tensors, named by the classes it pickles."""
     import torch
 
-    try:  # the file's own classes first, then torch's
+    try:  # the file's own classes first, then torch's; in a fixed order (torch lists them as a set)
         classes = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path),
-                         key=lambda name: name.startswith("torch."))
+                         key=lambda name: (name.startswith("torch."), name))
     except Exception:  # an old pickle it cannot list: said without names
         classes = []
     more = f" and {len(classes) - 3} more classes" if len(classes) > 3 else ""
