@@ -119,12 +119,14 @@ class ModelInfo:
     backend: str  # onnxruntime or torch
     precision: str  # fp32 or int8
     max_batch: int
+    label_names: tuple[str, ...] = ()  # by class index (empty from a server of an earlier release)
 
     @classmethod
     def list_from_response(cls, response: httpx.Response) -> list["ModelInfo"]:
         with unexpected_answer(response):
             models = response.json()["data"]
-            return [cls(**{field.name: model[field.name] for field in fields(cls)}) for model in models]
+            return [cls(**{field.name: model[field.name] if field.name != "label_names"
+                           else tuple(model.get(field.name, ())) for field in fields(cls)}) for model in models]
 
 
 @dataclass(frozen=True)

@@ -203,9 +203,9 @@ async def run_usage(client: AsyncClient, args: argparse.Namespace) -> int:
           f"{status.rate_limited} rate limited, {status.server_errors} server errors.")
     if latency.p50 is not None:
         print(f"Latency: p50 {latency.p50:g} ms, p95 {latency.p95:g} ms, p99 {latency.p99:g} ms.")
-    if usage.covered_from:
+    if usage.covered_from:  # 0: every request the key made is counted
         print(f"Counted from {datetime.fromtimestamp(usage.covered_from, timezone.utc):%Y-%m-%d %H:%M} UTC on; "
-              "older requests have passed the server's retention.")
+              "older requests have passed the server's retention, or are still being counted after an upgrade.")
     print(f"Limit: {counted(usage.limit, 'request')} per {usage.window_seconds} s; {usage.remaining} left now"
           + (f", one more in {usage.reset_seconds} s." if usage.reset_seconds else "."))
     return EXIT_OK

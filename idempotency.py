@@ -1,7 +1,8 @@
 """Idempotency keys: a request sent again with the same `Idempotency-Key` gets the first one's answer, once.
 
     requested_key         the header, checked before the body is read: 1 to 255 printable ASCII characters, or a 400
-    claim_for             once the body is parsed: a Claim of the key for this request (a hash of what it asks)
+    claim_for             once the body is parsed: a Claim of the key for this request (a hash of what it asks,
+                          the images' kind included: base64 text and a file of that text are two requests)
     has_stored_answer     a window this process saw full refuses a request at once, unless its key has an answer
     Claim.enter           in the admission's transaction, once the API key's row is locked (ratelimit.py): the
                           claim's row inserted (INSERT ... ON CONFLICT DO NOTHING), or why not: a stored answer
@@ -148,6 +149,7 @@ class Claim:
     key_id: int
     idempotency_key: str
     request_hash: str
+    legacy_hash: str  # what a release before the source's kind was hashed stored for this request (request_hashes)
     lease_ms: int  # how long an unfinished claim holds
     ttl_ms: int  # how long a stored answer is replayed
     owner: str = field(default_factory=lambda: secrets.token_hex(16))
@@ -180,7 +182,7 @@ class Claim:
                 break
         assert found is not None, "an idempotency key's row went twice between its INSERT and its read"
         row_id, stored_hash, status_code = found
-        if stored_hash != self.request_hash:
+        if stored_hash not in (self.request_hash, self.legacy_hash):
             raise ApiError(422, "idempotency_key_reused", f"This {HEADER} was sent with another request (another "
                                                           "body or endpoint) by this key; use a fresh key for a new "
                                                           "request.")
@@ -207,9 +209,14 @@ class Claim:
                             answer_model_version=model_version, answer_expires_at_ms=at_ms + self.ttl_ms)
 
 
-def request_hash(path: str, to_classify: ImagesToClassify) -> str:
-    """SHA-256 of what the request asks (endpoint, options, images): the same whatever the JSON's spacing or
-    field order, or a form's boundary."""
+def request_hashes(path: str, to_classify: ImagesToClassify) -> tuple[str, str]:
+    """SHA-256 of what the request asks (endpoint, options, images, and how the images came: base64 text in JSON
+    or a multipart file's bytes): the same whatever the JSON's spacing or field order, or a form's boundary.
+
+    Second, the legacy hash: the same without the sources' kind, as releases before it was hashed stored it,
+    so that a repeat of a request they answered still gets that answer. It cannot tell base64 text from a file
+    holding that text, so for a row they stored either is taken as the repeat (until the row expires, after
+    IDEMPOTENCY_TTL_S); a row stored since tells them apart."""
     digest = hashlib.sha256()
     options = {option.name: getattr(to_classify, option.name) for option in fields(to_classify)
                if option.name != "sources"}
@@ -218,7 +225,9 @@ def request_hash(path: str, to_classify: ImagesToClassify) -> str:
         data = source.encode() if isinstance(source, str) else source
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
-    return digest.hexdigest()
+    legacy = digest.hexdigest()
+    kind = "base64" if all(isinstance(source, str) for source in to_classify.sources) else "file"
+    return hashlib.sha256(f"{kind}\n{legacy}".encode()).hexdigest(), legacy
 
 
 async def claim_for(request: Request, key_id: int, to_classify: ImagesToClassify,
@@ -229,11 +238,11 @@ async def claim_for(request: Request, key_id: int, to_classify: ImagesToClassify
     settings = request.app.state.settings
     size = sum(len(source) for source in to_classify.sources)
     if size <= INLINE_PARSE_BYTES:
-        digest = request_hash(request.url.path, to_classify)
+        digest, legacy = request_hashes(request.url.path, to_classify)
     else:  # 20 MB take 10 ms to hash: not in the event loop
-        digest = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.decode_pool, request_hash, request.url.path, to_classify)
-    claim = Claim(key_id, idempotency_key, digest,
+        digest, legacy = await asyncio.get_running_loop().run_in_executor(
+            request.app.state.decode_pool, request_hashes, request.url.path, to_classify)
+    claim = Claim(key_id, idempotency_key, digest, legacy,
                   lease_ms=int((settings.request_timeout_s + 2 * settings.db_timeout_s) * 1000),
                   ttl_ms=settings.idempotency_ttl_s * 1000)
     request.state.idempotency_claim = claim

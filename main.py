@@ -157,6 +157,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.key_cache = KeyCache(settings.key_cache_ttl_s)
     app.state.model = model
     app.state.batcher = batcher
+    app.description = describe_api(model, settings)  # /docs and /openapi.json are made later, on their first request
     logger.info("ready: %s version %s (weights: %s) on %s %s (torch %s), %d threads, %d at once, batches of up to "
                 "%d, database %s, rate limit in %s", model.spec.name, model.version, model.weights_source,
                 backend.name, backend.precision, "loaded" if is_torch_loaded() else "not loaded",
@@ -186,6 +187,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if redis is not None:
             await redis.aclose()
         metrics.process_stopped()
+
+
+def describe_api(model: LoadedModel, settings: Settings) -> str:
+    """The API's description in /docs: what this server's model labels images with."""
+    # Not the labels themselves: they are the user's text, and this is read as Markdown.
+    labels = ("ImageNet's 1000 labels" if settings.model_labels is None
+              else f"{len(model.spec.labels)} labels of its own (GET /v1/models lists them)")
+    return (f"Labels for your images from {model.spec.name}, {labels}: POST a base64 image to /v1/classify with a "
+            "Bearer key.")
 
 
 # async, as every dependency here: FastAPI runs a plain `def` one in its thread pool, a hop for each request.
@@ -309,9 +319,10 @@ async def usage(request: Request, key: CurrentKey, limiter: LimiterDep,
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"], responses={s: ERRORS[s] for s in (401, 500, 503)})
 async def models(_: CurrentKey, model: ModelDep, batcher: BatcherDep) -> ModelList:
-    """The model this server runs: version, labels, preprocessing, where its weights came from, what runs it."""
+    """The model this server runs: version, labels (and their names), preprocessing, where its weights came from,
+    what runs it."""
     return ModelList(data=[ModelInfo(id=model.spec.name, version=model.version, labels=len(model.spec.labels),
-                                     input_size=model.spec.crop,
+                                     label_names=list(model.spec.labels), input_size=model.spec.crop,
                                      preprocessing=Preprocessing(**model.spec.preprocessing()),
                                      embedding_dimensions=model.embedding_dimensions,
                                      weights_source=model.weights_source, fallback_reason=model.fallback_reason,
@@ -362,7 +373,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or settings_or_exit()  # an invalid setting: one line, not a traceback of this import
     configure_logging(settings.log_level, settings.log_format)
     app = FastAPI(title="Image classification API", version="1.0.0", lifespan=lifespan,
-                  description="ImageNet labels for your images: POST a base64 image to /v1/classify with a Bearer key.",
+                  description="Labels for your images: POST a base64 image to /v1/classify with a Bearer key.",
                   docs_url=None, redoc_url=None)  # api_docs serves /docs, with nothing from a CDN
     app.state.settings = settings
     # Added innermost first: a request meets RequestIdMiddleware first, so every answer (404s, 500s) has an id;

@@ -1,8 +1,8 @@
 """The model built with torch: for a start that must export its graph (none cached yet), and for
 INFERENCE_BACKEND=torch. A start that finds its graph cached never imports this module (backends.load_backend).
 
-    load_model      the network the settings ask for, with its weights (weights.py), or the fallback; or MODEL_ONNX
-                    read and checked (onnx_models.py)
+    load_model      the network the settings ask for, with its weights (weights.py) and preprocessing, or the
+                    fallback; or MODEL_ONNX read and checked, its output on photos included (onnx_models.py)
     ImageToOutputs  the network with its input scaling and softmax: the graph that is exported, and torch's backend
     TorchBackend    INFERENCE_BACKEND=torch
     export_onnx     the graph to an ONNX file with a dynamic batch axis
@@ -19,13 +19,14 @@ from torch import nn
 from torchvision.models import ResNet18_Weights
 
 from backends import Outputs, warn_one_at_a_time
-from inference import EFFICIENTNET_LITE0, RESAMPLING, LoadedModel, ModelLoadError, ModelSpec, file_sha256, onnx_spec
+from inference import (EFFICIENTNET_LITE0, RESAMPLING, LoadedModel, ModelLoadError, ModelSpec, file_sha256, first_line,
+                       onnx_spec, preprocessing_overrides, with_preprocessing)
 from logs import printed_into_log
-from onnx_models import OnnxModelError, read_onnx_classifier
+from onnx_models import OnnxModelError, check_output_kind, read_onnx_classifier
 from schemas import WeightsSource
 from settings import BackendName, Precision, Settings
 from weights import (Located, WeightsError, WeightsUnavailable, efficientnet_lite0_file, fallback_reason, log_fallback,
-                     read_weights_file, remember_weights_url, torchvision_weights, weights_misfit)
+                     read_weights_file, remember_weights_url, torchvision_weights, under_prefix, weights_misfit)
 
 logger = logging.getLogger("classify")
 
@@ -117,8 +118,7 @@ def load_model(settings: Settings, located: Located | None = None) -> LoadedMode
             return load_onnx(settings)
         if located is not None and located.fallback_reason is not None:
             return load_efficientnet_lite0(located.fallback_reason)
-        return load_network(settings.model_name, settings.model_weights, settings.model_fallback,
-                            settings.model_cache_dir)
+        return load_network(settings)
     except (OnnxModelError, WeightsError) as exc:
         raise ModelLoadError(str(exc)) from None
 
@@ -131,41 +131,56 @@ def load_onnx(settings: Settings) -> LoadedModel:
         warn_one_at_a_time(settings.model_onnx)
     spec = onnx_spec(settings)
     spec = ModelSpec(spec.name, spec.resize, spec.crop, spec.mean, spec.std, spec.interpolation, IMAGENET_LABELS)
+    check_output_kind(onnx, spec)
     logger.info("loaded %s from MODEL_ONNX=%s: %d classes, embedding %s", spec.name, settings.model_onnx,
                 onnx.classes, settings.model_embedding_output or "none (no MODEL_EMBEDDING_OUTPUT)")
     return LoadedModel(spec, "onnx file", onnx.file_digest, onnx.file_digest[:12], onnx.classes,
                        onnx.embedding_dimensions, onnx.is_batch_fixed, onnx=onnx)
 
 
-def load_network(name: str, weights_file: Path | None, allow_fallback: bool, cache_dir: Path) -> LoadedModel:
-    if name == EFFICIENTNET_LITE0:
-        return load_efficientnet_lite0(fallback_reason=None)
-    if name not in architectures():
+def load_network(settings: Settings) -> LoadedModel:
+    """MODEL_NAME with MODEL_WEIGHTS, or its own weights (torchvision's, or EfficientNet-Lite0's package), or the
+    fallback; preprocessed as the architecture was trained, or as the preprocessing settings that are set say."""
+    name, weights_file = settings.model_name, settings.model_weights
+    if name != EFFICIENTNET_LITE0 and name not in architectures():
         raise ModelLoadError(f"MODEL_NAME={name} is not an architecture this server knows; use one of: "
                              f"{', '.join(architectures())} (or MODEL_ONNX for an ONNX file).")
-    if weights_file is None:  # so that later starts find torchvision's cached file without torchvision
-        remember_weights_url(cache_dir, name, torchvision.models.get_model_weights(name).DEFAULT.url)
+    overrides = preprocessing_overrides(settings)
+    spec = with_preprocessing(LITE0_SPEC if name == EFFICIENTNET_LITE0 else torchvision_spec(name), overrides)
+    if weights_file is not None:
+        network = fitted_network(name, read_weights_file(weights_file), f"MODEL_WEIGHTS={weights_file}")
+        logger.info("loaded %s from MODEL_WEIGHTS=%s", name, weights_file)
+        return from_network(spec, network, "file", file_sha256(weights_file), overrides=overrides)
+    if name == EFFICIENTNET_LITE0:
+        return load_efficientnet_lite0(fallback_reason=None, spec=spec, overrides=overrides)
+    # So that later starts find torchvision's cached file without torchvision.
+    remember_weights_url(settings.model_cache_dir, name, torchvision.models.get_model_weights(name).DEFAULT.url)
     try:
-        return load_torchvision(name, weights_file)
+        state_dict, source, path = torchvision_weights(name)
     except WeightsUnavailable as exc:
-        if not allow_fallback:
+        if not settings.model_fallback:
             raise ModelLoadError(f"{exc}. MODEL_FALLBACK=false, so the server stops here: set MODEL_WEIGHTS to a "
                                  f"{name} weights file, or allow the fallback, or set MODEL_NAME=efficientnet_lite0."
                                  ) from None
         log_fallback(name, exc)
         return load_efficientnet_lite0(fallback_reason(name, exc))
+    network = fitted_network(name, state_dict, str(path))
+    logger.info("loaded %s from %s", name, path)
+    return from_network(spec, network, source, file_sha256(path), overrides=overrides)
 
 
-def load_torchvision(name: str, weights_file: Path | None) -> LoadedModel:
-    if weights_file is not None:
-        state_dict, source, path = read_weights_file(weights_file), "file", weights_file
-        origin = f"MODEL_WEIGHTS={weights_file}"
+def fitted_network(name: str, state_dict: dict[str, torch.Tensor], origin: str) -> nn.Module:
+    """`name`'s network holding these weights: their names as a training wrapper left them (module., model....),
+    and a final layer of as many classes as theirs. ModelLoadError says what does not fit."""
+    if name == EFFICIENTNET_LITE0:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        network = EfficientNet.from_name("efficientnet-lite0")
     else:
-        state_dict, source, path = torchvision_weights(name)
-        origin = str(path)
+        network = torchvision.models.get_model(name, weights=None, **BUILD_OPTIONS.get(name, {}))
+    state_dict = under_prefix(state_dict, set(network.state_dict()))
     if name in BUILD_OPTIONS:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith(AUXILIARY_WEIGHTS)}
-    network = torchvision.models.get_model(name, weights=None, **BUILD_OPTIONS.get(name, {}))
     layer_name, layer = final_layer(network)
     saved = state_dict.get(f"{layer_name}.weight")
     if saved is not None and saved.shape[0] != layer.weight.shape[0]:  # fine-tuned for N classes: a layer that fits
@@ -173,23 +188,22 @@ def load_torchvision(name: str, weights_file: Path | None) -> LoadedModel:
                               else nn.Conv2d(layer.in_channels, saved.shape[0], layer.kernel_size))
     if problems := weights_misfit(network, state_dict, name):
         raise ModelLoadError(f"{origin} does not hold {name} weights: {problems}.")
-    logger.info("loaded %s from %s", name, origin)
-    digest = file_sha256(path)
-    return from_network(torchvision_spec(name), network.eval(), source, digest)
+    return network.eval()
 
 
-def load_efficientnet_lite0(fallback_reason: str | None) -> LoadedModel:
+def load_efficientnet_lite0(fallback_reason: str | None, spec: ModelSpec = LITE0_SPEC,
+                            overrides: dict[str, object] | None = None) -> LoadedModel:
     from efficientnet_lite_pytorch import EfficientNet
 
     path = efficientnet_lite0_file()
     with printed_into_log(logger, logging.DEBUG):  # the package prints that it loaded them: so do we, below
         network = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
     logger.info("loaded efficientnet_lite0 with ImageNet weights from %s", path)
-    return from_network(LITE0_SPEC, network, "fallback package", file_sha256(path), fallback_reason)
+    return from_network(spec, network, "fallback package", file_sha256(path), fallback_reason, overrides or {})
 
 
 def from_network(spec: ModelSpec, network: nn.Module, weights_source: WeightsSource, weights_digest: str | None = None,
-                 fallback_reason: str | None = None) -> LoadedModel:
+                 fallback_reason: str | None = None, overrides: dict[str, object] | None = None) -> LoadedModel:
     """A torch network as a LoadedModel, its final layer split off when that layer's input can be the embedding.
     Without a file's digest (a network built in memory), its tensors are hashed."""
     network.eval()
@@ -202,12 +216,18 @@ def from_network(spec: ModelSpec, network: nn.Module, weights_source: WeightsSou
     layer_name, layer = final_layer(network)
     classes = layer.weight.shape[0]
     head = None
-    if isinstance(layer, nn.Linear) and is_last_step(network, layer, spec.crop):
+    try:
+        is_head = isinstance(layer, nn.Linear) and is_last_step(network, layer, spec.crop)
+    except Exception as exc:  # a crop the architecture cannot take (a ViT's input size is fixed)
+        raise ModelLoadError(f"MODEL_CROP={spec.crop}: {spec.name} cannot take {spec.crop}x{spec.crop} images "
+                             f"({type(exc).__name__}: {first_line(exc)}); set MODEL_CROP to the size it was trained "
+                             "at.") from None
+    if is_head:
         network.set_submodule(layer_name, nn.Identity())
         head = layer
     return LoadedModel(spec, weights_source, weights_digest, weights_digest[:12], classes,
                        head.in_features if head is not None else None, fallback_reason=fallback_reason,
-                       network=network, head=head)
+                       preprocessing_overrides=overrides or {}, network=network, head=head)
 
 
 def final_layer(network: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:

@@ -2,6 +2,8 @@
 
     read_onnx_classifier  the file's input must be float32 (B, 3, H, W) and its class output (B, N); an
                           embedding output (MODEL_EMBEDDING_OUTPUT) may be (B, D) or (B, D, 1, 1)
+    check_output_kind     the class output, run on photos, is what MODEL_OUTPUT says: probabilities lie in
+                          [0, 1] and sum to 1 (a softmax over probabilities would flatten every answer)
     wrap_for_serving      the same graph behind the server's own input and outputs: (B, H, W, 3) uint8 pixels
                           in; probabilities (B, N) and, if named, the embedding (B, D) out
 
@@ -19,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from inference import file_sha256, first_line
+from inference import ModelSpec, first_line, onnx_digest
 
 OutputKind = Literal["logits", "probabilities"]
 PREFIX = "classify_server_"  # names of the nodes and tensors added here, kept apart from the user's
@@ -32,7 +34,8 @@ class OnnxModelError(Exception):
 @dataclass(frozen=True)
 class OnnxClassifier:
     path: Path
-    file_digest: str  # hex SHA-256 of the file: the version, and part of the served graph's cache key
+    file_digest: str  # hex SHA-256 of the file and its external data (inference.onnx_digest): the version's
+                      # and the served graph's cache key's
     input_name: str
     class_output: str
     embedding_output: str | None
@@ -47,7 +50,8 @@ def read_onnx_classifier(path: Path, crop: int, output_kind: OutputKind,
     """The file's shapes, checked against what the server feeds it (MODEL_CROP) and needs from it."""
     where = f"MODEL_ONNX={path}"
     if not path.is_file():
-        raise OnnxModelError(f"{where}: no such file.")
+        raise OnnxModelError(f"{where}: {'a folder, not a file' if path.is_dir() else 'no such file'}; set it to "
+                             "an .onnx file.")
     try:
         model = onnx.load(str(path))  # external weights (a .data file beside it) load too
     except Exception as exc:  # protobuf's DecodeError, a missing external file...
@@ -91,8 +95,44 @@ def read_onnx_classifier(path: Path, crop: int, output_kind: OutputKind,
             raise OnnxModelError(f"MODEL_EMBEDDING_OUTPUT={embedding_output}: the output "
                                  f"{describe([outputs[embedding_output]])} is not (B, D) or (B, D, 1, 1) with fixed D.")
         embedding_dimensions = int(np.prod(features[1:]))
-    return OnnxClassifier(path, file_sha256(path), image.name, scores.name, embedding_output, output_kind,
+    return OnnxClassifier(path, onnx_digest(path), image.name, scores.name, embedding_output, output_kind,
                           classes[1], embedding_dimensions, is_batch_fixed=shape[0] == 1)
+
+
+PROBABILITY_TOLERANCE = 1e-3  # float32 softmaxes sum to 1 within 1e-6; a model's own rounding, within this
+CHECK_PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")  # scikit-image's
+
+
+def check_output_kind(classifier: OnnxClassifier, spec: ModelSpec) -> None:
+    """The class output on a few photos, as the served graph will be fed them, against MODEL_OUTPUT: served as
+    probabilities, logits would fail every answer (confidences over 1); probabilities served as logits would be
+    softmaxed again, into nearly equal confidences. Refused in one line naming MODEL_OUTPUT."""
+    import onnxruntime as ort
+
+    from backends import photo_inputs, photo_paths
+
+    mean, std = np.array(spec.mean, np.float32), np.array(spec.std, np.float32)
+    images = [((x / 255 - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)  # (1, 3, H, W)
+              for x in photo_inputs(spec, [path for path in photo_paths() if path.name in CHECK_PHOTOS])]
+    try:
+        session = ort.InferenceSession(str(classifier.path), providers=["CPUExecutionProvider"])
+        scores = np.concatenate([session.run([classifier.class_output], {classifier.input_name: x})[0]
+                                 for x in images])
+    except Exception as exc:
+        raise OnnxModelError(f"MODEL_ONNX={classifier.path} cannot be run by ONNX Runtime ({type(exc).__name__}: "
+                             f"{first_line(exc)}).") from None
+    sums = scores.sum(axis=1)
+    is_probabilities = bool(scores.min() >= -PROBABILITY_TOLERANCE and scores.max() <= 1 + PROBABILITY_TOLERANCE
+                            and np.abs(sums - 1).max() <= PROBABILITY_TOLERANCE)
+    seen = (f"on {len(images)} photos its output '{classifier.class_output}' ranges from {scores.min():.3g} to "
+            f"{scores.max():.3g}, each image's summing to {sums.min():.3g}-{sums.max():.3g}")
+    if classifier.output_kind == "probabilities" and not is_probabilities:
+        raise OnnxModelError(f"MODEL_OUTPUT=probabilities, but MODEL_ONNX={classifier.path} gives no probabilities: "
+                             f"{seen}; set MODEL_OUTPUT=logits (the server then applies softmax).")
+    if classifier.output_kind == "logits" and is_probabilities:
+        raise OnnxModelError(f"MODEL_OUTPUT=logits (the default), but MODEL_ONNX={classifier.path} gives "
+                             f"probabilities already: {seen}; set MODEL_OUTPUT=probabilities (a softmax over them "
+                             "would make every class nearly equally likely).")
 
 
 def wrap_for_serving(classifier: OnnxClassifier, crop: int, mean: tuple[float, ...],

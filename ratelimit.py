@@ -10,6 +10,7 @@ S seconds later, so no burst at a bucket boundary ever gets 2N through.
 Two storages: `SqlWindowStorage` (SQLite or PostgreSQL, the default) and `RedisWindowStorage` (REDIS_URL set).
 """
 
+import logging
 import math
 import secrets
 import time
@@ -24,6 +25,10 @@ from sqlalchemy import BigInteger, Insert, bindparam, cast, delete, func, select
 
 from database_writer import DatabaseWriter, Transaction, dialect_insert
 from db import ApiKey, RateLimitCount, RateLimitHit, now_ms
+
+logger = logging.getLogger("classify")
+
+PEEK_ATTEMPTS = 3  # a peek counts again when rows it counted went meanwhile (SqlWindowStorage._peek)
 
 # PostgreSQL's own clock, in ms: hosts whose clocks disagree still record admissions in one order.
 POSTGRES_NOW_MS = cast(func.floor(func.extract("epoch", func.clock_timestamp()) * 1000), BigInteger)
@@ -78,6 +83,7 @@ DELETE_EXPIRED = delete(RateLimitHit).where(RateLimitHit.key_id == bindparam("ke
 COUNT = select(func.count(), func.min(RateLimitHit.at_ms)).where(*IN_WINDOW)  # a peek's: it deletes nothing
 OLDEST = select(func.min(RateLimitHit.at_ms)).where(*IN_WINDOW)  # the index's first entry: no count
 KEPT_COUNT = select(RateLimitCount.hits).where(RateLimitCount.key_id == bindparam("key_id"))
+RECOUNT = select(func.count()).where(RateLimitHit.key_id == bindparam("key_id"))  # every row the kept count counts
 HIT_AT_OFFSET = select(RateLimitHit.at_ms).where(*IN_WINDOW).order_by(RateLimitHit.at_ms).offset(
     bindparam("offset")).limit(1)
 # FOR NO KEY UPDATE, not FOR UPDATE: request-log inserts, whose foreign key only share-locks the row, pass.
@@ -106,10 +112,20 @@ class SqlWindowStorage:
     its first statement to the commit: requests racing in one process, or in several processes on one file,
     queue there, and none can count before another has recorded.
     On PostgreSQL an admission's first statement locks the key's row, so the same holds per key, across every host.
+
+    The kept count heals: anything that writes the rows without it (a server of a release before revision 0007,
+    running beside this one during an upgrade; a hand-made fix) leaves it wrong, and an admission then counts
+    the rows again, under the same lock, whenever it cannot be right (expiry would take it below zero, or the
+    hit whose expiry makes room is not there), and in any case at a key's first admission in this process and
+    once a window after it. So a wrong count holds for one window at most, and never fails a request.
     """
 
     def __init__(self, writer: DatabaseWriter) -> None:
         self.writer = writer
+        # key_id -> the clock (ms) when this process last found the key's kept count equal to its rows. Only the
+        # database thread reads and writes it. A count found wrong is corrected but not marked, so the next
+        # admission counts again: it finds the correction committed, or (rolled back with its group) makes it anew.
+        self._verified_ms: dict[int, int] = {}
 
     async def admit(self, key_id: int, limit: int, window_ms: int, cost: int = 1, on_admit: OnAdmit | None = None,
                     guard: AdmissionGuard | None = None) -> tuple[bool, WindowState]:
@@ -121,8 +137,7 @@ class SqlWindowStorage:
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState:
         return await self.writer.run(partial(self._peek, key_id, limit, window_ms), order=key_id)
 
-    @classmethod
-    def _admit(cls, key_id: int, limit: int, window_ms: int, cost: int, on_admit: OnAdmit | None,
+    def _admit(self, key_id: int, limit: int, window_ms: int, cost: int, on_admit: OnAdmit | None,
                guard: AdmissionGuard | None, transaction: Transaction) -> tuple[bool, WindowState]:
         # The clock read under the lock: recorded in order.
         at_ms = transaction.scalar(LOCK_KEY_AND_READ_CLOCK, key_id=key_id) if transaction.is_postgres else now_ms()
@@ -133,11 +148,19 @@ class SqlWindowStorage:
         # rows left are the window's.
         since_ms = at_ms - window_ms
         expired = transaction.execute(DELETE_EXPIRED, key_id=key_id, since_ms=since_ms).rowcount
-        count = (transaction.scalar(KEPT_COUNT, key_id=key_id) or 0) - expired
-        if expired:  # at once: whatever is raised from here on, what was deleted is off the count
+        kept = transaction.scalar(KEPT_COUNT, key_id=key_id)
+        count = (kept or 0) - expired
+        verified_ms = self._verified_ms.get(key_id)
+        if count < 0 or verified_ms is None or at_ms - verified_ms >= window_ms:
+            count = self._recount(transaction, key_id, at_ms, count)
+        elif expired:  # at once: whatever is raised from here on, what was deleted is off the count
             transaction.execute_many(set_count(transaction.dialect.name), [{"key_id": key_id, "hits": count}])
-        state = cls._state(transaction, key_id, limit, since_ms, at_ms, count,
-                           transaction.scalar(OLDEST, key_id=key_id, since_ms=since_ms), cost)
+        oldest_ms = transaction.scalar(OLDEST, key_id=key_id, since_ms=since_ms)
+        state = self._state(transaction, key_id, limit, since_ms, at_ms, count, oldest_ms, cost)
+        if state.count + cost > limit and state.freeing_ms is None:
+            # Counted more hits than there are (the one whose expiry makes room is missing): counted again.
+            count = self._recount(transaction, key_id, at_ms, count)
+            state = self._state(transaction, key_id, limit, since_ms, at_ms, count, oldest_ms, cost)
         is_allowed = state.count + cost <= limit
         try:
             if is_allowed and on_admit is not None:
@@ -153,11 +176,32 @@ class SqlWindowStorage:
             guard.leave(transaction, is_key_locked=True)  # in this transaction: a refusal leaves no claim behind
         return is_allowed, state
 
+    def _recount(self, transaction: Transaction, key_id: int, at_ms: int, kept_count: int) -> int:
+        """The key's rows counted (its expired ones are deleted already) and kept as its count; marked verified
+        when the kept count was right."""
+        count = transaction.scalar(RECOUNT, key_id=key_id)
+        transaction.execute_many(set_count(transaction.dialect.name), [{"key_id": key_id, "hits": count}])
+        if count == kept_count:
+            self._verified_ms[key_id] = at_ms
+        else:
+            self._verified_ms.pop(key_id, None)
+            logger.warning("rate limit: key %d's kept count was %d, but it has %d hits in its window; counted "
+                           "again (a server of a release before revision 0007 writing beside this one?)",
+                           key_id, kept_count, count)
+        return count
+
     @classmethod
     def _peek(cls, key_id: int, limit: int, window_ms: int, transaction: Transaction) -> WindowState:
-        at_ms = transaction.scalar(READ_CLOCK) if transaction.is_postgres else now_ms()
-        count, oldest_ms = transaction.one(COUNT, key_id=key_id, since_ms=at_ms - window_ms)
-        return cls._state(transaction, key_id, limit, at_ms - window_ms, at_ms, count, oldest_ms)
+        # No key lock: on PostgreSQL another host's admission may delete expired hits between the count and the
+        # freeing hit's read (each statement sees what is committed when it starts). Then the rows counted are
+        # gone, and the window is counted again, on a later clock.
+        for _ in range(PEEK_ATTEMPTS):
+            at_ms = transaction.scalar(READ_CLOCK) if transaction.is_postgres else now_ms()
+            count, oldest_ms = transaction.one(COUNT, key_id=key_id, since_ms=at_ms - window_ms)
+            state = cls._state(transaction, key_id, limit, at_ms - window_ms, at_ms, count, oldest_ms)
+            if state.count + 1 <= limit or state.freeing_ms is not None:
+                return state
+        return state  # still changing under it: without the freeing hit, the limiter says when the oldest leaves
 
     @staticmethod
     def _state(transaction: Transaction, key_id: int, limit: int, since_ms: int, at_ms: int, count: int,
@@ -310,8 +354,10 @@ def _open(limit: int, window_ms: int, at_ms: int, counted: int, oldest_ms: int |
 
 def _full(limit: int, window_ms: int, state: WindowState) -> Decision:
     """A refusal: none of it was recorded, so what remains is what was there (a request of 3 may be refused
-    with 2 left), and Retry-After is when this request's `cost` would fit."""
-    assert state.freeing_ms is not None and state.oldest_ms is not None
-    retry_after_s = max(1, _whole_seconds(state.freeing_ms + window_ms - state.now_ms))
-    reset_s = _whole_seconds(state.oldest_ms + window_ms - state.now_ms)
+    with 2 left), and Retry-After is when this request's `cost` would fit. A window that changed while it was
+    read (a peek on PostgreSQL: SqlWindowStorage._peek) may lack the freeing hit: its oldest, or now, stands in."""
+    oldest_ms = state.oldest_ms if state.oldest_ms is not None else state.now_ms
+    freeing_ms = state.freeing_ms if state.freeing_ms is not None else oldest_ms
+    retry_after_s = max(1, _whole_seconds(freeing_ms + window_ms - state.now_ms))
+    reset_s = _whole_seconds(oldest_ms + window_ms - state.now_ms)
     return Decision(False, limit, max(0, limit - state.count), reset_s, retry_after_s)

@@ -11,7 +11,8 @@ BUCKET_WIDTHS_S = {"1m": 60, "1h": 3600, "1d": 86400}
 EncodingFormat = Literal["float", "base64"]
 MAX_UNIX_TIME_S = 32_503_680_000  # year 3000: keeps millisecond times inside a 64-bit integer
 
-MODEL_VERSION = "MODEL_VERSION, or the first 12 hex digits of the SHA-256 of the weights (or ONNX) file."
+MODEL_VERSION = ("MODEL_VERSION, or 12 hex digits of a SHA-256 of the weights (or ONNX) file, its external data "
+                 "and MODEL_LABELS' labels; -int8 after it for int8.")
 
 ONE_PIXEL_PNG_BASE64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
@@ -160,7 +161,8 @@ class Usage(BaseModel):
     end_time: int | None = None
     covered_from: int = Field(description="Unix seconds: the counts hold every request from here on; older ones "
                                           "have passed USAGE_RETENTION_DAYS, or were logged before an upgrade "
-                                          "to the rollups and are still being counted.")
+                                          "to the rollups and are still being counted. start_time (or 0) when "
+                                          "nothing is missing.")
     bucket_width: str | None = None
     buckets: list[UsageBucket] | None = Field(None, description="Per-bucket counts, when bucket_width is given.")
 
@@ -178,6 +180,8 @@ class ModelInfo(BaseModel):
     object: Literal["model"] = "model"
     version: str = Field(examples=["f37072fd47e8"], description=MODEL_VERSION)
     labels: int = Field(examples=[1000], description="How many classes it tells apart.")
+    label_names: list[str] = Field(examples=[["tench", "goldfish", "great white shark"]],
+                                   description="The classes' labels, by class_id.")
     input_size: int = Field(examples=[224], description="Side of the square input, in pixels.")
     preprocessing: Preprocessing
     embedding_dimensions: int | None = Field(examples=[512], description="The length of /v1/embeddings' vectors; "

@@ -10,7 +10,7 @@ import resource
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -41,6 +41,14 @@ def cores_per_worker(workers: int) -> int:
     return max(1, usable_cores() // workers)
 
 
+def is_number(text: object) -> bool:
+    try:
+        float(text)  # type: ignore[arg-type]
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def default_backend() -> BackendName:
     return "onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch"
 
@@ -65,27 +73,34 @@ class Settings(BaseSettings):
     model_weights: Path | None = None
     # The classes' names: one per line, a JSON list, or a JSON object from index to label. Default: ImageNet's 1000.
     model_labels: Path | None = None
-    # When false, missing weights stop the server instead of switching to EfficientNet-Lite0.
+    # When false, torchvision weights that cannot be had stop the server instead of switching to EfficientNet-Lite0.
     model_fallback: bool = True
     # An ONNX classifier trained anywhere, served instead of MODEL_NAME: float32 (B, 3, H, W) in, (B, N) out.
     model_onnx: Path | None = None
-    # MODEL_ONNX's preprocessing: the shorter side scaled to MODEL_RESIZE, the centre MODEL_CROP square taken,
-    # then (pixel / 255 - mean) / std per channel (RGB).
+    # The preprocessing: the shorter side scaled to MODEL_RESIZE, the centre MODEL_CROP square taken, then
+    # (pixel / 255 - mean) / std per channel (RGB). MODEL_ONNX's, defaults included; for MODEL_NAME, those set
+    # replace the architecture's own (its training transforms: inference.with_preprocessing).
     model_resize: int = Field(256, ge=1, le=4096)
     model_crop: int = Field(224, ge=1, le=4096)
     model_mean: Annotated[tuple[float, float, float], NoDecode] = (0.485, 0.456, 0.406)
     model_std: Annotated[tuple[float, float, float], NoDecode] = (0.229, 0.224, 0.225)
     model_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    # What MODEL_ONNX's class output holds: logits (the server applies softmax) or probabilities.
+    # What MODEL_ONNX's class output holds: logits (the server applies softmax) or probabilities; checked on photos.
     model_output: Literal["logits", "probabilities"] = "logits"
     # The MODEL_ONNX output that /v1/embeddings answers with (e.g. the pooled features before the last layer).
     model_embedding_output: str | None = None
-    # Named in every answer; by default the first 12 hex digits of the weights (or ONNX) file's SHA-256.
+    # What answers call the model; by default MODEL_NAME, or MODEL_ONNX's file name (its folder's, for model.onnx).
+    model_id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")
+    # Named in every answer; by default 12 hex digits of a SHA-256 of the weights (or ONNX) file, its external data
+    # and MODEL_LABELS' labels, and -int8 for int8 (inference.default_version).
     model_version: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")
     # Where the forward pass runs; onnxruntime (the default when installed) runs a graph exported from the weights.
     inference_backend: BackendName = Field(default_factory=default_backend)
     # int8 (ONNX Runtime only): statically quantized, faster, and not quite the same answers (see the README).
     inference_precision: Precision = "fp32"
+    # A folder of your own images (searched recursively) that int8's quantization is calibrated on: photos like
+    # those the model will be sent. Default: the photos that ship with scikit-image.
+    int8_calibration_dir: Path | None = None
     # Server processes on this machine's cores: uvicorn starts this many workers when --workers is not given, and
     # each reads it here to take its share of the cores (uvicorn never tells a worker how many there are).
     web_concurrency: int = Field(1, ge=1)
@@ -187,21 +202,60 @@ class Settings(BaseSettings):
 
     @field_validator("model_mean", "model_std", mode="before")
     @classmethod
-    def comma_separated(cls, value: object) -> object:
-        return tuple(part.strip() for part in value.split(",")) if isinstance(value, str) else value
+    def comma_separated(cls, value: object, info: ValidationInfo) -> object:
+        parts = value.split(",") if isinstance(value, str) else value
+        if not isinstance(parts, (list, tuple)) or len(parts) != 3 or not all(map(is_number, parts)):
+            example = "0.485,0.456,0.406" if info.field_name == "model_mean" else "0.229,0.224,0.225"
+            raise ValueError(f"{info.field_name.upper()} must be three numbers, one per channel (red, green, blue), "
+                             f"comma-separated, e.g. {example}")
+        return tuple(float(part) for part in parts)
 
     @field_validator("model_std")
     @classmethod
     def positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
         if min(value) <= 0:
-            raise ValueError("MODEL_STD must be three positive numbers, e.g. 0.229,0.224,0.225")
+            raise ValueError("MODEL_STD must be three positive numbers, one per channel (red, green, blue), "
+                             "comma-separated, e.g. 0.229,0.224,0.225")
         return value
 
     @model_validator(mode="after")
     def crop_inside_resize(self) -> "Settings":
-        if self.model_crop > self.model_resize:
+        # For MODEL_NAME one of them may be the architecture's own: inference.with_preprocessing checks those.
+        is_both_known = self.model_onnx is not None or {"model_crop", "model_resize"} <= self.model_fields_set
+        if is_both_known and self.model_crop > self.model_resize:
             raise ValueError(f"MODEL_CROP={self.model_crop} is over MODEL_RESIZE={self.model_resize}: the crop is "
                              "taken from the resized image; make MODEL_CROP at most MODEL_RESIZE")
+        return self
+
+    @model_validator(mode="after")
+    def model_settings_that_apply(self) -> "Settings":
+        """Every model setting given changes what is served: one that would be ignored stops the start instead."""
+        if self.model_onnx is not None:
+            ignored = {"model_name": "with MODEL_ONNX the file is the model (MODEL_ID names it in answers)",
+                       "model_weights": "an ONNX file (MODEL_ONNX) holds its own weights",
+                       "model_fallback": "an ONNX file (MODEL_ONNX) is never replaced by the fallback model"}
+            if self.inference_backend == "torch":
+                ignored["inference_backend"] = "an ONNX file (MODEL_ONNX) runs on ONNX Runtime only"
+        else:
+            ignored = {"model_output": "it describes MODEL_ONNX's output; MODEL_NAME's network gives logits, "
+                                       "which the server turns into probabilities itself",
+                       "model_embedding_output": "it names an output of MODEL_ONNX; MODEL_NAME's embedding is the "
+                                                 "input of its final layer, which the server finds itself"}
+            if self.model_weights is not None or self.model_name == "efficientnet_lite0":
+                ignored["model_fallback"] = ("the fallback replaces only torchvision's weights when they cannot be "
+                                             "had: MODEL_WEIGHTS is loaded or stops the start, and "
+                                             "efficientnet_lite0's weights are always there")
+        if self.int8_calibration_dir is not None and self.inference_precision != "int8":
+            ignored["int8_calibration_dir"] = "only int8 is calibrated (INFERENCE_PRECISION=int8)"
+        for name, reason in ignored.items():
+            if name in self.model_fields_set:
+                value = getattr(self, name)
+                shown = str(value).lower() if isinstance(value, bool) else value
+                raise ValueError(f"{name.upper()}={shown} would be ignored: {reason}; unset {name.upper()}")
+        if self.inference_precision == "int8" and self.inference_backend == "torch":
+            raise ValueError("INFERENCE_PRECISION=int8 cannot be served by INFERENCE_BACKEND=torch: int8 runs on "
+                             "ONNX Runtime only; set INFERENCE_BACKEND=onnxruntime (pip install onnxruntime), or "
+                             "unset INFERENCE_PRECISION")
         return self
 
     @model_validator(mode="after")

@@ -55,7 +55,9 @@ def usage_json(connection: Connection, api_key: ApiKey, limit_state: Decision, e
         start_time = start_time // width_s * width_s
     if end_time is not None:
         end_time = -(-end_time // width_s) * width_s
-    covered_from = max(start_time or 0, retention_cutoff_s(retention_days))
+    cutoff_s = retention_cutoff_s(retention_days)
+    # A key made since the cutoff has had nothing pass retention: its counts hold every request it made.
+    covered_from = max(start_time or 0, cutoff_s if api_key.created_at_ms < cutoff_s * 1000 else 0)
     buckets = None
     # Requests from before the rollups are counted from the newest down (rollup_backfill.py): a key with
     # some left is covered from its frontier on, rounded up to whole buckets. Read first: on PostgreSQL each

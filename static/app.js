@@ -125,13 +125,17 @@ async function showUsage(key) {
   const usage = await response.json();
   drawUsage(usage.buckets);
   const p95 = usage.latency_ms.p95;
-  $("usage-summary").replaceChildren(`${usage.total_requests} requests, ${usage.by_status.succeeded} answered 200, ` +
-                            `${usage.images} images`);
+  $("usage-summary").replaceChildren(`${counted(usage.total_requests, "request")}, ${usage.by_status.succeeded} ` +
+                                     `answered 200, ${counted(usage.images, "image")}`);
   const latency = document.createElement("span");
   latency.className = "p95-key";
   latency.textContent = p95 === null ? "" : `; p95 ${p95} ms (the line)`;
   $("usage-summary").append(latency, ".");
   $("usage").hidden = false;
+}
+
+function counted(count, noun) {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }
 
 function drawUsage(buckets) {

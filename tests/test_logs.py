@@ -39,7 +39,7 @@ def test_json_logs_parse_and_have_one_line_per_request_without_keys_or_images(st
 
 
 def test_a_first_start_that_falls_back_and_quantizes_logs_one_json_record_per_event(start_server, tmp_path):
-    """No ResNet-18 weights (torchvision prints that it tries to download them), the fallback's banner, an ONNX
+    """No ResNet-18 weights (the server says it tries to download them), the fallback's banner, an ONNX
     export and an int8 quantization with a fresh cache: every line is JSON, the banner one record, the libraries'
     progress notes (ONNX passes; the quantizer's `Increased scale[...]` on the root logger) not at INFO."""
     running = start_server({"LOG_FORMAT": "json", "MODEL_NAME": "resnet18", "TORCH_HOME": str(tmp_path / "torch"),
@@ -51,7 +51,9 @@ def test_a_first_start_that_falls_back_and_quantizes_logs_one_json_record_per_ev
     messages = [line["message"] for line in lines]
     banner = [message for message in messages if "FALLING BACK" in message]
     assert len(banner) == 1 and "MODEL_FALLBACK=false" in banner[0] and not any(m.startswith("===") for m in messages)
-    assert any(message.startswith('Downloading: "https://download.pytorch.org/') for message in messages)
+    # Said as tried, not as torch.hub's `Downloading: "https://download.pytorch.org/..."` (none began).
+    assert any("trying https://download.pytorch.org/" in message for message in messages)
+    assert not any(message.startswith("Downloading") for message in messages)
     assert any(message.startswith("quantizing efficientnet_lite0 to int8") for message in messages)
     assert not [m for m in messages if "Increased scale" in m or "Loaded pretrained weights" in m]
     chatty = {"root", "onnx_ir", "onnxscript", "onnxruntime"}

@@ -36,6 +36,14 @@ def sha12(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
+def labelled_version(path: Path, labels: list[str]) -> str:
+    """The default version with MODEL_LABELS, as the README gives it: the weights file's SHA-256 and the labels."""
+    return hashlib.sha256(json.dumps([hashlib.sha256(path.read_bytes()).hexdigest(), labels]).encode()).hexdigest()[:12]
+
+
+RESNET18_LABELS = ["chat tigré 🐈", "espresso <b>doppio</b>", "Saturn V"]
+
+
 def unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
@@ -87,21 +95,31 @@ def resnet18_server(tmp_path_factory: pytest.TempPathFactory, resnet18) -> Itera
 
 def test_a_fine_tuned_resnet18_answers_with_its_labels_and_version(resnet18_server, resnet18):
     network, weights, _ = resnet18
-    labels = ["chat tigré 🐈", "espresso <b>doppio</b>", "Saturn V"]
+    labels = RESNET18_LABELS
+    version = labelled_version(weights, labels)
     reference = Reference(network, network.fc, transform(256, 224, IMAGENET_MEAN, IMAGENET_STD))
     with resnet18_server.client(make_key(resnet18_server.database_url)) as client:
         [model] = client.get("/v1/models").json()["data"]
-    assert model == {**model, "id": "resnet18", "version": sha12(weights), "labels": 3, "input_size": 224,
+    assert model == {**model, "id": "resnet18", "version": version, "labels": 3, "label_names": labels,
+                     "input_size": 224,
                      "embedding_dimensions": 512, "weights_source": "file", "max_batch": 8,
                      "preprocessing": {"resize": 256, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                                        "interpolation": "bilinear"}}
     pictures = [photo(name) for name in PHOTOS.values()]
     answer = post_images(resnet18_server, "/v1/classify", pictures, top_k=3)
-    assert answer["model"] == "resnet18" and answer["model_version"] == sha12(weights)
+    assert answer["model"] == "resnet18" and answer["model_version"] == version
     for result, picture in zip(answer["results"], pictures):
         assert_agrees(result, reference.run(picture)[0], labels)
     rows = log_rows(resnet18_server.database_url, "endpoint = '/v1/classify'")
-    assert rows and {row["model_version"] for row in rows} == {sha12(weights)}
+    assert rows and {row["model_version"] for row in rows} == {version}
+
+
+def test_the_web_page_and_the_api_docs_do_not_call_its_labels_imagenets(resnet18_server):
+    with resnet18_server.client() as client:
+        page = client.get("/").text
+        description = client.get("/openapi.json").json()["info"]["description"]
+    assert "ImageNet" not in page and "most likely labels" in page
+    assert description.startswith("Labels for your images from resnet18, 3 labels of its own"), description
 
 
 def test_embeddings_are_the_unit_length_input_of_the_final_layer(resnet18_server, resnet18):
@@ -111,7 +129,7 @@ def test_embeddings_are_the_unit_length_input_of_the_final_layer(resnet18_server
     answer = post_images(resnet18_server, "/v1/embeddings", pictures)
     assert {key: answer[key] for key in ("object", "model", "dimensions")} == {"object": "list", "model": "resnet18",
                                                                             "dimensions": 512}
-    assert answer["id"].startswith("emb_") and answer["model_version"] == sha12(resnet18[1])
+    assert answer["id"].startswith("emb_") and answer["model_version"] == labelled_version(resnet18[1], RESNET18_LABELS)
     vectors = np.array([item["embedding"] for item in answer["data"]])
     assert [(item["object"], item["index"]) for item in answer["data"]] == [("embedding", i) for i in range(4)]
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
@@ -152,7 +170,8 @@ def test_embeddings_are_limited_logged_and_refused_like_classify(resnet18_server
     assert [(row["endpoint"], row["status_code"]) for row in rows[limited]] == [
         ("/v1/embeddings", 200), ("/v1/embeddings", 200), ("/v1/embeddings", 429), ("/v1/classify", 429)]
     assert [row["status_code"] for row in rows[other]] == [422, 422, 400]
-    assert {row["model_version"] for row in rows[limited] + rows[other]} == {sha12(resnet18[1])}
+    assert {row["model_version"] for row in rows[limited] + rows[other]} == {labelled_version(resnet18[1],
+                                                                                            RESNET18_LABELS)}
 
 
 # A torchvision MobileNet, 1000 classes: ImageNet's labels without MODEL_LABELS; run by torch here.
@@ -189,14 +208,16 @@ def resnet18_onnx(files: Path, resnet18) -> Path:
 
 def test_an_onnx_file_with_a_fixed_batch_is_served_one_image_at_a_time(start_server, files, resnet18, resnet18_onnx):
     (files / "labels.txt").write_text("cat\nespresso\nrocket\n")
-    server = start_server({"MODEL_ONNX": str(resnet18_onnx), "MODEL_LABELS": str(files / "labels.txt"),
+    server = start_server({"MODEL_NAME": "", "MODEL_ONNX": str(resnet18_onnx),
+                           "MODEL_LABELS": str(files / "labels.txt"),
                     "MODEL_RESIZE": "230", "MODEL_CROP": "200"})
     assert "batch axis fixed to 1" in server.log()
     reference = Reference(resnet18[0], resnet18[0].fc, transform(230, 200, IMAGENET_MEAN, IMAGENET_STD))
     with server.client(make_key(server.database_url)) as client:
         [model] = client.get("/v1/models").json()["data"]
         refused = client.post("/v1/embeddings", json={"image": b64(encode(photo("chelsea.png"), "PNG"))})
-    assert (model["id"], model["version"]) == ("resnet18-fixed", sha12(resnet18_onnx))
+    assert model["id"] == "resnet18-fixed"
+    assert model["version"] == labelled_version(resnet18_onnx, ["cat", "espresso", "rocket"])
     assert model["weights_source"] == "onnx file"
     assert (model["max_batch"], model["input_size"], model["embedding_dimensions"]) == (1, 200, None)
     assert "MODEL_EMBEDDING_OUTPUT" in assert_error(refused, 400, "embeddings_unavailable")["message"]
@@ -210,7 +231,7 @@ def test_an_onnx_file_with_a_fixed_batch_is_served_one_image_at_a_time(start_ser
 def test_an_onnx_file_that_gives_probabilities(start_server, files, mobilenet):
     network = mobilenet[0]
     path = export_onnx(WithSoftmax(network), files / "mobilenet.onnx", 224, ["probabilities"], dynamic_batch=True)
-    server = start_server({"MODEL_ONNX": str(path), "MODEL_OUTPUT": "probabilities"})
+    server = start_server({"MODEL_NAME": "", "MODEL_ONNX": str(path), "MODEL_OUTPUT": "probabilities"})
     reference = Reference(network, network.classifier[3], transform(256, 224, IMAGENET_MEAN, IMAGENET_STD))
     imagenet = MobileNet_V3_Small_Weights.DEFAULT.meta["categories"]
     pictures = [photo(name) for name in PHOTOS.values()]
@@ -229,7 +250,8 @@ def fine_tuned(files: Path) -> tuple[nn.Module, Path, Path]:
 
 
 def fine_tuned_env(fine_tuned: tuple[nn.Module, Path, Path], **extra: str) -> dict[str, str]:
-    return {"MODEL_ONNX": str(fine_tuned[1]), "MODEL_LABELS": str(fine_tuned[2]), "MODEL_EMBEDDING_OUTPUT": "features",
+    return {"MODEL_NAME": "", "MODEL_ONNX": str(fine_tuned[1]), "MODEL_LABELS": str(fine_tuned[2]),
+            "MODEL_EMBEDDING_OUTPUT": "features",
             "MODEL_MEAN": "0.5,0.5,0.5", "MODEL_STD": "0.5, 0.5, 0.5", "MODEL_INTERPOLATION": "bicubic", **extra}
 
 
@@ -281,10 +303,11 @@ def test_start_up_refuses_with_one_line_naming_the_setting(case, files, resnet18
     env, words = {
         "labels count": ({"MODEL_WEIGHTS": str(resnet18[1]), "MODEL_LABELS": str(files / "four.txt")},
                          ["MODEL_LABELS=", "4 labels", "3 classes"]),
-        "onnx input rank": ({"MODEL_ONNX": str(onnx_file(tmp_path / "rank.onnx", ["batch", 224, 224], ["batch", 3]))},
+        "onnx input rank": ({"MODEL_NAME": "", "MODEL_ONNX": str(onnx_file(tmp_path / "rank.onnx", ["batch", 224, 224],
+                                                                                   ["batch", 3]))},
                             ["MODEL_ONNX=", "(batch, 224, 224)", "(B, 3, H, W)"]),
-        "onnx output shape": ({"MODEL_ONNX": str(onnx_file(tmp_path / "out.onnx", ["batch", 3, 224, 224],
-                                                           ["batch", 3, 224]))},
+        "onnx output shape": ({"MODEL_NAME": "", "MODEL_ONNX": str(onnx_file(tmp_path / "out.onnx",
+                                                                             ["batch", 3, 224, 224], ["batch", 3, 224]))},
                               ["MODEL_ONNX=", "(batch, 3, 224)", "(B, N)"]),
         "weights misfit": ({"MODEL_WEIGHTS": str(mobilenet[1])}, ["MODEL_WEIGHTS=", "resnet18", "missing"]),
         "unknown architecture": ({"MODEL_NAME": "resnet19"}, ["MODEL_NAME=resnet19", "resnet18, resnet34"]),

@@ -9,7 +9,7 @@ import httpx
 
 from sqlalchemy import select
 
-from conftest import ONE_PIXEL, assert_error, make_key, raw_http
+from conftest import ONE_PIXEL, assert_error, key_id, make_key, query, raw_http
 from db import migrate, make_engine, write_transaction
 
 def burst(url: str, key: str, count: int) -> list[httpx.Response]:
@@ -163,3 +163,69 @@ def test_two_worker_processes_on_one_database_admit_exactly_the_limit(start_serv
         time.sleep(0.2)
     key = make_key(running.database_url, rate_limit=5, window_s=60)
     assert statuses(burst(running.url, key, 24)) == [200] * 5 + [429] * 19
+
+
+# What an older server does to the rows without the kept count (rate_limit_counts, revision 0007): records hits,
+# at the database's clock on PostgreSQL, and deletes expired ones.
+CLOCK_MS = {"sqlite": "CAST(strftime('%s', 'now') AS INTEGER) * 1000 + CAST(strftime('%f', 'now') * 1000 AS INTEGER) % 1000",
+            "postgresql": "floor(extract(epoch FROM clock_timestamp()) * 1000)"}
+
+
+def record_as_an_old_server(database_url: str, key: str, hits: int) -> None:
+    clock = CLOCK_MS["postgresql" if database_url.startswith("postgresql") else "sqlite"]
+    for _ in range(hits):
+        query(database_url, f"INSERT INTO rate_limit_hits (key_id, at_ms) VALUES (:id, {clock})",
+              id=key_id(database_url, key))
+
+
+def delete_expired_as_an_old_server(database_url: str, key: str, rows: int) -> None:
+    query(database_url, "DELETE FROM rate_limit_hits WHERE id IN (SELECT id FROM rate_limit_hits WHERE key_id = :id "
+                        "ORDER BY at_ms LIMIT :rows)", id=key_id(database_url, key), rows=rows)
+
+
+def admitted(url: str, key: str, count: int) -> int:
+    """How many of `count` requests sent one after the other are admitted; every other answer is a 429."""
+    responses = [httpx.post(f"{url}/v1/classify", json={"image": ONE_PIXEL}, timeout=60,
+                            headers={"Authorization": f"Bearer {key}"}) for _ in range(count)]
+    assert set(statuses(responses)) <= {200, 429}, [r.text for r in responses if r.status_code not in (200, 429)]
+    return statuses(responses).count(200)
+
+
+def sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.monotonic()))
+
+
+WINDOW_S = 2
+
+
+def test_a_count_that_fell_behind_its_rows_heals_within_a_window(database_url, start_server):
+    """An older server's admissions beside this one (revision 0007's rolling upgrade) leave the kept count
+    under the rows. It held for good: every later window admitted the rows it never counted on top of the
+    limit (10 at a limit of 5). Here 5 are recorded mid-window while the key's own hit leaves (the count would
+    stay at 0 against 5 rows): within a window of the last check the rows are counted again."""
+    running = start_server({"DATABASE_URL": database_url})
+    key = make_key(database_url, rate_limit=5, window_s=WINDOW_S)
+    started = time.monotonic()
+    assert admitted(running.url, key, 1) == 1
+    sleep_until(started + WINDOW_S / 2)
+    record_as_an_old_server(database_url, key, 5)
+    recorded = time.monotonic()
+    sleep_until(started + WINDOW_S + 0.3)  # the first hit has left; the old server's 5 are in the window
+    assert admitted(running.url, key, 6) == 0
+    sleep_until(recorded + WINDOW_S + 0.3)  # and now they have left too
+    assert admitted(running.url, key, 8) == 5
+    assert "kept count was" in running.log()
+
+
+def test_a_count_that_ran_ahead_of_its_rows_heals_within_a_window_and_is_never_a_500(database_url, start_server):
+    """An older server deleting expired rows without the count leaves it over the rows. With 4 of 5 gone so,
+    the key got 1 request a window for good; with all 5, and whenever a lowered limit put the freeing hit past
+    the last row, every request was a 500 (the offset lookup found no row)."""
+    running = start_server({"DATABASE_URL": database_url})
+    for gone in (5, 4):
+        key = make_key(database_url, rate_limit=5, window_s=WINDOW_S)
+        started = time.monotonic()
+        assert admitted(running.url, key, 5) == 5
+        sleep_until(started + WINDOW_S + 0.3)
+        delete_expired_as_an_old_server(database_url, key, gone)
+        assert admitted(running.url, key, 8) == 5, gone

@@ -1,15 +1,17 @@
 """The README stays true: every setting and every CLI command is documented there, every command it shows
-parses, its sample answer has the server's shape, and what it runs from the venv after `make run` is installed
-by `make run`."""
+parses, its sample answer has the server's shape, what it runs from the venv after `make run` is installed
+by `make run`, and its fine-tune of EfficientNet-Lite0 runs as written and is served as it says."""
 
 import ast
 import importlib.metadata
 import json
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from packaging.requirements import Requirement
@@ -17,7 +19,7 @@ from packaging.utils import canonicalize_name
 
 import cli
 import client_cli
-from conftest import ROOT
+from conftest import ROOT, b64, encode, make_key, photo
 from schemas import Classification, Prediction
 from settings import Settings
 
@@ -25,7 +27,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_every_setting_is_in_the_readme():
-    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", README, re.MULTILINE))
+    documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", README, re.MULTILINE))
     assert documented == {name.upper() for name in Settings.model_fields}
 
 
@@ -124,3 +126,35 @@ def test_what_the_server_the_cli_and_the_client_import_is_installed_by_make_run(
                 missing.setdefault(module, []).append(path.name)
     assert "client.py" in {path.name for path in sources} and "httpx" not in ours
     assert not missing, f"imported but not installed by requirements.txt: {missing}"
+
+
+FINE_TUNE = re.search(r"```python\n(# fine_tune\.py: .*?)```", README, re.DOTALL)[1]
+
+
+def test_the_fine_tune_of_efficientnet_lite0_runs_as_written_and_is_served_as_it_says(start_server, tmp_path):
+    """fine_tune.py as the README has it, on a photos/ folder of four classes (random crops of four of
+    scikit-image's photos), then the command that serves it, with its settings as written: the server labels
+    crops of those photos it never saw."""
+    from own_models import PHOTOS, crops, held_out_crops
+
+    rng = np.random.default_rng(0)
+    for label, name in PHOTOS.items():
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        picture = photo(name).convert("RGB")
+        for index, view in enumerate([picture, *crops(picture, 7, rng)]):
+            view.save(tmp_path / "photos" / label / f"{index}.png")
+    (tmp_path / "fine_tune.py").write_text(FINE_TUNE)
+    done = subprocess.run([sys.executable, "fine_tune.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "32 photos of 4 classes" in done.stdout
+    [command] = [line for line in shell_lines() if "MODEL_WEIGHTS=photos.pth" in line]
+    settings = dict(word.split("=", 1) for word in shlex.split(command.split("make run")[0]))
+    assert settings == {"MODEL_NAME": "efficientnet_lite0", "MODEL_WEIGHTS": "photos.pth", "MODEL_LABELS": "photos.txt"}
+    server = start_server({name: str(tmp_path / value) if value.endswith((".pth", ".txt")) else value
+                           for name, value in settings.items()})
+    held_out = held_out_crops()
+    with server.client(make_key(server.database_url)) as client:
+        answer = client.post("/v1/classify", json={"images": [b64(encode(crop, "PNG")) for _, crop in held_out]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == "efficientnet_lite0"
+    assert [result["predictions"][0]["label"] for result in answer.json()["results"]] == [label for label, _ in held_out]

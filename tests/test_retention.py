@@ -15,6 +15,7 @@ def aged_history(database_url: str) -> tuple[str, int]:
     key = make_key(database_url)
     own_id = key_id(database_url, key)
     now_ms = time.time_ns() // 1_000_000
+    query(database_url, "UPDATE api_keys SET created_at_ms = :at WHERE id = :id", at=now_ms - 600 * DAY_MS, id=own_id)
     rows = []
     for age_days, count in ((500, 300), (40, PRUNE_BATCH * 2 + 500), (1, 200)):
         for index, row in enumerate(random_rows([own_id], count, now_ms, seed=age_days)):

@@ -33,6 +33,23 @@ AT_IMPORT = {
     "DATABASE_URL in memory": ({"DATABASE_URL": "sqlite:///:memory:"},
                                "DATABASE_URL=sqlite:///:memory: is not valid: an in-memory SQLite database lasts as "
                                "long as its connection"),
+    # It was pydantic's "model_mean.2: Field required".
+    "MODEL_MEAN of two numbers": ({"MODEL_MEAN": "0.5,0.5"},
+                                  "MODEL_MEAN=0.5,0.5 is not valid: MODEL_MEAN must be three numbers, one per channel "
+                                  "(red, green, blue), comma-separated, e.g. 0.485,0.456,0.406"),
+    # Model settings that would not change what is served (they were accepted and ignored).
+    "MODEL_OUTPUT for MODEL_NAME": ({"MODEL_OUTPUT": "probabilities"},
+                                    "MODEL_OUTPUT=probabilities would be ignored: it describes MODEL_ONNX's output"),
+    "MODEL_NAME beside MODEL_ONNX": ({"MODEL_ONNX": "flowers.onnx"},
+                                     "MODEL_NAME=efficientnet_lite0 would be ignored: with MODEL_ONNX the file is the "
+                                     "model (MODEL_ID names it in answers); unset MODEL_NAME"),
+    "MODEL_FALLBACK for efficientnet_lite0": ({"MODEL_FALLBACK": "false"},
+                                              "MODEL_FALLBACK=false would be ignored: the fallback replaces only "
+                                              "torchvision's weights"),
+    "INT8_CALIBRATION_DIR for fp32": ({"INT8_CALIBRATION_DIR": "photos"},
+                                      "INT8_CALIBRATION_DIR=photos would be ignored: only int8 is calibrated"),
+    "int8 on torch": ({"INFERENCE_PRECISION": "int8", "INFERENCE_BACKEND": "torch"},
+                      "INFERENCE_PRECISION=int8 cannot be served by INFERENCE_BACKEND=torch"),
 }
 
 
@@ -44,6 +61,15 @@ def in_lifespan(tmp: Path) -> dict[str, tuple[dict[str, str], str]]:
                                   f"MODEL_WEIGHTS={tmp / 'none.pth'}: no such file; set it to a weights file"),
         "MODEL_WEIGHTS a folder": ({"MODEL_NAME": "resnet18", "MODEL_WEIGHTS": str(tmp)},
                                    f"MODEL_WEIGHTS={tmp}: a folder, not a file"),
+        # It was ignored for efficientnet_lite0: the server started, serving ImageNet.
+        "MODEL_WEIGHTS missing for efficientnet_lite0": ({"MODEL_NAME": "efficientnet_lite0",
+                                                          "MODEL_WEIGHTS": str(tmp / "none.pth")},
+                                                         f"MODEL_WEIGHTS={tmp / 'none.pth'}: no such file"),
+        # A folder was said to be missing.
+        "MODEL_ONNX a folder": ({"MODEL_NAME": "", "MODEL_ONNX": str(tmp)}, f"MODEL_ONNX={tmp}: a folder, not a file"),
+        "MODEL_LABELS a folder": ({"MODEL_LABELS": str(tmp)}, f"MODEL_LABELS={tmp}: a folder, not a file"),
+        "INT8_CALIBRATION_DIR without images": ({"INFERENCE_PRECISION": "int8", "INT8_CALIBRATION_DIR": str(tmp)},
+                                                f"INT8_CALIBRATION_DIR={tmp} holds no images"),
         "DATABASE_URL in no folder": ({"DATABASE_URL": f"sqlite:///{tmp}/no/such/folder/classify.db"},
                                       f"the folder {tmp}/no/such/folder does not exist; create it"),
         "DATABASE_URL where no PostgreSQL listens": (
@@ -85,8 +111,10 @@ def test_a_setting_found_invalid_at_import_is_one_line_and_exit_3(tmp_path, case
 
 
 @pytest.mark.parametrize("protocol", HTTP_OPTIONS)
-@pytest.mark.parametrize("case", ["MODEL_WEIGHTS missing", "MODEL_WEIGHTS a folder", "DATABASE_URL in no folder",
-                                  "DATABASE_URL where no PostgreSQL listens"])
+@pytest.mark.parametrize("case", ["MODEL_WEIGHTS missing", "MODEL_WEIGHTS a folder",
+                                  "MODEL_WEIGHTS missing for efficientnet_lite0", "MODEL_ONNX a folder",
+                                  "MODEL_LABELS a folder", "INT8_CALIBRATION_DIR without images",
+                                  "DATABASE_URL in no folder", "DATABASE_URL where no PostgreSQL listens"])
 def test_a_setting_found_unusable_at_start_up_is_one_line_and_exit_3(tmp_path, case, protocol):
     env, expected = in_lifespan(tmp_path)[case]
     done = uvicorn(tmp_path, env, *HTTP_OPTIONS[protocol])

@@ -91,6 +91,16 @@ def test_the_page_and_its_files_are_served_with_a_policy_that_keeps_them_local(s
         assert "/" not in client.get("/openapi.json").json()["paths"]  # a page, not part of the API
 
 
+def test_the_page_names_its_icon_so_browsers_ask_for_no_favicon_ico(server):
+    """Without one the browser asked for /favicon.ico, and its console showed the 404."""
+    with server.client() as client:
+        page = client.get("/").text
+        [icon] = re.findall(r'<link rel="icon" href="([^"]+)"', page)
+        served = client.get(icon)
+    assert served.status_code == 200 and served.headers["content-type"].startswith("image/")
+    assert "ImageNet" not in page  # the model's labels, whichever they are
+
+
 def test_a_cat_photo_shows_cat_labels_then_a_wrong_key_shows_why(page, server, tmp_path):
     send(page, new_key(server, rate_limit=100), photo_path("chelsea.png"))
     page.wait_for_selector("#result", state="visible")
@@ -99,6 +109,7 @@ def test_a_cat_photo_shows_cat_labels_then_a_wrong_key_shows_why(page, server, t
     assert "efficientnet_lite0" in page.text_content("#meta") and "ms" in page.text_content("#meta")
     assert page.text_content("#quota").startswith("Quota: 99 of 100 requests left")  # from X-RateLimit-*
     assert page.evaluate("document.getElementById('preview').naturalWidth") == 451  # the photo itself is shown
+    page.locator("#usage-summary", has_text=re.compile(r"^1 request,")).wait_for()  # one: not "1 requests"
     page.screenshot(path=tmp_path / "cat.png", full_page=True)
     if target := os.environ.get("SCREENSHOT_TO"):
         page.screenshot(path=ROOT / target, full_page=True)

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from conftest import key_id, make_key
-from database_writer import DatabaseWriter
+from conftest import key_id, make_key, query, sync_engine
+from database_writer import DatabaseWriter, Transaction
 from db import make_engine
-from ratelimit import COUNT, KEPT_COUNT, RedisWindowStorage, SqlWindowStorage, WindowStorage, make_redis
+from ratelimit import (COUNT, KEPT_COUNT, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage,
+                       _full, make_redis)
 
 WINDOW_MS = 60_000
 
@@ -162,3 +163,93 @@ def test_on_redis_a_retried_script_call_is_not_counted_twice(redis_server, tmp_p
             await storage.client.aclose()
 
     asyncio.run(go())
+
+
+def kept_and_rows(storage: SqlWindowStorage, key: int) -> Awaitable[tuple[int | None, int]]:
+    return storage.writer.run(lambda transaction: (transaction.scalar(KEPT_COUNT, key_id=key),
+                                                   transaction.one(COUNT, key_id=key, since_ms=-1)[0]))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_kept_count_that_cannot_be_right_is_counted_again_at_once(request, tmp_path, backend):
+    """Rows written without the kept count (a server from before revision 0007): deleted, the hit whose expiry
+    makes room is missing; expired, the count would go below zero. Each admission that meets it counts the
+    rows again and decides on them, within the window (not a window later) and without failing."""
+    database_url = (request.getfixturevalue("postgres").create_database() if backend == "postgresql"
+                    else f"sqlite:///{tmp_path / 'window.db'}")
+    key = key_id(database_url, make_key(database_url))
+    clock = "floor(extract(epoch FROM clock_timestamp()) * 1000)" if backend == "postgresql" else str(time.time_ns() // 10**6)
+
+    async def steps(storage: SqlWindowStorage) -> None:
+        assert (await storage.admit(key, 5, WINDOW_MS, cost=3))[0]
+        query(database_url, "DELETE FROM rate_limit_hits WHERE key_id = :id", id=key)  # the count says 3
+        allowed, state = await storage.admit(key, 2, WINDOW_MS)  # a lowered limit: the hit at offset 1 is sought
+        assert allowed and state.count == 0
+        assert await kept_and_rows(storage, key) == (1, 1)
+        for _ in range(4):  # about to expire, and uncounted
+            query(database_url, f"INSERT INTO rate_limit_hits (key_id, at_ms) VALUES (:id, {clock} - :age)", id=key,
+                  age=WINDOW_MS - 300)
+        await asyncio.sleep(0.5)
+        allowed, state = await storage.admit(key, 2, WINDOW_MS)  # 4 expired against a count of 1
+        assert allowed and state.count == 1
+        assert await kept_and_rows(storage, key) == (2, 2)
+
+    async def go() -> None:
+        storage = SqlWindowStorage(started_writer(database_url))
+        try:
+            await steps(storage)
+        finally:
+            await storage.writer.stop()
+
+    asyncio.run(go())
+
+
+class DeletingAfterTheCount:
+    """The database thread's transaction, with another host's admission deleting this key's hits (expired, by
+    a later clock) just after a peek has counted them: what a peek, which takes no key lock, may meet."""
+
+    def __init__(self, transaction: Transaction, database_url: str, key: int) -> None:
+        self.transaction = transaction
+        self.database_url = database_url
+        self.key = key
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.transaction, name)
+
+    def one(self, statement: object, **params: object) -> tuple:
+        found = self.transaction.one(statement, **params)
+        if statement is COUNT and found[0] > 0:
+            engine = sync_engine(self.database_url)
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text("DELETE FROM rate_limit_hits WHERE key_id = :id"), {"id": self.key})
+            finally:
+                engine.dispose()
+        return found
+
+
+def test_on_postgresql_a_peek_whose_counted_hits_vanish_counts_again(postgres):
+    """It looked for the freeing hit among rows that were gone, and /v1/usage failed on an assertion."""
+    database_url = postgres.create_database()
+    key = key_id(database_url, make_key(database_url))
+
+    async def go() -> None:
+        storage = SqlWindowStorage(started_writer(database_url))
+        try:
+            assert (await storage.admit(key, 3, WINDOW_MS, cost=3))[0]
+            state = await storage.writer.run(lambda transaction: storage._peek(
+                key, 3, WINDOW_MS, DeletingAfterTheCount(transaction, database_url, key)))
+            assert (state.count, state.oldest_ms, state.freeing_ms) == (0, None, None)
+            assert (await SlidingWindowLimiter(storage).peek(key, 3, WINDOW_MS // 1000)).remaining == 3
+        finally:
+            await storage.writer.stop()
+
+    asyncio.run(go())
+
+
+def test_a_refusal_read_without_its_freeing_hit_still_says_when_to_retry():
+    """What a peek returns when the window kept changing under it: the oldest hit stands in for the freeing one."""
+    from ratelimit import WindowState
+
+    decision = _full(3, WINDOW_MS, WindowState(now_ms=100_000, count=3, oldest_ms=70_000, freeing_ms=None))
+    assert (decision.allowed, decision.remaining, decision.reset_s, decision.retry_after_s) == (False, 0, 30, 30)
