@@ -33,11 +33,11 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt
 	touch $(VENV)/.installed $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache __pycache__ tests/__pycache__
+	rm -rf $(VENV) .pytest_cache $$(find . -name __pycache__ -not -path "./.venv/*")
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/usage_history.py
 
 screenshot: $(VENV)/.installed-dev
-	SCREENSHOT_TO=docs/screenshot.png $(BIN)/python -m pytest -q tests/test_web_page.py -k cat_photo
+	SCREENSHOT_TO=docs/screenshot.png $(BIN)/python -m pytest -q tests/edge/test_web_page.py -k cat_photo

@@ -35,14 +35,14 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from auth import KEY_PATTERN, PREFIX_LENGTH, create_key, find_keys
-from configuration_errors import (ConfigurationError, UnusableDatabase, check_sqlite_file, load_settings,
-                                  unusable_database)
-from database_file import DatabaseFile
-from database_writer import DatabaseWriter
 from db import ApiKey, ForeignSchemaError, RequestLog, make_engine, make_sessionmaker, migrate, now_ms
-from retention import prune
-from rollup_backfill import ANY_KEY_LEFT
+from ledger.backfill import ANY_KEY_LEFT
+from ledger.database_file import DatabaseFile
+from ledger.keys import KEY_PATTERN, PREFIX_LENGTH, create_key, find_keys
+from ledger.retention import prune
+from ledger.writer import DatabaseWriter
+from operations.configuration_errors import (ConfigurationError, UnusableDatabase, check_sqlite_file, load_settings,
+                                             unusable_database)
 from settings import Settings
 
 EXIT_WRONG_KEY = 1

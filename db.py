@@ -23,9 +23,9 @@ from alembic.config import Config
 from sqlalchemy import (BigInteger, Connection, Engine, ForeignKey, Index, Integer, LargeBinary, String, Text,
                         UniqueConstraint, create_engine, event, false, insert, inspect, text, update)
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
 
 
 def now_ms() -> int:
@@ -106,7 +106,7 @@ class UsageRollup(Base):
 
 
 # A key whose requests logged before revision 0006 are still being counted into its rollups, newest first, a
-# batch at a time (rollup_backfill.py): those before frontier_ms are not counted yet, so /v1/usage covers it
+# batch at a time (ledger/backfill.py): those before frontier_ms are not counted yet, so /v1/usage covers it
 # only from there on. The row goes once all are counted.
 class RollupBackfill(Base):
     __tablename__ = "rollup_backfill"
@@ -188,7 +188,7 @@ class WaitBudget:
 
 
 # The budget of the request being served; tasks it starts, SQLAlchemy's greenlets and the reading threads
-# (database_reader.py) see it too.
+# (ledger/reader.py) see it too.
 wait_budget: ContextVar[WaitBudget | None] = ContextVar("database_wait_budget", default=None)
 
 
@@ -253,7 +253,7 @@ def make_engine(database_url: str, timeout_s: float, pool_size: int = 10, max_ov
 
 def make_writer_engine(database_url: str, timeout_s: float) -> Engine:
     """A synchronous engine on `database_url` whose connections are set up as make_engine's are, for the one
-    thread that writes (database_writer.py): it manages its transactions and lock waits itself."""
+    thread that writes (ledger/writer.py): it manages its transactions and lock waits itself."""
     url = make_url(database_url)
     if url.get_backend_name() == "postgresql":
         return create_engine(url.set(drivername="postgresql+psycopg"), poolclass=NullPool,
@@ -264,7 +264,7 @@ def make_writer_engine(database_url: str, timeout_s: float) -> Engine:
 
 
 def make_reader_engine(database_url: str, timeout_s: float, threads: int) -> Engine:
-    """A synchronous engine on `database_url` for the threads that read (database_reader.py), a connection each,
+    """A synchronous engine on `database_url` for the threads that read (ledger/reader.py), a connection each,
     whose transactions begin and bound their lock waits as make_engine's do."""
     url = make_url(database_url)
     if url.get_backend_name() == "postgresql":

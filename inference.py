@@ -31,23 +31,22 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, Field
 
-from configuration_errors import ConfigurationError
-from labels import LabelsError, read_labels
-from schemas import Prediction, WeightsSource
+from engine.labels import LabelsError, read_labels
+from operations.configuration_errors import ConfigurationError
 from settings import Settings
 
-if TYPE_CHECKING:  # only networks.py and onnx_models.py, which build these, import torch and onnx
+if TYPE_CHECKING:  # only networks.py, which builds the network, imports torch
     from torch import nn
-
-    from onnx_models import OnnxClassifier
 
 logger = logging.getLogger("classify")
 
+WeightsSource = Literal["file", "cache", "download", "fallback package", "onnx file"]
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 IMAGENET_CLASSES = 1000
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -116,6 +115,25 @@ def with_preprocessing(spec: ModelSpec, overrides: dict[str, object]) -> ModelSp
                              f"{spec.name} is otherwise preprocessed with: the crop is taken from the resized "
                              "image; set MODEL_RESIZE and MODEL_CROP both.")
     return changed
+
+
+OutputKind = Literal["logits", "probabilities"]
+
+
+@dataclass(frozen=True)
+class OnnxClassifier:
+    """MODEL_ONNX as read and checked (engine/onnx_models.py)."""
+
+    path: Path
+    file_digest: str  # hex SHA-256 of the file and its external data (onnx_digest): the version's and the served
+                      # graph's cache key's
+    input_name: str
+    class_output: str
+    embedding_output: str | None
+    output_kind: OutputKind
+    classes: int  # N
+    embedding_dimensions: int | None  # D
+    is_batch_fixed: bool  # a batch axis of 1: one image per forward pass
 
 
 @dataclass
@@ -198,6 +216,12 @@ def with_precision(model: LoadedModel, precision: str, settings: Settings) -> Lo
 def preprocess(image: Image.Image) -> np.ndarray:
     """The RGB crop (images.decode_for_model) -> (224, 224, 3) uint8; the graph normalises, not the request path."""
     return np.asarray(image, dtype=np.uint8)
+
+
+class Prediction(BaseModel):
+    label: str = Field(examples=["tabby"])
+    class_id: int = Field(examples=[281], description="The class's index in the model's labels (ImageNet: 0..999).")
+    confidence: float = Field(ge=0, le=1, examples=[0.83])
 
 
 def top_predictions(probabilities: np.ndarray, labels: tuple[str, ...], k: int,

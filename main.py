@@ -26,39 +26,41 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import OperationalError
 
-import metrics  # first: it decides where every metric below keeps its numbers
+from operations import metrics  # first: it decides where every metric below keeps its numbers
 
-import api_docs
-import rollups
-from auth import CurrentKey, KeyCache
-from backends import is_torch_loaded, load_backend
-from batching import Batcher
-from configuration_errors import StartupFailure, check_sqlite_file, settings_or_exit, unusable_database
-from database_file import DatabaseFile
-from database_reader import DatabaseReader
-from database_writer import DatabaseWriter
+# isort: split
 from db import ForeignSchemaError, RequestLog, make_engine, migrate, ping, waiting_until
-from errors import ApiError, ErrorResponse, install_error_handlers
-from http_protocol import adopt_running_server
-from idempotency import (HEADER as IDEMPOTENCY_HEADER, REPLAYED_HEADER, IdempotencyMiddleware, Replayed, prune_expired,
-                         replay)
-from image_requests import run_images
+from edge import api_docs
+from edge.image_requests import run_images
+from edge.serving import adopt_running_server
+from edge.request_body import BodyMemory, return_freed_bodies_to_the_system
+from edge.schemas import (Classification, ClassifyRequest, Embedding, Embeddings, EmbeddingsRequest, Health,
+                          ImageResult, ModelInfo, ModelList, MultiClassification, Preprocessing)
+from edge.security_headers import SecurityHeadersMiddleware
+from edge.uploads import EMBEDDINGS_MULTIPART_SCHEMA, MULTIPART_SCHEMA
+from engine.backends import load_backend
+from engine.batching import Batcher
+from engine.runtimes import is_torch_loaded
 from inference import LoadedModel, top_predictions, unit_vectors
-from logs import configure_logging
-from os_threads import name_model_pool, name_os_thread, start_every_thread, start_model_thread
-from ratelimit import RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis
-from request_body import BodyMemory, return_freed_bodies_to_the_system
-from requestid import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
-from requestlog import RequestLogMiddleware
-from retention import prune_forever
-from rollup_backfill import backfill_in_background
-from schemas import (MAX_UNIX_TIME_S, Classification, ClassifyRequest, Embedding, Embeddings, EmbeddingsRequest,
-                     Health, ImageResult, ModelInfo, ModelList, MultiClassification, Preprocessing, Usage)
-from security_headers import SecurityHeadersMiddleware
+from ledger import rollups
+from ledger.backfill import backfill_in_background
+from ledger.database_file import DatabaseFile
+from ledger.idempotency import (HEADER as IDEMPOTENCY_HEADER, REPLAYED_HEADER, IdempotencyMiddleware, Replayed,
+                                prune_expired, replay)
+from ledger.keys import CurrentKey, KeyCache
+from ledger.ratelimit import RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis
+from ledger.reader import DatabaseReader
+from ledger.request_log import RequestLogMiddleware
+from ledger.retention import prune_forever
+from ledger.usage import MAX_UNIX_TIME_S, Usage, read_usage
+from ledger.writer import DatabaseWriter
+from operations.configuration_errors import StartupFailure, check_sqlite_file, settings_or_exit, unusable_database
+from operations.errors import ApiError, ErrorResponse, install_error_handlers
+from operations.logs import configure_logging
+from operations.request_ids import HEADER as REQUEST_ID_HEADER, RequestIdMiddleware
+from operations.shutdown import Shutdown, chain_termination_handlers
+from operations.threads import name_model_pool, name_os_thread, start_every_thread, start_model_thread
 from settings import Settings, usable_cores
-from shutdown import Shutdown, chain_termination_handlers
-from uploads import EMBEDDINGS_MULTIPART_SCHEMA, MULTIPART_SCHEMA
-from usage import read_usage
 
 logger = logging.getLogger("classify")
 
@@ -79,7 +81,7 @@ MODEL_INFO = metrics.Gauge("model_info", "The model this server runs.",
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     # Before any connection is accepted: however uvicorn was started, its connections get the limits of
-    # http_protocol.py.
+    # edge/protocol.py.
     if not adopt_running_server(settings):
         logger.warning("not started by uvicorn: the connection limits (MAX_CONNECTIONS, HEADER_TIMEOUT_S, "
                        "SEND_TIMEOUT_S, the 16 KiB request head) are not enforced; start it with `uvicorn main:app`")
@@ -167,7 +169,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # the garbage collector (measured: /v1/usage's 2,160-bucket answer p99 111 -> 44 ms, p50 unchanged).
     gc.freeze()
     # Old rows (retention.py) and expired idempotency keys deleted, and a log older than the rollups counted into
-    # them (rollup_backfill.py), in small batches as the database thread's jobs.
+    # them (ledger/backfill.py), in small batches as the database thread's jobs.
     background_jobs = [asyncio.create_task(prune_forever(writer, settings)),
                        asyncio.create_task(prune_expired(writer, settings.idempotency_ttl_s)),
                        asyncio.create_task(backfill_in_background(writer, settings.usage_retention_days))]

@@ -15,8 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from schemas import MAX_IMAGES
-
+MAX_IMAGES = 256  # the most MAX_IMAGES_PER_REQUEST may be; the request's schema stops at it before validating each
 BackendName = Literal["onnxruntime", "torch"]
 Precision = Literal["fp32", "int8"]
 

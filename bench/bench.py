@@ -49,15 +49,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import bench_tables  # noqa: E402
 import server_load  # noqa: E402
-from backends import Backend, OnnxBackend, onnx_file, photo_inputs  # noqa: E402
 from conftest import photo  # noqa: E402
-from graph_cache import find_cached  # noqa: E402
-from images import decode_base64  # noqa: E402
+from edge.schemas import ClassifyRequest  # noqa: E402
+from engine.backends import onnx_file  # noqa: E402
+from engine.graph_cache import find_cached  # noqa: E402
+from engine.images import decode_base64  # noqa: E402
+from engine.networks import TorchBackend, from_network, load_efficientnet_lite0, torchvision_spec  # noqa: E402
+from engine.photos import photo_inputs  # noqa: E402
+from engine.runtimes import Backend, OnnxBackend  # noqa: E402
+from engine.weights import locate_weights  # noqa: E402
 from inference import LoadedModel, preprocess  # noqa: E402
-from networks import TorchBackend, from_network, load_efficientnet_lite0, torchvision_spec  # noqa: E402
-from schemas import ClassifyRequest  # noqa: E402
 from settings import Precision, Settings, usable_cores  # noqa: E402
-from weights import locate_weights  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench-models"
 CONNECTIONS = 8

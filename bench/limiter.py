@@ -9,7 +9,7 @@ One process, one event loop, `--concurrency` tasks each calling `SlidingWindowLi
 behind its lock). The database servers run on the same cores as the benchmark. Also counts what one
 admission alone sends, as the database saw it: SQL statements with BEGIN and COMMIT (each a round trip on
 PostgreSQL; SQLite's trace callback, PostgreSQL's pg_stat_statements), or Redis calls. Admissions that arrive
-together share their transaction in the database thread (database_writer.py), as in the server.
+together share their transaction in the database thread (ledger/writer.py), as in the server.
 """
 
 import argparse
@@ -31,10 +31,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from sqlalchemy import event, text  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
 
-from auth import create_key  # noqa: E402
-from database_writer import DatabaseWriter  # noqa: E402
 from db import make_engine, make_sessionmaker, migrate  # noqa: E402
-from ratelimit import RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis  # noqa: E402
+from ledger.keys import create_key  # noqa: E402
+from ledger.ratelimit import (RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage,  # noqa: E402
+                              make_redis)
+from ledger.writer import DatabaseWriter  # noqa: E402
 from servers import PostgresServer, RedisServer  # noqa: E402  (the tests' throwaway servers)
 
 KEYS = 1000

@@ -1,7 +1,7 @@
 """The server under load, for bench.py: started as `make run` starts it (timed to its first /readyz 200), on given
 cores (`taskset`) and workers (WEB_CONCURRENCY); loaded by wrk or by Python clients while a probe reads /v1/usage;
 and its CPU time added up by thread group from /proc/PID/task/*/stat, by the names its threads carry
-(os_threads.py):
+(operations/threads.py):
 
     event loop   the main thread
     decode       decode_N: body parsing, base64, decode, crop
@@ -30,8 +30,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from auth import create_key  # noqa: E402
 from db import make_engine, make_sessionmaker, migrate  # noqa: E402
+from ledger.keys import create_key  # noqa: E402
 from servers import free_port  # noqa: E402
 
 GROUPS = ("event loop", "decode", "database", "model", "other")

@@ -22,7 +22,7 @@ answers' statuses, and how many rows were deleted meanwhile.
 
 Then an upgrade with a log (--upgrade-rows, 1,000,000 by default, on SQLite): the same history taken back to
 revision 0005 (no rollups), then `cli.py migrate` timed, then the server started on it and loaded by wrk as
-above while it counts the old log into the rollups (rollup_backfill.py), and again once it has: how long the
+above while it counts the old log into the rollups (ledger/backfill.py), and again once it has: how long the
 migration and the counting took, and classify's figures during and after.
 """
 
@@ -45,11 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import server_load  # noqa: E402
 from alembic import command  # noqa: E402
+
+import server_load  # noqa: E402
 from conftest import query, sync_engine  # noqa: E402
 from db import alembic_config  # noqa: E402
-from rollups import COUNTS, HISTOGRAM, KEY, LATENCY_EDGES_MS, WIDTHS_S  # noqa: E402
+from ledger.rollups import COUNTS, HISTOGRAM, KEY, LATENCY_EDGES_MS, WIDTHS_S  # noqa: E402
 from servers import PostgresServer  # noqa: E402
 
 DAYS = 90

@@ -1,12 +1,13 @@
-"""What the image-classification API answers, as client.py returns it: dataclasses for its bodies, and the
-exceptions for its errors (client.py lists their tree). Kept apart from the transport and its retry rule, which
-change for other reasons; client.py imports everything here, so `from client import ...` is all a user writes.
+"""What the image-classification API answers, as the client returns it: dataclasses for its bodies, and the
+exceptions for its errors (the package's docstring draws their tree). Kept apart from the transport and its retry
+rule (client.py), which change for other reasons; the package exports both, so `from client import ...` is all a
+user writes.
 """
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 from dataclasses import MISSING, dataclass, fields, replace
+from typing import Any
 
 import httpx
 

@@ -1,12 +1,12 @@
-"""The command line of client.py: classify files and folders of images, or show the key's usage.
+"""The command line of the client (`python -m client`): classify files and folders of images, or show the key's usage.
 
-    $ python client.py --url http://127.0.0.1:8000 --key sk-... classify photos/ cat.jpg [--top-k 3] [--json]
+    $ python -m client --url http://127.0.0.1:8000 --key sk-... classify photos/ cat.jpg [--top-k 3] [--json]
     skipped photos/notes.txt: not an image (by its content)
     photos/cat.png: tiger cat 38.3%, Egyptian cat 36.7%, tabby 16.9%, lynx 1.3%, window screen 0.1%
     photos/broken.png: FAILED 400 corrupt_image: The image could not be decoded (Truncated File Read); it may be ...
     4 files: 2 classified, 1 failed, 1 skipped.
-    $ python client.py classify photos/ --min-confidence 0.1 --concurrency 8   # only labels >= 10 %; 8 at once
-    $ python client.py usage [--json] [--endpoint embeddings]   # the URL and key from CLASSIFY_URL and CLASSIFY_API_KEY
+    $ python -m client classify photos/ --min-confidence 0.1 --concurrency 8   # only labels >= 10 %; 8 at once
+    $ python -m client usage [--json] [--endpoint embeddings]   # the URL and key from CLASSIFY_URL and CLASSIFY_API_KEY
 
 Folders are searched recursively for images by their first bytes, not their names; files named outright are
 sent whatever they hold. Every other file a folder holds is named on stderr as skipped (with --json: one object
@@ -212,7 +212,7 @@ async def run_usage(client: AsyncClient, args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python client.py", description="Classify images with the API.")
+    parser = argparse.ArgumentParser(prog="python -m client", description="Classify images with the API.")
     parser.add_argument("--url", help=f"the server, e.g. localhost:8000 (default: CLASSIFY_URL, else {DEFAULT_URL})")
     parser.add_argument("--key", help="your API key (default: CLASSIFY_API_KEY)")
     parser.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for each answer (default 60)")

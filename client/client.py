@@ -1,42 +1,5 @@
-"""A Python client and command line for the image-classification API, on httpx.
-
-    >>> from client import Client
-    >>> client = Client("localhost:8000", "sk-...")  # or from CLASSIFY_URL and CLASSIFY_API_KEY
-    >>> [p.label for p in client.classify("chelsea.png", top_k=3).predictions]  # scikit-image's cat: a path or bytes
-    ['tiger cat', 'Egyptian cat', 'tabby']
-    >>> [p.label for p in client.classify("chelsea.png", min_confidence=0.3).predictions]  # only labels >= 30 %
-    ['tiger cat', 'Egyptian cat']
-    >>> [r.predictions[0].label for r in client.classify_many(["chelsea.png", "coffee.png"]).results]
-    ['tiger cat', 'espresso']
-    >>> client.models()[0].id, client.usage(start_time=time.time() - 3600, bucket_width="1m").total_requests
-    ('efficientnet_lite0', 3)
-
-(The labels are EfficientNet-Lite0's, the offline fallback's; ResNet-18's differ a little.)
-
-    $ export CLASSIFY_URL=http://127.0.0.1:8000 CLASSIFY_API_KEY=sk-...
-    $ python client.py classify photos/ chelsea.png [--top-k 3] [--min-confidence 0.2] [--concurrency 4] [--json]
-    $ python client.py --url localhost:8000 --key sk-... usage [--json]
-
-`AsyncClient` has the same methods, awaited. Both retry a bounded number of times (`max_attempts`): after the
-`Retry-After` seconds on 409, 429 and 503, and with exponential backoff and jitter on connection errors,
-timeouts and 502/503/504. Any other 4xx is the request's own fault and is raised at once. Each classify and
-embeddings call sends a fresh `Idempotency-Key` (or `idempotency_key=`), the same on its retries: a retry of a
-request the server did get is answered with its stored answer, neither run nor charged again.
-
-Exceptions:
-
-    ClientError                  anything this module raises, e.g. no API key given
-    ├── ServerUnreachable        no answer: refused or reset, after the retries
-    │   └── TimedOut             no answer within the timeout, after the retries
-    └── ResponseError            an error answer: .status_code, and .code and .message from its body
-        ├── InvalidRequest       400, 404, 408, 413, 415, 422...: fix the request, as .message says
-        ├── AuthenticationError  401: the key is missing, unknown or revoked
-        ├── RateLimited          429 after the retries; .retry_after_s
-        └── ServerError          5xx: 500 at once (a bug), 502/503/504 after the retries
-
-The answers' dataclasses and these exceptions live in client_answers.py, and are imported here. The command
-line lives in client_cli.py (its exit codes are listed there); `python client.py` runs it.
-"""
+"""`Client` and `AsyncClient`: the API's calls on httpx, with their retry rule (`Retries`); the package's docstring
+shows them in use."""
 
 import asyncio
 import base64
@@ -44,7 +7,6 @@ import email.utils
 import itertools
 import os
 import random
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,9 +15,27 @@ from typing import Any
 
 import httpx
 
-from client_answers import (AuthenticationError, ByStatus, Classification, ClientError, ImageResult,  # noqa: F401
-                            InvalidRequest, Latency, ModelInfo, MultiClassification, Prediction, RateLimit, RateLimited, ResponseError,
-                            ServerError, ServerUnreachable, TimedOut, Usage, UsageBucket, unexpected_answer)
+from client.answers import (  # noqa: F401
+    AuthenticationError,
+    ByStatus,
+    Classification,
+    ClientError,
+    ImageResult,
+    InvalidRequest,
+    Latency,
+    ModelInfo,
+    MultiClassification,
+    Prediction,
+    RateLimit,
+    RateLimited,
+    ResponseError,
+    ServerError,
+    ServerUnreachable,
+    TimedOut,
+    Usage,
+    UsageBucket,
+    unexpected_answer,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)  # seconds; a big image on a busy server takes a while
@@ -307,8 +287,3 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-
-if __name__ == "__main__":
-    from client_cli import main
-
-    sys.exit(main())

@@ -9,18 +9,18 @@ import time
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
-import metrics
-from batching import Answer, Batcher, DeadlineExceeded, Overloaded
 from db import ApiKey, not_waiting_for_the_database
-from errors import ApiError, NotAdmitted
-from idempotency import Claim, claim_for, has_stored_answer, requested_key
+from edge.request_body import BodyRoom, ImagesToClassify, decode_images, parse_body, read_body
+from edge.schemas import ClassifyRequest, ImagesRequest
+from engine.batching import Answer, Batcher, DeadlineExceeded, Overloaded
 from inference import LoadedModel
-from ratelimit import Decision, OnAdmit, SlidingWindowLimiter
-from request_body import BodyRoom, ImagesToClassify, decode_images, parse_body, read_body
-from requestlog import add_timing
-from schemas import ClassifyRequest, ImagesRequest
+from ledger.idempotency import Claim, claim_for, has_stored_answer, requested_key
+from ledger.ratelimit import Decision, OnAdmit, SlidingWindowLimiter
+from ledger.request_log import add_timing
+from operations import metrics
+from operations.errors import ApiError, NotAdmitted
+from operations.shutdown import ShuttingDown
 from settings import Settings
-from shutdown import ShuttingDown
 
 RATE_LIMITED = metrics.Counter("rate_limit_rejections_total", "/v1/classify requests refused with 429.")
 
@@ -153,7 +153,7 @@ async def run_images(request: Request, key: ApiKey,
         raise overloaded(settings.max_queue)
     with state.body_memory.reserving() as room:
         to_classify = await read_classify_request(request, key, settings, limiter, room, schema)
-        claim = await claim_for(request, key.id, to_classify, idempotency_key)
+        claim = await claim_for(request, key.id, to_classify.sources, to_classify.asked(), idempotency_key)
         try:
             # Queue places are taken as the admission records its hits, in one step: a full server does not use up
             # the limit, and a request waiting for the database's lock holds no place meanwhile.

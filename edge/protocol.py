@@ -1,8 +1,7 @@
 """The HTTP/1.1 connection: uvicorn's h11 protocol, with the limits a server facing the public needs.
 
 However the app is started (`uvicorn main:app`, `make run`, `--workers N`), its start-up makes the uvicorn
-serving it use `HttpProtocol` for every connection (`adopt_running_server`), and bounds uvicorn's wait for
-running requests at exit (SHUTDOWN_TIMEOUT_S and SHUTDOWN_GRACE_S). What it adds to uvicorn's H11Protocol, in
+serving it use `HttpProtocol` for every connection (serving.py). What it adds to uvicorn's H11Protocol, in
 the order a connection meets it:
 
     too many       past MAX_CONNECTIONS open in this process, a new connection is answered 503 and closed,
@@ -43,33 +42,26 @@ import asyncio
 import contextvars
 import functools
 import logging
-import math
 import re
 import socket
 import sys
-import time
 from typing import Any
 
 import h11
 from starlette.types import Message, Receive, Scope, Send
-from uvicorn.config import Config
-from uvicorn.lifespan.on import LifespanOn
 from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol, RequestResponseCycle
 
-from errors import ERROR_TYPES, ErrorDetail, ErrorResponse, clipped
-from requestid import HEADER as REQUEST_ID_HEADER, new_request_id
-from security_headers import API_HEADERS
+from edge.security_headers import API_HEADERS
+from operations.errors import ERROR_TYPES, ErrorDetail, ErrorResponse, clipped
+from operations.logs import LogSummary
+from operations.request_ids import HEADER as REQUEST_ID_HEADER, new_request_id
 from settings import Settings
 
 logger = logging.getLogger("classify")
 
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers; a key and a few headers take well under 1 KiB
 HEAD_END = re.compile(rb"\n\r?\n")  # h11's own rule for where a head ends
-LOG_EVERY_S = 10.0
-# Past SHUTDOWN_TIMEOUT_S, uvicorn gives running requests this long more, then cancels them: a row that finds the
-# database locked at the deadline still gets written.
-SHUTDOWN_GRACE_S = 5.0
 # A closing connection is read until the client has sent nothing for this long (Apache's lingering close waits
 # 2 s a read): a client still writing its body sends more often.
 LINGER_QUIET_S = 2.0
@@ -78,33 +70,16 @@ LINGER_QUIET_S = 2.0
 # (20 x 256 KB of 1-byte chunks cost 2.7 s of the loop; a 20 MiB body of them would cost minutes).
 FREE_BODY_PIECES = 1000
 MIN_MEAN_PIECE_BYTES = 256
-RESET_CHECK_S = 0.1
-BODY_ERROR = "classify.body_error"  # in a request's body message: why its framing broke (HTTP/1.1's words)  # how soon a client that closed as its images wait is noticed (they are then not run)
+RESET_CHECK_S = 0.1  # how soon a client that closed as its images wait is noticed (they are then not run)
+BODY_ERROR = "classify.body_error"  # in a request's body message: why its framing broke (HTTP/1.1's words)
 # Connections refused at MAX_CONNECTIONS are over the cap already: this many at most linger, the rest close at once.
 MAX_REFUSED_LINGERING = 64
 
 
 @functools.cache
 def environment_settings() -> Settings:
-    """The limits when no app has set them (`adopt_running_server`): read once per process from the environment."""
+    """The limits when no app has set them (serving.py): read once per process from the environment."""
     return Settings()
-
-
-class LogSummary:
-    """A line about what clients did, logged at most once per LOG_EVERY_S with how many times it stands for: a
-    flood of connections must not become a flood of log lines."""
-
-    def __init__(self, message: str, level: int = logging.WARNING) -> None:
-        self.message = message  # its first %d: how many since the last line
-        self.level = level
-        self.count = 0
-        self.logged_at = -LOG_EVERY_S
-
-    def add(self, *args: object) -> None:
-        self.count += 1
-        if time.monotonic() - self.logged_at >= LOG_EVERY_S:
-            logger.log(self.level, self.message, self.count, *args)
-            self.count, self.logged_at = 0, time.monotonic()
 
 
 REFUSALS = LogSummary("%d connections answered 503 and closed since the last such line: MAX_CONNECTIONS (%d) were "
@@ -140,36 +115,6 @@ class UvicornLog(logging.LoggerAdapter):
             pass  # uvicorn's second line about the same request
         else:
             self.logger.warning(msg, *args, **kwargs)
-
-
-def running_uvicorn_config() -> Config | None:
-    """The config of the uvicorn server whose lifespan is running this call, found up the call's frames (uvicorn
-    hands its config to no app); None under another server."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, LifespanOn):
-            return owner.config
-        frame = frame.f_back
-    return None
-
-
-def adopt_running_server(settings: Settings) -> bool:
-    """Makes the uvicorn server that runs this app's start-up serve its connections with HttpProtocol, with
-    `settings`' limits, and bounds its wait for running requests at exit; False if no uvicorn runs it.
-
-    Uvicorn reads its protocol class for each connection it accepts, and accepts none before start-up ends."""
-    HttpProtocol.settings = settings
-    config = running_uvicorn_config()
-    if config is None:
-        return False
-    if not (isinstance(config.http_protocol_class, type) and issubclass(config.http_protocol_class, HttpProtocol)):
-        config.http_protocol_class = HttpProtocol
-    if config.timeout_graceful_shutdown is None:
-        config.timeout_graceful_shutdown = math.ceil(settings.shutdown_timeout_s + SHUTDOWN_GRACE_S)
-    # The Server header names the software to whoever scans for its known holes, and tells a client nothing.
-    config.encoded_headers = [header for header in config.encoded_headers if header[0] != b"server"]
-    return True
 
 
 def has_both_lengths(headers: list[tuple[bytes, bytes]]) -> bool:

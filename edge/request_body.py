@@ -3,7 +3,7 @@ into model inputs.
 
     BodyMemory              room for the bodies held at once (MAX_BODY_MEMORY_BYTES), reserved before one is read
     read_body               413 past MAX_BODY_BYTES (declared or streamed), 503 with no room for it (BodyMemory),
-                            408 past BODY_TIMEOUT_S, 503 at shutdown, 400 if its framing breaks (http_protocol.py)
+                            408 past BODY_TIMEOUT_S, 503 at shutdown, 400 if its framing breaks (edge/protocol.py)
     parse_body              parse_classify_request where the body was read, or in a decoding thread when large
     parse_classify_request  JSON {"image"} / {"images"} or a multipart `file` -> ImagesToClassify; 422 otherwise
                             (the route's schema says which options come with the images; before parsing, a
@@ -26,13 +26,13 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from errors import ApiError, MalformedBody, NotAdmitted
-from http_protocol import BODY_ERROR
-from images import decode_base64, decode_for_model
+from edge.protocol import BODY_ERROR
+from edge.schemas import MAX_IMAGES, ClassifyRequest, EncodingFormat, ImagesRequest
+from edge.uploads import DEFAULT_TOP_K, is_multipart, parse_multipart
+from engine.images import decode_base64, decode_for_model
 from inference import ModelSpec, preprocess
-from schemas import MAX_IMAGES, ClassifyRequest, EncodingFormat, ImagesRequest
-from shutdown import Shutdown, ShuttingDown
-from uploads import DEFAULT_TOP_K, is_multipart, parse_multipart
+from operations.errors import ApiError, MalformedBody, NotAdmitted
+from operations.shutdown import Shutdown, ShuttingDown
 
 # pydantic builds a body's whole JSON tree before it meets a field it forbids or a list over its cap, at about
 # 50 bytes a value (a GB for 20 MB of `{},`), so a body is first checked to hold no more values than a valid one
@@ -115,7 +115,7 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float, room: Bo
     declared = request.headers.get("content-length", "")
     length = int(declared) if declared.isdigit() else None
     if "transfer-encoding" in request.headers:
-        length = None  # h11 reads the body by its chunks, whatever Content-Length says (http_protocol.py)
+        length = None  # h11 reads the body by its chunks, whatever Content-Length says (edge/protocol.py)
     if length is not None and length > max_bytes:
         raise too_large
     if length is not None:
@@ -155,6 +155,10 @@ class ImagesToClassify:
     top_k: int = DEFAULT_TOP_K  # /v1/classify's options
     min_confidence: float = 0.0
     encoding_format: EncodingFormat = "float"  # /v1/embeddings' option
+
+    def asked(self) -> dict[str, object]:
+        """What the request asks besides its images (an Idempotency-Key's claim hashes it with them)."""
+        return {name: value for name, value in vars(self).items() if name != "sources"}
 
 
 async def parse_body(pool: Executor, body: bytes | bytearray, content_type: str,

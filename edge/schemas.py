@@ -1,15 +1,15 @@
-"""The API's request and response bodies, as they appear in /openapi.json (with examples)."""
+"""The API's request and response bodies, as they appear in /openapi.json (with examples). A prediction is the
+model's (inference.Prediction); /v1/usage's answer is the ledger's (ledger/usage.py)."""
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from inference import Prediction, WeightsSource
+from settings import MAX_IMAGES
+
 MAX_TOP_K = 20
-MAX_IMAGES = 256  # the most MAX_IMAGES_PER_REQUEST may be; the schema stops at it, before validating every item
-WeightsSource = Literal["file", "cache", "download", "fallback package", "onnx file"]
-BUCKET_WIDTHS_S = {"1m": 60, "1h": 3600, "1d": 86400}
 EncodingFormat = Literal["float", "base64"]
-MAX_UNIX_TIME_S = 32_503_680_000  # year 3000: keeps millisecond times inside a 64-bit integer
 
 MODEL_VERSION = ("MODEL_VERSION, or 12 hex digits of a SHA-256 of the weights (or ONNX) file, its external data "
                  "and MODEL_LABELS' labels; -int8 after it for int8.")
@@ -65,12 +65,6 @@ class EmbeddingsRequest(ImagesRequest):
                                             "`base64`: as the base64 of its little-endian float32 bytes.")
 
 
-class Prediction(BaseModel):
-    label: str = Field(examples=["tabby"])
-    class_id: int = Field(examples=[281], description="The class's index in the model's labels (ImageNet: 0..999).")
-    confidence: float = Field(ge=0, le=1, examples=[0.83])
-
-
 class ImageResult(BaseModel):
     predictions: list[Prediction] = Field(description="Most likely first.")
     inference_ms: float = Field(examples=[9.7], description="Time of the forward pass that answered this image.")
@@ -112,59 +106,6 @@ class Embeddings(BaseModel):
     model_version: str = Field(examples=["f37072fd47e8"], description=MODEL_VERSION)
     dimensions: int = Field(examples=[512], description="Each embedding's length.")
     data: list[Embedding]
-
-
-class ByStatus(BaseModel):
-    succeeded: int = Field(description="Answered 200.")
-    client_errors: int = Field(description="Answered 4xx but 429: the request had to be fixed.")
-    rate_limited: int = Field(description="Answered 429.")
-    server_errors: int = Field(description="Answered 5xx (503 and 504 included).")
-
-
-class Latency(BaseModel):
-    """Server time percentiles from a histogram whose buckets grow by sqrt(2): within 19 % of the exact value
-    between 1 ms and 32.8 s; null when there were no requests."""
-
-    p50: float | None
-    p95: float | None
-    p99: float | None
-
-
-class UsageBucket(BaseModel):
-    start_time: int = Field(description="Unix seconds, inclusive.")
-    end_time: int = Field(description="Unix seconds, exclusive.")
-    total_requests: int
-    successful_requests: int
-    images: int = Field(description="The images those requests carried: what the rate limit charges.")
-    by_status: ByStatus
-    latency_ms: Latency
-
-
-class Usage(BaseModel):
-    object: Literal["usage"] = "usage"
-    key_prefix: str = Field(examples=["sk-Qm3xTz8b"])
-    endpoint: Literal["classify", "embeddings"] = Field("classify", description="Whose requests are counted: "
-                                                        "/v1/classify's or /v1/embeddings'.")
-    total_requests: int = Field(description="This key's requests to the endpoint, of every outcome (in the range, if given).")
-    successful_requests: int = Field(description="Of those, the ones answered 200.")
-    success_rate: float = Field(description="successful / total, in percent; 0 when there were none.")
-    avg_response_time_ms: float = Field(description="Mean server time of those requests; 0 when there were none.")
-    images: int = Field(description="The images those requests carried (each counts one against the limit).")
-    by_status: ByStatus
-    latency_ms: Latency
-    limit: int = Field(description="Requests admitted per window.")
-    window_seconds: int
-    remaining: int = Field(description="Requests admissible right now.")
-    reset_seconds: int = Field(description="Seconds until the oldest counted request leaves the window.")
-    start_time: int | None = Field(None, description="The range counted: start_time rounded down to the minute "
-                                                     "(to the bucket width with buckets), end_time rounded up.")
-    end_time: int | None = None
-    covered_from: int = Field(description="Unix seconds: the counts hold every request from here on; older ones "
-                                          "have passed USAGE_RETENTION_DAYS, or were logged before an upgrade "
-                                          "to the rollups and are still being counted. start_time (or 0) when "
-                                          "nothing is missing.")
-    bucket_width: str | None = None
-    buckets: list[UsageBucket] | None = Field(None, description="Per-bucket counts, when bucket_width is given.")
 
 
 class Preprocessing(BaseModel):

@@ -15,8 +15,8 @@ import re
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from errors import ApiError
-from schemas import MAX_TOP_K, ClassifyRequest
+from edge.schemas import MAX_TOP_K, ClassifyRequest
+from operations.errors import ApiError
 
 MAX_HEADERS_PER_PART = 4  # Content-Disposition, Content-Type, and room for a client's extra one or two
 MAX_HEADER_BYTES = 1024  # one header line; a filename longer than this is no filename

@@ -1,5 +1,5 @@
-"""Where the forward pass runs, and the model loaded with it: ONNX Runtime on a graph exported from the weights,
-or torch eager.
+"""The model loaded, and what runs its forward pass (runtimes.py): ONNX Runtime on a graph exported from the
+weights, or torch eager.
 
     INFERENCE_BACKEND=onnxruntime  a graph cached by an earlier start (graph_cache.py) is served without importing
                                    torch: the graph, its sidecar and the weights file's digest are all it takes.
@@ -11,111 +11,35 @@ or torch eager.
                                    the photos that ship with scikit-image, or INT8_CALIBRATION_DIR's images,
                                    cached beside the fp32 graph; made from that graph, without torch.
 
-Both take (B, H, W, 3) uint8 pixels and return (B, N) probabilities and, when the model has one, (B, D)
-embeddings (networks.ImageToOutputs): one forward pass for both. torch, onnx and the quantizer are imported where
-they are used, so a start that finds its graph cached pays for none of them (torch alone: 600 MB and 3 s).
+torch, onnx and the quantizer are imported where they are used, so a start that finds its graph cached pays for
+none of them (torch alone: 600 MB and 3 s).
 """
 
-import ctypes
 import hashlib
 import json
 import logging
 import math
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from types import ModuleType
-from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from graph_cache import GraphFiles, files_of, find_cached, sidecar
-from images import decode_for_model
-from inference import (LoadedModel, ModelLoadError, ModelSpec, file_sha256, first_line, preprocess, with_precision,
-                       with_settings)
-from settings import BackendName, Precision, Settings
-from weights import Located, locate_weights
+from engine.graph_cache import GraphFiles, files_of, find_cached, sidecar
+from engine.images import decode_for_model
+from engine.photos import MAX_PIXELS, photo_inputs, photo_paths
+from engine.runtimes import Backend, OnnxBackend, warm_up, warn_one_at_a_time
+from engine.weights import Located, locate_weights
+from inference import LoadedModel, ModelLoadError, ModelSpec, file_sha256, first_line, with_precision, with_settings
+from settings import Precision, Settings
 
 logger = logging.getLogger("classify")
 
-MAX_PIXELS: int = Settings.model_fields["max_image_pixels"].default  # what the API allows
 MAX_CALIBRATION_IMAGES = 100  # 400 passes of the fp32 graph: seconds for EfficientNet-Lite0 on 2 cores
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-# Real photos (not drawings or test patterns) in scikit-image's data folder: int8's calibration (the even-numbered
-# ones, zoomed and mirrored) and the set its agreement with fp32 is measured on (all of them, as served).
-PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
-          "coins.png", "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg", "ihc.png",
-          "microaneurysms.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png",
-          "retina.jpg", "rocket.jpg", "text.png")
-
-
-class Outputs(NamedTuple):
-    probabilities: np.ndarray  # (B, N) float32
-    embeddings: np.ndarray | None  # (B, D) float32, not normalised; None if the model has no embedding
-
-
-class Backend(Protocol):
-    name: BackendName
-    precision: Precision
-
-    def run(self, x: np.ndarray) -> Outputs:
-        """(B, 224, 224, 3) uint8 -> (B, N) probabilities and (B, D) embeddings."""
-        ...
-
-
-class OnnxBackend:
-    name: BackendName = "onnxruntime"
-
-    def __init__(self, path: Path, precision: Precision, threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # What a session keeps is mostly the activations of its largest batch. ORT's default arena grows in powers
-        # of two and, with a memory pattern planned per input shape, keeps a block for every batch size it has
-        # run: EfficientNet-Lite0 held 101 MB of activations after batches of 1 to 8, against 49 MB in an arena
-        # that grows by what is asked and no patterns, at the same CPU per image (10.0 ms, 1 thread, b1 and b8).
-        options.enable_mem_pattern = False
-        # No spinning: ORT's pool threads spin between batches, on the cores the request path needs next. With 8
-        # clients (EfficientNet-Lite0 fp32, 2 cores shared with other work) the model cost 18.3 ms of CPU per image
-        # spinning against 11.5 not, at the same batch sizes, and the server did 43 requests/s against 62.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.use_env_allocators", "1")
-        _register_exact_arena(ort)
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        release_freed_memory()  # the graph file's bytes and the unoptimised weights, freed once the session is built
-        self.input_name = self.session.get_inputs()[0].name
-        self.precision = precision
-
-    def run(self, x: np.ndarray) -> Outputs:
-        outputs = self.session.run(None, {self.input_name: x})
-        return Outputs(outputs[0], outputs[1] if len(outputs) > 1 else None)
-
-
-@cache  # once per process: ONNX Runtime refuses a second allocator for the same device
-def _register_exact_arena(ort: ModuleType) -> None:
-    """One CPU arena for the process's sessions, extended by exactly what is asked (kSameAsRequested)."""
-    config = ort.OrtArenaCfg({"arena_extend_strategy": 1, "initial_chunk_size_bytes": 1 << 20})
-    ort.create_and_register_allocator(ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
-                                                        ort.OrtMemType.DEFAULT), config)
-
-
-def release_freed_memory() -> None:
-    """Hands memory the process has freed back to the OS: glibc keeps it in its heaps otherwise (25 MB after an
-    EfficientNet-Lite0 session is built)."""
-    if sys.platform == "linux":
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to hand back this way
-            pass
-
 
 def load_backend(settings: Settings) -> tuple[LoadedModel, Backend]:
     """The model the settings ask for, with its labels and version, and the backend that runs it, warmed up;
@@ -126,7 +50,7 @@ def load_backend(settings: Settings) -> tuple[LoadedModel, Backend]:
         if (served := serve_cached(located, settings, calibration)) is not None:
             model, backend = served
             return with_precision(model, backend.precision, settings), backend
-    import networks  # torch: to export the graph, or to run the model itself
+    from engine import networks  # torch: to export the graph, or to run the model itself
 
     built = networks.load_model(settings, located)
     model = with_settings(built, settings)  # a labels file that does not fit stops the start before an export
@@ -197,11 +121,6 @@ def serve_cached(located: Located, settings: Settings,
     return model, backend
 
 
-def warn_one_at_a_time(path: Path) -> None:
-    logger.warning("MODEL_ONNX=%s has a batch axis fixed to 1: images are served one at a time (MAX_BATCH does not "
-                   "apply). Export it with a dynamic batch axis to batch them.", path)
-
-
 def built_backend(model: LoadedModel, settings: Settings, calibration: Calibration | None) -> Backend:
     """The backend for a model torch built (or MODEL_ONNX as read): its graph exported and cached, or torch."""
     precision, threads, cache_dir = settings.inference_precision, settings.threads_per_batch, settings.model_cache_dir
@@ -221,7 +140,7 @@ def built_backend(model: LoadedModel, settings: Settings, calibration: Calibrati
         except Exception:
             logger.warning("ONNX Runtime is unavailable for %s (%s); torch answers instead, in fp32", model.spec.name,
                            precision, exc_info=True)
-    from networks import TorchBackend
+    from engine.networks import TorchBackend
 
     backend = TorchBackend(model, settings.inference_threads)  # one pass at a time: torch's threads are the process's
     warm_up(backend, model.spec.crop, max_batch)
@@ -241,14 +160,6 @@ def onnx_backend(model: LoadedModel, precision: Precision, threads: int, cache_d
     return backend
 
 
-def warm_up(backend: Backend, side: int, max_batch: int, passes: int = 1) -> None:
-    """The first pass of each batch size pays for allocation (the arena grows to it); nobody's request should.
-    Later passes cost what the second does (ResNet-18, batch 8: 323 ms, then 286 to 306), so one is enough."""
-    for size in sorted({1, max_batch}):
-        for _ in range(passes):
-            backend.run(np.zeros((size, side, side, 3), dtype=np.uint8))
-
-
 def onnx_file(model: LoadedModel, precision: Precision, cache_dir: Path,
               calibration: Calibration | None = None) -> Path:
     """The model's ONNX graph on disk, exported (and quantized: by default calibrated on scikit-image's photos)
@@ -262,12 +173,12 @@ def onnx_file(model: LoadedModel, precision: Precision, cache_dir: Path,
             if model.onnx is not None:
                 import onnx
 
-                from onnx_models import wrap_for_serving
+                from engine.onnx_models import wrap_for_serving
 
                 logger.info("wrapping %s for serving: %s", model.onnx.path, files.fp32)
                 onnx.save(wrap_for_serving(model.onnx, model.spec.crop, model.spec.mean, model.spec.std), partial)
             else:
-                from networks import export_onnx
+                from engine.networks import export_onnx
 
                 logger.info("exporting %s to ONNX: %s", model.spec.name, files.fp32)
                 export_onnx(model, partial)
@@ -328,18 +239,6 @@ def has_vnni() -> bool:
         return False
 
 
-def photo_paths() -> list[Path]:
-    import skimage
-
-    return [Path(skimage.__file__).parent / "data" / name for name in PHOTOS]
-
-
-def photo_inputs(spec: ModelSpec, paths: list[Path] | None = None, resize: int | None = None) -> list[np.ndarray]:
-    """Each photo as the model sees it from the API (or zoomed to another `resize`): (224, 224, 3) uint8."""
-    return [preprocess(decode_for_model(path.read_bytes(), MAX_PIXELS, resize or spec.resize, spec.crop,
-                                        spec.interpolation)) for path in paths or photo_paths()]
-
-
 def calibration_inputs(spec: ModelSpec, paths: tuple[Path, ...]) -> Iterator[np.ndarray]:
     """Inputs with the pixel statistics of real use: each image zoomed out and in, and mirrored (4 each). By
     default scikit-image's even-numbered photos (44 inputs), none of them an input fp32's agreement is measured
@@ -357,11 +256,6 @@ def calibration_inputs(spec: ModelSpec, paths: tuple[Path, ...]) -> Iterator[np.
         for x in photo_inputs(spec, usable, resize):
             yield x
             yield x[:, ::-1].copy()
-
-
-def is_torch_loaded() -> bool:
-    """Whether this process has imported torch (for the start-up line: a cached graph is served without it)."""
-    return "torch" in sys.modules
 
 
 @contextmanager

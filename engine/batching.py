@@ -17,8 +17,6 @@ within SHUTDOWN_TIMEOUT_S however long the queue was.
 import asyncio
 import logging
 import math
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,9 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backends import Backend, Outputs
-from metrics import Gauge, Histogram
-from shutdown import ShuttingDown
+from engine.runtimes import Backend, Outputs
+from operations.metrics import Gauge, Histogram
+from operations.shutdown import ShuttingDown
 
 logger = logging.getLogger("classify")
 
@@ -41,7 +39,6 @@ BATCH_SIZE = Histogram("inference_batch_size", "Images in one forward pass.", bu
 QUEUE_DEPTH = Gauge("inference_queue_depth", "Images accepted and not yet answered (what MAX_QUEUE bounds).",
                     multiprocess_mode="livesum")
 
-MODEL_NICENESS = 10
 
 
 class Overloaded(Exception):
@@ -72,16 +69,6 @@ class Answer:
     batch_size: int  # images in the forward pass that answered this one
     queue_ms: float  # from the queue to the start of that pass
     model_ms: float  # the pass itself
-
-
-def lower_priority() -> None:
-    # Linux niceness is per thread, and threads inherit it: the model's threads (ONNX Runtime's and torch's
-    # pools are created from this one) give way to the event loop, the decoders and the database, so
-    # /v1/usage and health checks stay quick while the model keeps every core busy. 10, measured with 8 clients:
-    # at 0 /v1/usage took 40 / 168 ms (p50 / p99) and the model 1.22x its raw CPU per image (batches of 1.7 on
-    # average), at 10 14 / 63 ms and 1.07x (3.8), at 19 12 / 50 ms and 1.10x with 9% fewer requests answered.
-    if sys.platform == "linux":  # elsewhere this call would lower the whole process
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MODEL_NICENESS)
 
 
 class Batcher:
@@ -121,7 +108,7 @@ class Batcher:
         """`take(image_count)`: room for that many images until the block ends, or Overloaded at once (a full
         queue makes no one wait). Called as the request is admitted, not before: while it waits for its
         admission (the database's lock) it holds no place. `take` may be called from the database's thread
-        (database_writer.py); once the block has ended it takes nothing and raises Overloaded."""
+        (ledger/writer.py); once the block has ended it takes nothing and raises Overloaded."""
         taken = 0
         is_open = True
 

@@ -29,10 +29,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.weights import Located
 from inference import (EFFICIENTNET_LITE0, LoadedModel, ModelSpec, file_sha256, onnx_digest, onnx_spec,
                        preprocessing_overrides)
 from settings import Precision, Settings
-from weights import Located
 
 logger = logging.getLogger("classify")
 

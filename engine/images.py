@@ -21,7 +21,7 @@ import pybase64
 from PIL import Image, UnidentifiedImageError
 from PIL.TiffImagePlugin import PREFIXES as PILLOW_TIFF_PREFIXES
 
-from errors import ApiError
+from operations.errors import ApiError
 
 logger = logging.getLogger("classify")
 

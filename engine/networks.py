@@ -18,15 +18,15 @@ import torchvision
 from torch import nn
 from torchvision.models import ResNet18_Weights
 
-from backends import Outputs, warn_one_at_a_time
-from inference import (EFFICIENTNET_LITE0, RESAMPLING, LoadedModel, ModelLoadError, ModelSpec, file_sha256, first_line,
-                       onnx_spec, preprocessing_overrides, with_preprocessing)
-from logs import printed_into_log
-from onnx_models import OnnxModelError, check_output_kind, read_onnx_classifier
-from schemas import WeightsSource
+from engine.onnx_models import OnnxModelError, check_output_kind, read_onnx_classifier
+from engine.runtimes import Outputs, warn_one_at_a_time
+from engine.weights import (Located, WeightsError, WeightsUnavailable, efficientnet_lite0_file, fallback_reason,
+                            log_fallback, read_weights_file, remember_weights_url, torchvision_weights, under_prefix,
+                            weights_misfit)
+from inference import (EFFICIENTNET_LITE0, RESAMPLING, LoadedModel, ModelLoadError, ModelSpec, WeightsSource,
+                       file_sha256, first_line, onnx_spec, preprocessing_overrides, with_preprocessing)
+from operations.logs import printed_into_log
 from settings import BackendName, Precision, Settings
-from weights import (Located, WeightsError, WeightsUnavailable, efficientnet_lite0_file, fallback_reason, log_fallback,
-                     read_weights_file, remember_weights_url, torchvision_weights, under_prefix, weights_misfit)
 
 logger = logging.getLogger("classify")
 

@@ -13,36 +13,20 @@ exported torchvision model. Wrapping adds five nodes to the front and a softmax 
 the user's nodes are not touched. A fixed batch axis of 1 is allowed (the caller serves one image at a time).
 """
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from inference import ModelSpec, first_line, onnx_digest
+from engine.photos import photo_inputs, photo_paths
+from inference import ModelSpec, OnnxClassifier, OutputKind, first_line, onnx_digest
 
-OutputKind = Literal["logits", "probabilities"]
 PREFIX = "classify_server_"  # names of the nodes and tensors added here, kept apart from the user's
 
 
 class OnnxModelError(Exception):
     """The ONNX file cannot be served; the message names the setting, the shapes found and the ones needed."""
-
-
-@dataclass(frozen=True)
-class OnnxClassifier:
-    path: Path
-    file_digest: str  # hex SHA-256 of the file and its external data (inference.onnx_digest): the version's
-                      # and the served graph's cache key's
-    input_name: str
-    class_output: str
-    embedding_output: str | None
-    output_kind: OutputKind
-    classes: int  # N
-    embedding_dimensions: int | None  # D
-    is_batch_fixed: bool  # a batch axis of 1: one image per forward pass
 
 
 def read_onnx_classifier(path: Path, crop: int, output_kind: OutputKind,
@@ -108,8 +92,6 @@ def check_output_kind(classifier: OnnxClassifier, spec: ModelSpec) -> None:
     probabilities, logits would fail every answer (confidences over 1); probabilities served as logits would be
     softmaxed again, into nearly equal confidences. Refused in one line naming MODEL_OUTPUT."""
     import onnxruntime as ort
-
-    from backends import photo_inputs, photo_paths
 
     mean, std = np.array(spec.mean, np.float32), np.array(spec.std, np.float32)
     images = [((x / 255 - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)  # (1, 3, H, W)

@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 from urllib.request import Request, urlopen
 
-from inference import EFFICIENTNET_LITE0, ModelLoadError
-from logs import printed_into_log
-from schemas import WeightsSource
+from inference import EFFICIENTNET_LITE0, ModelLoadError, WeightsSource
+from operations.logs import printed_into_log
 from settings import Settings
 
 if TYPE_CHECKING:

@@ -22,10 +22,10 @@ from typing import Literal
 
 from sqlalchemy import bindparam, delete, or_, select, update
 
-from database_writer import LAST_IN_GROUP, DatabaseWriter, Transaction
 from db import RequestLog, RollupBackfill
-from retention import retention_cutoff_s
-from rollups import COUNTED_ENDPOINTS
+from ledger.retention import retention_cutoff_s
+from ledger.rollups import COUNTED_ENDPOINTS
+from ledger.writer import LAST_IN_GROUP, DatabaseWriter, Transaction
 
 logger = logging.getLogger("classify")
 

@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import secrets
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -38,11 +38,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from database_writer import LAST_IN_GROUP, DatabaseWriter, Transaction, dialect_insert
 from db import IdempotencyKey, RequestLog, now_ms
-from errors import ApiError, error_response, handle_database_error
-from ratelimit import LOCK_KEY_AND_READ_CLOCK, READ_CLOCK
-from request_body import INLINE_PARSE_BYTES, ImagesToClassify
+from ledger.ratelimit import LOCK_KEY_AND_READ_CLOCK, READ_CLOCK
+from ledger.writer import LAST_IN_GROUP, DatabaseWriter, Transaction, dialect_insert
+from operations.errors import ApiError, error_response, handle_database_error
 
 logger = logging.getLogger("classify")
 
@@ -53,6 +52,8 @@ VALID_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 STORED_HEADERS = (b"content-type",)
 PRUNE_BATCH = 500  # rows per transaction: a prune holds its locks for milliseconds
 PRUNE_INTERVAL_S = 60.0
+# Images this small are hashed in the event loop: handing them to a thread and back costs more CPU than hashing.
+INLINE_HASH_BYTES = 64 * 1024
 
 THIS_KEY = (IdempotencyKey.key_id == bindparam("key_id"),
             IdempotencyKey.idempotency_key == bindparam("idempotency_key"))
@@ -209,7 +210,7 @@ class Claim:
                             answer_model_version=model_version, answer_expires_at_ms=at_ms + self.ttl_ms)
 
 
-def request_hashes(path: str, to_classify: ImagesToClassify) -> tuple[str, str]:
+def request_hashes(path: str, sources: list[str | bytes], asked: dict[str, object]) -> tuple[str, str]:
     """SHA-256 of what the request asks (endpoint, options, images, and how the images came: base64 text in JSON
     or a multipart file's bytes): the same whatever the JSON's spacing or field order, or a form's boundary.
 
@@ -218,30 +219,28 @@ def request_hashes(path: str, to_classify: ImagesToClassify) -> tuple[str, str]:
     holding that text, so for a row they stored either is taken as the repeat (until the row expires, after
     IDEMPOTENCY_TTL_S); a row stored since tells them apart."""
     digest = hashlib.sha256()
-    options = {option.name: getattr(to_classify, option.name) for option in fields(to_classify)
-               if option.name != "sources"}
-    digest.update(json.dumps({"path": path, **options}, sort_keys=True).encode())
-    for source in to_classify.sources:
+    digest.update(json.dumps({"path": path, **asked}, sort_keys=True).encode())
+    for source in sources:
         data = source.encode() if isinstance(source, str) else source
         digest.update(len(data).to_bytes(8, "big"))
         digest.update(data)
     legacy = digest.hexdigest()
-    kind = "base64" if all(isinstance(source, str) for source in to_classify.sources) else "file"
+    kind = "base64" if all(isinstance(source, str) for source in sources) else "file"
     return hashlib.sha256(f"{kind}\n{legacy}".encode()).hexdigest(), legacy
 
 
-async def claim_for(request: Request, key_id: int, to_classify: ImagesToClassify,
+async def claim_for(request: Request, key_id: int, sources: list[str | bytes], asked: dict[str, object],
                     idempotency_key: str | None) -> Claim | None:
-    """The claim to enter with the request's admission, kept in its state for the middleware; None without a key."""
+    """The claim to enter with the request's admission, kept in its state for the middleware; None without a key.
+    `sources`: the request's images as sent; `asked`: its other fields (edge/request_body.ImagesToClassify)."""
     if idempotency_key is None:
         return None
     settings = request.app.state.settings
-    size = sum(len(source) for source in to_classify.sources)
-    if size <= INLINE_PARSE_BYTES:
-        digest, legacy = request_hashes(request.url.path, to_classify)
+    if sum(len(source) for source in sources) <= INLINE_HASH_BYTES:
+        digest, legacy = request_hashes(request.url.path, sources, asked)
     else:  # 20 MB take 10 ms to hash: not in the event loop
         digest, legacy = await asyncio.get_running_loop().run_in_executor(
-            request.app.state.decode_pool, request_hashes, request.url.path, to_classify)
+            request.app.state.decode_pool, request_hashes, request.url.path, sources, asked)
     claim = Claim(key_id, idempotency_key, digest, legacy,
                   lease_ms=int((settings.request_timeout_s + 2 * settings.db_timeout_s) * 1000),
                   ttl_ms=settings.idempotency_ttl_s * 1000)

@@ -5,7 +5,7 @@ with 256 bits of entropy: there is nothing to brute-force, so no bcrypt on the h
 
 Keys found are cached in the process for KEY_CACHE_TTL_S, so a busy key costs the database no read per
 request; a revocation (or any change to a key) therefore reaches every server within that many seconds. A key
-not in the cache is read by the database thread (database_writer.py), with the writes of its moment.
+not in the cache is read by the database thread (ledger/writer.py), with the writes of its moment.
 """
 
 import hashlib
@@ -22,11 +22,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from database_writer import Transaction
 from db import ApiKey, now_ms
-from errors import ApiError
-from metrics import Counter
-from requestlog import add_timing
+from ledger.request_log import add_timing
+from ledger.writer import Transaction
+from operations.errors import ApiError
+from operations.metrics import Counter
 
 KEY_PREFIX = "sk-"
 KEY_BYTES = 32

@@ -23,8 +23,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from sqlalchemy import BigInteger, Insert, bindparam, cast, delete, func, select
 
-from database_writer import DatabaseWriter, Transaction, dialect_insert
 from db import ApiKey, RateLimitCount, RateLimitHit, now_ms
+from ledger.writer import DatabaseWriter, Transaction, dialect_insert
 
 logger = logging.getLogger("classify")
 
@@ -76,7 +76,7 @@ class WindowStorage(Protocol):
     async def peek(self, key_id: int, limit: int, window_ms: int) -> WindowState: ...
 
 
-# Module-level, so each is compiled once (database_writer.Transaction); `since_ms` is now - window.
+# Module-level, so each is compiled once (writer.Transaction); `since_ms` is now - window.
 IN_WINDOW = (RateLimitHit.key_id == bindparam("key_id"), RateLimitHit.at_ms > bindparam("since_ms"))
 DELETE_EXPIRED = delete(RateLimitHit).where(RateLimitHit.key_id == bindparam("key_id"),
                                             RateLimitHit.at_ms <= bindparam("since_ms"))
@@ -104,7 +104,7 @@ def set_count(dialect_name: str) -> Insert:
 
 class SqlWindowStorage:
     """The window as rows of `rate_limit_hits`, counted and added in the database thread's write transaction
-    (database_writer.py), among the other writes of its group. How many rows a key has is kept beside them
+    (ledger/writer.py), among the other writes of its group. How many rows a key has is kept beside them
     (`rate_limit_counts`, changed with every row deleted or added), so an admission costs the same with 10 or
     10,000 requests in its window; a peek (for /v1/usage) counts the rows themselves.
 

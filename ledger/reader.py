@@ -18,7 +18,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from db import make_reader_engine, wait_budget
-from os_threads import name_os_thread
+from operations.threads import name_os_thread
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """The request log: every /v1 request becomes a `request_log` row, committed before its response starts.
 
 So the log never holds fewer requests than were answered, and `/v1/usage` (usage.py) can be read from it.
-The row is handed to the database thread (database_writer.py), which commits it with the other writes of
+The row is handed to the database thread (ledger/writer.py), which commits it with the other writes of
 its moment: the rows and admissions of requests answered together share one transaction.
 Every HTTP request, /v1 or not, is also counted in the metrics below and gets one line in the server's log
 (logs.py): its id, route, status, latency, key prefix, model and batch size.
@@ -20,10 +20,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from database_writer import DatabaseWriter
 from db import RequestLog, now_ms, waiting_until
-from errors import ApiError, database_unavailable, internal_error, is_database_unavailable, json_error
-from metrics import Counter, Histogram
+from ledger.writer import DatabaseWriter
+from operations.errors import ApiError, database_unavailable, internal_error, is_database_unavailable, json_error
+from operations.metrics import Counter, Histogram
 
 logger = logging.getLogger("classify")
 access_logger = logging.getLogger("classify.access")

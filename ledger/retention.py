@@ -1,14 +1,14 @@
 """Retention: request-log rows older than REQUEST_LOG_RETENTION_DAYS and usage rollups older than
 USAGE_RETENTION_DAYS are deleted, PRUNE_BATCH rows per transaction.
 
-Each batch is a job of the database thread (database_writer.py), so on SQLite it takes no write lock of its own
+Each batch is a job of the database thread (ledger/writer.py), so on SQLite it takes no write lock of its own
 that the request path would queue behind: it shares one group's transaction, adding the time of one small
 DELETE to that group, and the thread pauses PRUNE_PAUSE_S before the next. The server prunes at start-up and
 every PRUNE_INTERVAL_S; `cli.py prune` does the same once, for cron.
 
 The log's batch is the PRUNE_BATCH oldest ids (the primary key, so no index on time is needed and a log with
 nothing to delete costs one short read): ids grow with time, so those are the oldest rows. None is deleted
-while the log from before the rollups is still being counted into them (rollup_backfill.py).
+while the log from before the rollups is still being counted into them (ledger/backfill.py).
 """
 
 import asyncio
@@ -17,8 +17,8 @@ import time
 
 from sqlalchemy import bindparam, delete, exists, func, literal_column, select, tuple_
 
-from database_writer import DatabaseWriter, Transaction
 from db import RequestLog, RollupBackfill, UsageRollup
+from ledger.writer import DatabaseWriter, Transaction
 from settings import Settings
 
 logger = logging.getLogger("classify")
@@ -32,7 +32,7 @@ PRUNE_INTERVAL_S = 600
 # The PRUNE_BATCH oldest rows, of which those logged before the cutoff (a row may be a little out of order).
 _OLDEST = select(RequestLog.id).order_by(RequestLog.id).limit(PRUNE_BATCH).subquery()
 OLDEST_IDS = select(func.max(_OLDEST.c.id)).scalar_subquery()
-# None while rows from before the rollups are still being counted into them (rollup_backfill.py).
+# None while rows from before the rollups are still being counted into them (ledger/backfill.py).
 OLD_LOG_ROWS = delete(RequestLog).where(RequestLog.id <= OLDEST_IDS, RequestLog.created_at_ms < bindparam("cutoff_ms"),
                                         ~exists(select(RollupBackfill.key_id)))
 # Rollups that end by the cutoff, oldest first: the index on that expression finds them.

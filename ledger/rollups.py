@@ -1,8 +1,8 @@
 """Usage rollups: each request-log row also counted in its key's minute, hour and day (db.UsageRollup), in the
 same transaction as the row, so `/v1/usage` (usage.py) reads O(buckets) counters instead of O(requests) rows.
 
-The database thread (database_writer.py) calls `add_rows` with each group's log rows after inserting them (and
-with rows logged before the rollups existed, which rollup_backfill.py hands it a batch at a time): the
+The database thread (ledger/writer.py) calls `add_rows` with each group's log rows after inserting them (and
+with rows logged before the rollups existed, which ledger/backfill.py hands it a batch at a time): the
 group's rows are summed here first, then one upsert per (key, width, start, endpoint, model version), in key
 order, so two hosts' groups lock shared counters in the same order. Rows without a key (a missing or wrong key)
 are nobody's usage, a replayed answer (idempotency.py) was counted with its first request, and only the routes
@@ -20,8 +20,8 @@ from typing import Any
 
 from sqlalchemy import Insert
 
-from database_writer import Transaction, dialect_insert
 from db import LATENCY_BUCKETS, UsageRollup
+from ledger.writer import Transaction, dialect_insert
 
 # What the limit charges and /v1/usage can be asked about; other routes' rows would be counters nobody reads.
 COUNTED_ENDPOINTS = ("/v1/classify", "/v1/embeddings")
@@ -53,7 +53,7 @@ def status_column(status_code: int) -> str | None:
 
 
 def counted(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rollup rows that count `rows` (request-log rows as requestlog.py writes them), in key order."""
+    """The rollup rows that count `rows` (request-log rows as ledger/request_log.py writes them), in key order."""
     sums: dict[tuple[Any, ...], list[float]] = {}
     position = {name: index for index, name in enumerate(COUNTS)}
     for row in rows:

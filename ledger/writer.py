@@ -2,7 +2,7 @@
 
     run(job, order)     a function of the open transaction (an admission: ratelimit.py), run in the next group
     run_soon(job, order)  the same, handed over at once, its future awaited later (idempotency.py)
-    insert(table, row)  a row (the request log's: requestlog.py), inserted with the group's other rows of its table
+    insert(table, row)  a row (the request log's: request_log.py), inserted with the group's other rows of its table
 
 As the request log alone did before: a request hands over one item and awaits one future. The thread takes
 every item waiting when it is free and commits them in one transaction, so under load one transaction serves
@@ -33,11 +33,11 @@ from typing import Any, TypeVar
 from sqlalchemy import Executable, Insert, insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
-from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import PoolProxiedConnection
 
 from db import WAIT_BOUND_SLACK_MS, Base, lock_wait_ms, make_writer_engine, wait_budget
-from errors import is_database_unavailable
+from operations.errors import is_database_unavailable
 
 logger = logging.getLogger("classify")
 
@@ -91,7 +91,7 @@ class Transaction:
 
     def count_as_inserted(self, table: TableLike, rows: list[dict[str, Any]]) -> None:
         """Rows already in `table` that its `after_insert` has not seen (the log rows from before the rollups:
-        rollup_backfill.py): counted at `finish` with the group's new rows, in the same one order."""
+        ledger/backfill.py): counted at `finish` with the group's new rows, in the same one order."""
         if table in self._after_insert and rows:
             self._inserted.setdefault(table, []).extend(rows)
 

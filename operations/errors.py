@@ -5,7 +5,7 @@
 
 Errors are raised where they are decided, as `ApiError(status, code, message)`; the handlers below also
 shape FastAPI's validation errors, Starlette's 404/405 and database outages the same way. Anything unexpected
-becomes a 500 of the same shape in requestlog.RequestLogMiddleware, which records it.
+becomes a 500 of the same shape in request_log.RequestLogMiddleware, which records it.
 """
 
 import logging
@@ -15,12 +15,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
-from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError
+from redis.exceptions import (ConnectionError as RedisConnectionError, MasterDownError, OutOfMemoryError, ReadOnlyError,
+                              TimeoutError as RedisTimeoutError, TryAgainError)
 from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from requestid import current_request_id, new_request_id
+from operations.request_ids import current_request_id, new_request_id
 
 logger = logging.getLogger("classify")
 
@@ -70,7 +70,7 @@ class NotAdmitted(ApiError):
 
 
 class MalformedBody(NotAdmitted):
-    """The body broke HTTP/1.1's framing (a bad chunk, a chunked body cut short): http_protocol.py raises it from
+    """The body broke HTTP/1.1's framing (a bad chunk, a chunked body cut short): edge/request_body.py raises it from
     the app's read of the body."""
 
     def __init__(self, reason: str) -> None:

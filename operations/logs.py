@@ -4,10 +4,10 @@
     {"timestamp": "2026-11-25T10:12:03.512Z", "level": "INFO", "logger": "classify.access", "message": "POST ...",
      "request_id": "req_5f2b...", "method": "POST", "route": "/v1/classify", "status": 200, "latency_ms": 41.2, ...}
 
-Every record gets the id of the request it was written for (requestid.py), or "-" outside a request. Fields
+Every record gets the id of the request it was written for (operations/request_ids.py), or "-" outside a request. Fields
 given as `extra={"fields": {...}}` become keys of the JSON object (the per-request line's route, status,
 latency, key prefix, model and batch size). Uvicorn's own loggers write through the same handler, and its
-access log is turned off: requestlog.py writes one line per request instead, with the id and the key prefix.
+access log is turned off: ledger/request_log.py writes one line per request instead, with the id and the key prefix.
 Python's warnings, and what libraries print while the model loads (`printed_into_log`), become records too, so
 a JSON log holds nothing but JSON; libraries' progress notes at INFO are DEBUG here (`DemoteChatter`).
 Nothing here ever sees a key or an image: only the prefix of a key is passed in.
@@ -17,14 +17,16 @@ import io
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from requestid import current_request_id
+from operations.request_ids import current_request_id
 
 LogFormat = Literal["text", "json"]
+LOG_EVERY_S = 10.0  # a LogSummary's most frequent line
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 # Libraries whose INFO records are progress notes: the ONNX exporter's passes (a hundred lines on a first start)
 # and the int8 quantizer's per-tensor notes, which it logs on the root logger itself (`logging.info`).
@@ -99,3 +101,20 @@ def printed_into_log(logger: logging.Logger, level: int) -> Iterator[None]:
     finally:
         if text := printed.getvalue().strip():
             logger.log(level, "%s", text)
+
+
+class LogSummary:
+    """A line about what clients did, logged at most once per LOG_EVERY_S with how many times it stands for: a
+    flood of connections must not become a flood of log lines."""
+
+    def __init__(self, message: str, level: int = logging.WARNING) -> None:
+        self.message = message  # its first %d: how many since the last line
+        self.level = level
+        self.count = 0
+        self.logged_at = -LOG_EVERY_S
+
+    def add(self, *args: object) -> None:
+        self.count += 1
+        if time.monotonic() - self.logged_at >= LOG_EVERY_S:
+            logging.getLogger("classify").log(self.level, self.message, self.count, *args)
+            self.count, self.logged_at = 0, time.monotonic()

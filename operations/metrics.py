@@ -1,10 +1,11 @@
 """Prometheus metrics: where their numbers live, and the GET /metrics route that reports them.
 
-    from metrics import Counter, Histogram   # not from prometheus_client: this module must be imported first
+    from operations.metrics import Counter, Histogram   # not from prometheus_client: this module must be imported first
 
-Each metric is defined once, at module level, in the file that updates it (requestlog.py: requests and their
-latency by route; batching.py: forward passes, batch sizes, queue depth; image_requests.py: rate-limit
-refusals; main.py: the model's identity; auth.py: refused keys). This module only decides where the numbers are kept.
+Each metric is defined once, at module level, in the file that updates it (ledger/request_log.py: requests and
+their latency by route; engine/batching.py: forward passes, batch sizes, queue depth; edge/image_requests.py:
+rate-limit refusals; main.py: the model's identity; ledger/keys.py: refused keys). This module only decides
+where the numbers are kept.
 
 One process keeps them in memory (prometheus-client's default registry). Under `uvicorn --workers N` each
 worker is a child process with its own memory, and a scrape reaches only one of them; so there every worker
@@ -54,8 +55,16 @@ def _prepare_multiprocess_directory() -> None:
 _prepare_multiprocess_directory()
 
 from fastapi import APIRouter, Response  # noqa: E402
-from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,  # noqa: E402
-                               Histogram, generate_latest, multiprocess)
+from prometheus_client import (  # noqa: E402
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 __all__ = ["Counter", "Gauge", "Histogram", "is_multiprocess", "render", "process_stopped", "router"]
 

@@ -10,15 +10,15 @@
 """
 
 import asyncio
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from batching import lower_priority
-
 MODEL_THREAD = "model"
 MODEL_POOL = "model_pool"
+MODEL_NICENESS = 10
 
 
 def name_os_thread(name: str | None = None) -> None:
@@ -26,6 +26,16 @@ def name_os_thread(name: str | None = None) -> None:
     if sys.platform == "linux":  # Python 3.11 names threads for itself only
         Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_bytes(
             (name or threading.current_thread().name).encode()[:15])
+
+
+def lower_priority() -> None:
+    # Linux niceness is per thread, and threads inherit it: the model's threads (ONNX Runtime's and torch's
+    # pools are created from this one) give way to the event loop, the decoders and the database, so
+    # /v1/usage and health checks stay quick while the model keeps every core busy. 10, measured with 8 clients:
+    # at 0 /v1/usage took 40 / 168 ms (p50 / p99) and the model 1.22x its raw CPU per image (batches of 1.7 on
+    # average), at 10 14 / 63 ms and 1.07x (3.8), at 19 12 / 50 ms and 1.10x with 9% fewer requests answered.
+    if sys.platform == "linux":  # elsewhere this call would lower the whole process
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MODEL_NICENESS)
 
 
 def start_model_thread() -> None:

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import skimage
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
@@ -31,8 +32,8 @@ from servers import PostgresServer, RedisServer, free_port
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from auth import create_key, hash_key  # noqa: E402
 from db import make_engine, make_sessionmaker, migrate  # noqa: E402
+from ledger.keys import create_key, hash_key  # noqa: E402
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}  # ImageNet's cats
@@ -324,3 +325,30 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     yield start
     for running in started:
         running.stop()
+
+
+Samples = dict[tuple[str, frozenset], float]
+
+
+def scrape(url: str) -> Samples:
+    response = httpx.get(url + "/metrics", timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def client_cli(*args: str, stderr: int = subprocess.PIPE, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "client", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
+                          text=True, timeout=300, env={"PATH": os.environ["PATH"], **env})
+
+
+def many_scans_jpeg(extra_scans: int, image: Image.Image | None = None) -> bytes:
+    """A progressive JPEG (of the grey cat, by default) whose last scan is repeated: each costs libjpeg a pass
+    over every block, and on a flat image that scan is a few bytes."""
+    data = encode(image or photo("chelsea.png").convert("L"), "JPEG", progressive=True)
+    last_scan = data[data.rindex(b"\xff\xda"):-2]  # up to the end-of-image marker
+    return data[:-2] + last_scan * extra_scans + b"\xff\xd9"

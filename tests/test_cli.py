@@ -8,11 +8,10 @@ import time
 
 import pytest
 
-from auth import KEY_PATTERN as KEY
 from cli import iso_time
 from conftest import b64, log_rows, photo_path, query, run_cli
+from ledger.keys import KEY_PATTERN as KEY
 from servers import free_port
-
 
 cli = run_cli
 

@@ -1,7 +1,7 @@
 """Usage rollups (per key, minute, hour and day), the backfill's progress, and the request log's `images`.
 
 The counters /v1/usage reads instead of the request log. The log already there is counted into them after
-this revision, by the servers, a small batch per transaction (rollup_backfill.py), not here: a migration runs
+this revision, by the servers, a small batch per transaction (ledger/backfill.py), not here: a migration runs
 in one transaction, which on SQLite holds the write lock throughout (counting a million rows in it took 8 s
 here). Here each key with logged requests gets a `rollup_backfill` row saying what is left: found through
 the log's index on (key_id, created_at_ms), so this revision takes milliseconds whatever the log's size.

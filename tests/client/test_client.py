@@ -1,4 +1,4 @@
-"""client.py against a real server: the library (sync and async), its retries, and its command line."""
+"""The client (client/) against a real server: the library (sync and async), its retries, and its command line."""
 
 import asyncio
 import email.utils
@@ -17,15 +17,11 @@ import pytest
 
 from client import (AsyncClient, AuthenticationError, ByStatus, Classification, Client, ClientError, InvalidRequest,
                     Latency, ModelInfo, MultiClassification, RateLimited, Retries, ServerUnreachable, TimedOut, Usage,
-                    UsageBucket, next_wait_s)
-from conftest import CAT_LABELS, ROOT, free_port, key_id, log_rows, make_key, photo_path
+                    UsageBucket)
+from client.client import next_wait_s
+from conftest import CAT_LABELS, ROOT, client_cli, free_port, key_id, log_rows, make_key, photo_path
 
 FAST = Retries(max_attempts=3, backoff_s=0.01)
-
-
-def client_cli(*args: str, stderr: int = subprocess.PIPE, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "client.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
-                          text=True, timeout=300, env={"PATH": os.environ["PATH"], **env})
 
 
 @pytest.fixture
@@ -312,7 +308,7 @@ def test_a_server_stopped_mid_run_stops_the_run_with_a_clear_message(start_serve
     folder.mkdir()
     for i in range(6):
         (folder / f"cup{i}.png").write_bytes(photo_path("coffee.png").read_bytes())
-    run = subprocess.Popen([sys.executable, "client.py", "--url", server.url, "--key", key, "--max-attempts", "3",
+    run = subprocess.Popen([sys.executable, "-m", "client", "--url", server.url, "--key", key, "--max-attempts", "3",
                             "classify", str(folder)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert run.stdout is not None and run.stderr is not None
     first = run.stdout.readline()  # one file done; the next is waiting out its 429

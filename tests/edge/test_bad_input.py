@@ -9,8 +9,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from conftest import ONE_MEGABYTE, assert_error, b64, encode, log_rows, make_key, photo, raw_http
-from test_image_cost import many_scans_jpeg
+from conftest import ONE_MEGABYTE, assert_error, b64, encode, log_rows, make_key, many_scans_jpeg, photo, raw_http
+
 
 def png_bomb(width: int, height: int) -> bytes:
     """A 1-bit grayscale PNG of width x height zeros: a few dozen KB that decode to width*height bytes."""

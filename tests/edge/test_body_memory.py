@@ -8,8 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import ONE_PIXEL, assert_error, key_id, log_rows, make_key, read_response
 from test_http_protocol import error_body
+
+from conftest import ONE_PIXEL, assert_error, key_id, log_rows, make_key, read_response
 
 MIB = 1024 * 1024
 UPLOADS = 24

@@ -5,8 +5,7 @@ import sqlite3
 
 import pytest
 
-from conftest import ONE_PIXEL, assert_error, key_id, log_rows, make_key
-from test_metrics import scrape, value
+from conftest import ONE_PIXEL, assert_error, key_id, log_rows, make_key, scrape, value
 
 ALLOWED = "https://app.example.com"
 API_CSP = "default-src 'none'; frame-ancestors 'none'"

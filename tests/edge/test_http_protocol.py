@@ -1,4 +1,4 @@
-"""The HTTP connection (http_protocol.py, which the tests' servers run as `make run` does): a request head over
+"""The HTTP connection (edge/protocol.py, which the tests' servers run as `make run` does): a request head over
 16 KiB is a 431 however it is sent, and a connection whose answer came before its body is closed."""
 
 import os

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from client import AsyncClient, Client
-from conftest import assert_error, b64, make_key, photo_path
-from test_client import client_cli
+from conftest import assert_error, b64, client_cli, make_key, photo_path
 
 
 def confidences(answer: dict) -> list[float]:

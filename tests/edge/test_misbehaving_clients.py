@@ -1,7 +1,7 @@
 """Clients that misbehave, against the real server started as `make run` starts it (plain `uvicorn main:app`):
 readers that never read, bodies that keep coming after an early answer, half-closed connections, requests with
 two lengths or broken framing, heads ended by bare LFs. Each is answered as RFC 9110/9112 say, in the one error
-shape, and its request-log row says what the client received (http_protocol.py)."""
+shape, and its request-log row says what the client received (edge/protocol.py)."""
 
 import asyncio
 import io
@@ -18,11 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from test_http_protocol import error_body, open_files
 
 from client import AsyncClient, AuthenticationError
 from conftest import ONE_PIXEL, ROOT, assert_error, b64, key_id, log_rows, make_key, photo, read_response, server_env
 from servers import free_port
-from test_http_protocol import error_body, open_files
 
 BUNDLE = b"GET /static/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\n\r\n"  # 1.5 MB: more than the socket buffers hold
 MAX_BODY = 5_000_000
@@ -340,7 +340,7 @@ def started_by_hand(tmp, how: str) -> tuple[subprocess.Popen, int]:
 @pytest.mark.parametrize("how", ["uvicorn.run()", "uvicorn main:app --workers 2"])
 def test_however_uvicorn_is_started_the_connection_limits_hold(tmp_path, how):
     """Plain `uvicorn main:app`, what every FastAPI tutorial types, ran with none of the limits and said nothing.
-    (The tests' own servers are started that way: every test of http_protocol.py runs it so.)"""
+    (The tests' own servers are started that way: every test of edge/protocol.py runs it so.)"""
     process, port = started_by_hand(tmp_path, how)
     try:
         with socket.create_connection(("127.0.0.1", port)) as sock:

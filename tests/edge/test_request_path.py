@@ -78,9 +78,9 @@ def test_requests_waiting_for_the_write_lock_are_admitted_and_logged_in_a_few_tr
 def test_no_dependency_runs_in_the_thread_pool():
     """FastAPI runs a plain `def` dependency in AnyIO's thread pool: a hop to another thread and back for each
     request. Every dependency of every route is async."""
-    import api_docs
     import main
-    import metrics
+    from edge import api_docs
+    from operations import metrics
 
     def is_async(call: object) -> bool:
         method = call if inspect.isfunction(call) or inspect.ismethod(call) else getattr(call, "__call__", None)

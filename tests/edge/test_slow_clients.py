@@ -1,4 +1,4 @@
-"""Slow clients against the real server (http_protocol.py, as `make run` serves): connections whose request head
+"""Slow clients against the real server (edge/protocol.py, as `make run` serves): connections whose request head
 trickles in are closed HEADER_TIMEOUT_S after they opened (or after their last answer) while everyone else is
 served as usual; past MAX_CONNECTIONS a new connection is answered 503 and closed at once."""
 
@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from test_http_protocol import error_body, is_closed_by_server, open_files
 
 from conftest import ONE_PIXEL, Server, assert_error, make_key, read_response, server_env
-from test_http_protocol import error_body, is_closed_by_server, open_files
 
 HEADER_TIMEOUT_S = 6
 FRESH, KEPT_ALIVE = 250, 50  # slow connections: new ones, and ones that were answered once first

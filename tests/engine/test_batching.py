@@ -13,12 +13,12 @@ import pytest
 import torch
 import torchvision
 
-from backends import OnnxBackend, onnx_file, photo_inputs
 from conftest import CAT_LABELS, assert_error, b64, encode, key_id, log_rows, make_key, photo, photo_path, query
+from engine.backends import onnx_file
+from engine.networks import TorchBackend, from_network, load_efficientnet_lite0, torchvision_spec
+from engine.photos import photo_inputs
+from engine.runtimes import OnnxBackend
 from inference import top_predictions
-from networks import TorchBackend, from_network, load_efficientnet_lite0, torchvision_spec
-
-
 
 
 def post_all(url: str, key: str, bodies: list[dict], timeout: float = 120) -> list[httpx.Response]:

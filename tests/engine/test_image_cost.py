@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageCms, PngImagePlugin
 from PIL.TiffImagePlugin import PREFIXES as TIFF_PREFIXES
 
-from conftest import CAT_LABELS, ONE_PIXEL, assert_error, b64, encode, make_key, photo
+from conftest import CAT_LABELS, ONE_PIXEL, assert_error, b64, encode, make_key, many_scans_jpeg, photo
 
 
 def many_strips_tiff(prefix: bytes, *pages: int, filler_tags: int = 0, loops: bool = False) -> bytes:
@@ -47,14 +47,6 @@ def many_strips_tiff(prefix: bytes, *pages: int, filler_tags: int = 0, loops: bo
                         + offset(following) + short(pixels_at) * strips)
     header = prefix + (struct.pack(order + "HHQ", 8, 0, directories_at[0]) if is_big else offset(directories_at[0]))
     return header + bytes(range(0, 256, 4)) + directories
-
-
-def many_scans_jpeg(extra_scans: int, image: Image.Image | None = None) -> bytes:
-    """A progressive JPEG (of the grey cat, by default) whose last scan is repeated: each costs libjpeg a pass
-    over every block, and on a flat image that scan is a few bytes."""
-    data = encode(image or photo("chelsea.png").convert("L"), "JPEG", progressive=True)
-    last_scan = data[data.rindex(b"\xff\xda"):-2]  # up to the end-of-image marker
-    return data[:-2] + last_scan * extra_scans + b"\xff\xd9"
 
 
 def as_mpo(jpeg: bytes) -> bytes:

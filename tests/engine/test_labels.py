@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from labels import MAX_LABEL_CHARS, LabelsError, read_labels
+from engine.labels import MAX_LABEL_CHARS, LabelsError, read_labels
 
 
 @pytest.mark.parametrize("content", [

@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 from conftest import b64, make_key, photo_path
+from engine.networks import load_model
 from inference import ModelLoadError
-from networks import load_model
 from settings import Settings
 
 NO_DOWNLOAD = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}  # refused at once, online or not

@@ -15,13 +15,13 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from test_own_model import assert_agrees, post_images, unit
 from torch import nn
 from torchvision.transforms import v2
 
 from conftest import CAT_LABELS, MODEL_CACHE, Server, b64, make_key, photo, photo_path
 from own_models import (IMAGENET_MEAN, IMAGENET_STD, LITE0_PREPROCESS, PHOTOS, Reference, fine_tune, held_out_crops,
                         random_classifier, transform)
-from test_own_model import assert_agrees, post_images, unit
 
 
 def refusal(server: Server) -> str:

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from backends import OnnxBackend, photo_inputs
-from conftest import ROOT, Server, b64, make_key, photo_path, server_env
 from test_batching import post_all
-from graph_cache import find_cached
+
+from conftest import ROOT, Server, b64, make_key, photo_path, server_env
+from engine.graph_cache import find_cached
+from engine.photos import photo_inputs
+from engine.runtimes import OnnxBackend
+from engine.weights import locate_weights
 from settings import Settings, usable_cores
-from weights import locate_weights
 
 REQUESTS = 40
 

@@ -1,4 +1,4 @@
-"""The reading threads (database_reader.py): a read waits for a free thread no longer than its request's database
+"""The reading threads (ledger/reader.py): a read waits for a free thread no longer than its request's database
 budget (then a 503, as any other wait for the database), and a read so refused is not begun later."""
 
 import asyncio
@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from database_reader import DatabaseReader
 from db import waiting_until
+from ledger.reader import DatabaseReader
 
 BUDGET_S = 0.3
 

@@ -16,10 +16,8 @@ import pytest
 from PIL import Image
 
 from client import Client, InvalidRequest
-from conftest import (ONE_PIXEL, Server, assert_error, b64, backend_env, encode, key_id, log_rows, make_key,
-                      query, raw_http, server_env)
-from test_client import client_cli
-from test_metrics import scrape, value
+from conftest import (ONE_PIXEL, Server, assert_error, b64, backend_env, client_cli, encode, key_id, log_rows, make_key,
+                      query, raw_http, scrape, server_env, value)
 
 BODIES = {"/v1/classify": {"image": ONE_PIXEL, "top_k": 3}, "/v1/embeddings": {"image": ONE_PIXEL}}
 

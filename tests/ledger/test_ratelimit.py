@@ -6,11 +6,11 @@ import sqlite3
 import time
 
 import httpx
-
 from sqlalchemy import select
 
 from conftest import ONE_PIXEL, assert_error, key_id, make_key, query, raw_http
-from db import migrate, make_engine, write_transaction
+from db import make_engine, migrate, write_transaction
+
 
 def burst(url: str, key: str, count: int) -> list[httpx.Response]:
     """`count` classify requests at once, each on its own connection."""

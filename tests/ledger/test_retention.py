@@ -3,9 +3,10 @@ server itself; /v1/usage keeps answering from the rollups after the raw rows are
 
 import time
 
-from conftest import key_id, make_key, query, run_cli
-from retention import PRUNE_BATCH
 from test_usage_rollups import random_rows, write_as_the_server_does
+
+from conftest import key_id, make_key, query, run_cli
+from ledger.retention import PRUNE_BATCH
 
 DAY_MS = 86400 * 1000
 

@@ -8,14 +8,14 @@ import time
 import pytest
 from alembic import command
 from sqlalchemy import insert
-
-from auth import hash_key
-from conftest import query, run_cli, sync_engine
-from database_writer import DatabaseWriter
-from db import ApiKey, RequestLog, alembic_config
-from rollup_backfill import backfill, count_a_batch
-from rollups import COUNTS, KEY, add_rows, counted
 from test_usage_rollups import random_rows
+
+from conftest import query, run_cli, sync_engine
+from db import ApiKey, RequestLog, alembic_config
+from ledger.backfill import backfill, count_a_batch
+from ledger.keys import hash_key
+from ledger.rollups import COUNTS, KEY, add_rows, counted
+from ledger.writer import DatabaseWriter
 
 DAY_MS = 86400 * 1000
 KEYS = {id: f"sk-{id}" + "k" * 42 for id in (1, 2)}

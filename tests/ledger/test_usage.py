@@ -9,11 +9,10 @@ import time
 import httpx
 import pytest
 from PIL import Image
-
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 
 from conftest import ONE_PIXEL, assert_error, b64, encode, key_id, log_rows, make_key, query
-from usage import buckets_query, totals_query
+from ledger.usage import buckets_query, totals_query
 
 
 def test_usage_counts_this_keys_classify_requests_of_every_outcome(backend_server):

@@ -7,9 +7,9 @@ import random
 import time
 
 from conftest import key_id, make_key, query
-from database_writer import DatabaseWriter
 from db import RequestLog
-from rollups import add_rows
+from ledger.rollups import add_rows
+from ledger.writer import DatabaseWriter
 
 STATUSES = [200] * 6 + [400, 413, 422, 429, 429, 499, 500, 503, 504]
 HISTORY_S = 3 * 86400

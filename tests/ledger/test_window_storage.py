@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import text
 
 from conftest import key_id, make_key, query, sync_engine
-from database_writer import DatabaseWriter, Transaction
 from db import make_engine
-from ratelimit import (COUNT, KEPT_COUNT, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage,
-                       _full, make_redis)
+from ledger.ratelimit import (COUNT, KEPT_COUNT, RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage,
+                              WindowStorage, _full, make_redis)
+from ledger.writer import DatabaseWriter, Transaction
 
 WINDOW_MS = 60_000
 
@@ -249,7 +249,7 @@ def test_on_postgresql_a_peek_whose_counted_hits_vanish_counts_again(postgres):
 
 def test_a_refusal_read_without_its_freeing_hit_still_says_when_to_retry():
     """What a peek returns when the window kept changing under it: the oldest hit stands in for the freeing one."""
-    from ratelimit import WindowState
+    from ledger.ratelimit import WindowState
 
     decision = _full(3, WINDOW_MS, WindowState(now_ms=100_000, count=3, oldest_ms=70_000, freeing_ms=None))
     assert (decision.allowed, decision.remaining, decision.reset_s, decision.retry_after_s) == (False, 0, 30, 30)

@@ -12,22 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ONE_PIXEL, assert_error, b64, make_key, photo_path
+from conftest import ONE_PIXEL, assert_error, b64, make_key, photo_path, scrape, value
 
-Samples = dict[tuple[str, frozenset], float]
-
-
-def scrape(url: str) -> Samples:
-    response = httpx.get(url + "/metrics", timeout=30)
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(response.text) for sample in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def test_metrics_count_requests_by_route_and_status_and_time_them(server):

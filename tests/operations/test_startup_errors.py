@@ -97,7 +97,7 @@ def assert_said_in_one_line(done: subprocess.CompletedProcess, expected: str) ->
 
 
 # make run's plain uvicorn, and the protocol named by hand as earlier releases' README did
-HTTP_OPTIONS = {"plain uvicorn": (), "--http http_protocol:HttpProtocol": ("--http", "http_protocol:HttpProtocol")}
+HTTP_OPTIONS = {"plain uvicorn": (), "--http edge.protocol:HttpProtocol": ("--http", "edge.protocol:HttpProtocol")}
 
 
 @pytest.mark.parametrize("protocol", HTTP_OPTIONS)
