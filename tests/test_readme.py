@@ -1,6 +1,7 @@
-"""The README stays true: every setting and every CLI command is documented there, every command it shows
-parses, its sample answer has the server's shape, what it runs from the venv after `make run` is installed
-by `make run`, and its fine-tune of EfficientNet-Lite0 runs as written and is served as it says."""
+"""The README and the pages of docs/ stay true: every setting and every CLI command is documented, every command
+they show parses, every link between them finds its page and heading, the front page stays a front page, its
+sample answer has the server's shape, what they run from the venv after `make run` is installed by `make run`, and
+the fine-tune of EfficientNet-Lite0 runs as written and is served as it says."""
 
 import ast
 import importlib.metadata
@@ -13,58 +14,85 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import cli
-import client_cli
+from client import cli as client_cli
 from conftest import ROOT, b64, encode, make_key, photo
-from schemas import Classification, Prediction
+from edge.schemas import Classification
+from inference import Prediction
 from settings import Settings
 
 README = (ROOT / "README.md").read_text()
+PAGES = {path: path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+EVERY_PAGE = "\n".join(PAGES.values())
+FRONT_PAGE_LINES = 250  # read in ten minutes
 
 
-def test_every_setting_is_in_the_readme():
-    documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", README, re.MULTILINE))
+def test_every_setting_is_in_the_settings_page():
+    documented = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", (ROOT / "docs" / "settings.md").read_text(), re.MULTILINE))
     assert documented == {name.upper() for name in Settings.model_fields}
 
 
-def test_every_cli_command_is_in_the_readme():
+def test_every_cli_command_is_in_the_keys_page():
     cli_source = (ROOT / "cli.py").read_text()
     commands = set(re.findall(r'commands\.add_parser\("([a-z-]+)"', cli_source))
-    assert commands and all(f"cli.py {command}" in README for command in commands)
+    keys_page = (ROOT / "docs" / "keys.md").read_text()
+    assert commands and all(f"cli.py {command}" in keys_page for command in commands)
 
 
 def test_the_quickstart_commands_are_in_the_readme():
     assert "make run" in README and "make test" in README
 
 
-def test_the_readme_has_no_placeholder_left():
-    assert "BENCHMARK_TABLE" not in README
+def test_no_page_has_a_placeholder_left():
+    assert "BENCHMARK_TABLE" not in EVERY_PAGE
+
+
+def test_the_readme_is_a_front_page_and_links_to_every_page_of_docs():
+    assert len(README.splitlines()) <= FRONT_PAGE_LINES
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", README))
+    assert linked == {path.name for path in (ROOT / "docs").glob("*.md")}
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
+
+
+def test_every_link_between_the_pages_finds_its_page_and_heading():
+    broken = []
+    for path, text in PAGES.items():
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)(?:#([\w-]+))?\)", text):
+            page = (path.parent / target).resolve() if target else path
+            if not page.is_file() or (anchor and anchor not in heading_anchors(page.read_text())):
+                broken.append(f"{path.name}: ({target}#{anchor})")
+    assert not broken, broken
 
 
 def shell_lines() -> list[str]:
-    """The lines of the README's sh blocks, continuation lines joined."""
-    blocks = re.findall(r"```sh\n(.*?)```", README, re.DOTALL)
+    """The lines of the README's and the docs' sh blocks, continuation lines joined."""
+    blocks = re.findall(r"```sh\n(.*?)```", EVERY_PAGE, re.DOTALL)
     return [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
 
 
 SHOWN_COMMANDS = [(match[1], match[2]) for line in shell_lines()
-                  if (match := re.search(r"python (cli|client)\.py (.+)", line))]
+                  if (match := re.search(r"python (cli\.py|-m client) (.+)", line))]
 
 
 @pytest.mark.parametrize("program, arguments", SHOWN_COMMANDS)
 def test_every_command_the_readme_shows_parses(program, arguments):
     """With its optional parts (`[--option value]`): argparse exits on an unknown command or option."""
-    parse = {"cli": cli.parse_args, "client": client_cli.parse_args}[program]
+    parse = {"cli.py": cli.parse_args, "-m client": client_cli.parse_args}[program]
     parse([word.strip("[]") for word in shlex.split(arguments, comments=True)])
 
 
-def test_the_readme_shows_commands_of_both_command_lines():
+def test_the_pages_show_commands_of_both_command_lines():
     programs = {program for program, _ in SHOWN_COMMANDS}
-    assert programs == {"cli", "client"} and len(SHOWN_COMMANDS) >= 10
+    assert programs == {"cli.py", "-m client"} and len(SHOWN_COMMANDS) >= 10
+    assert "python client.py" not in EVERY_PAGE  # the client is a package: `python -m client`
 
 
 def test_the_quickstarts_sample_answer_has_the_servers_shape_and_order():
@@ -77,9 +105,9 @@ def test_the_quickstarts_sample_answer_has_the_servers_shape_and_order():
     assert confidences == sorted(confidences, reverse=True) and answer["model"] == "efficientnet_lite0"
 
 
-def test_the_readme_runs_uvicorn_from_the_venv_and_uses_no_missing_photo():
-    assert not re.search(r"(?<!\.venv/bin/)\buvicorn main:app", README)
-    assert "cat.jpg" not in README  # the Quickstart's $IMG is the photo every example uses
+def test_the_pages_run_uvicorn_from_the_venv_and_use_no_missing_photo():
+    assert not re.search(r"(?<!\.venv/bin/)\buvicorn main:app", EVERY_PAGE)
+    assert "cat.jpg" not in EVERY_PAGE  # the Quickstart's $IMG is the photo every example uses
 
 
 def installed_by(requirements: Path) -> set[str]:
@@ -113,10 +141,12 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_what_the_server_the_cli_and_the_client_import_is_installed_by_make_run():
-    """`make run` installs requirements.txt only: the client the README runs from the venv (client.py), the CLI
+    """`make run` installs requirements.txt only: the client the README runs from the venv (client/), the CLI
     and the server must need nothing that only requirements-dev.txt brings."""
-    sources = [*ROOT.glob("*.py"), *(ROOT / "migrations").rglob("*.py")]
-    ours = {path.stem for path in ROOT.glob("*.py")}
+    packages = [path.parent for path in ROOT.glob("*/__init__.py")]
+    sources = [*ROOT.glob("*.py"), *(path for package in packages for path in package.glob("*.py")),
+               *(ROOT / "migrations").rglob("*.py")]
+    ours = {path.stem for path in ROOT.glob("*.py")} | {package.name for package in packages}
     distributions = importlib.metadata.packages_distributions()
     runtime = installed_by(ROOT / "requirements.txt")
     missing = {}
@@ -124,11 +154,11 @@ def test_what_the_server_the_cli_and_the_client_import_is_installed_by_make_run(
         for module in imported_modules(path) - ours - set(sys.stdlib_module_names):
             if not {canonicalize_name(name) for name in distributions.get(module, [module])} & runtime:
                 missing.setdefault(module, []).append(path.name)
-    assert "client.py" in {path.name for path in sources} and "httpx" not in ours
+    assert {"client", "edge", "engine", "ledger", "operations"} <= ours and "httpx" not in ours
     assert not missing, f"imported but not installed by requirements.txt: {missing}"
 
 
-FINE_TUNE = re.search(r"```python\n(# fine_tune\.py: .*?)```", README, re.DOTALL)[1]
+FINE_TUNE = re.search(r"```python\n(# fine_tune\.py: .*?)```", EVERY_PAGE, re.DOTALL)[1]
 
 
 def test_the_fine_tune_of_efficientnet_lite0_runs_as_written_and_is_served_as_it_says(start_server, tmp_path):
