@@ -1,5 +1,5 @@
 # make run: install, create the database and a first key (printed once), serve on 127.0.0.1:8000.
-#   make run WORKERS=2: two server processes, each with its share of the cores (see the README's production advice).
+#   make run WORKERS=2: two server processes, each with its share of the cores (see docs/production.md).
 # make test: install, then the whole test suite.
 # make screenshot: docs/screenshot.png, taken by the web page's browser test (needs chromium).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -11,8 +11,9 @@ WORKERS ?= 1
 
 .PHONY: run test install bench clean screenshot
 
-# Plain `uvicorn main:app`: the app's start-up gives uvicorn its connection limits (http_protocol.py) and bounds its
-# wait at exit (SHUTDOWN_TIMEOUT_S and 5 s). WEB_CONCURRENCY: uvicorn starts that many workers, and each reads it to take its share of the cores.
+# Plain `uvicorn main:app`: the app's start-up gives uvicorn its connection limits (edge/serving.py) and bounds its
+# wait at exit (SHUTDOWN_TIMEOUT_S and 5 s). WEB_CONCURRENCY: uvicorn starts that many workers, and each reads it
+# to take its share of the cores.
 run: $(VENV)/.installed
 	$(BIN)/python cli.py init
 	WEB_CONCURRENCY=$(WORKERS) $(BIN)/uvicorn main:app --host $(HOST) --port $(PORT)

@@ -76,11 +76,11 @@ class RequestLog(Base):
     __table_args__ = (Index("ix_request_log_key_time", "key_id", "created_at_ms"),)
 
 
-LATENCY_BUCKETS = 32  # rollups.py: the histogram's bounds
+LATENCY_BUCKETS = 32  # ledger/rollups.py: the histogram's bounds
 
 
 # A key's requests to one endpoint in one minute, hour or day, counted by outcome: what /v1/usage reads
-# (rollups.py writes them with the log rows, in the same transaction).
+# (ledger/rollups.py writes them with the log rows, in the same transaction).
 class UsageRollup(Base):
     __tablename__ = "usage_rollups"
 
@@ -96,7 +96,7 @@ class UsageRollup(Base):
     rate_limited: Mapped[int]  # 429
     server_errors: Mapped[int]  # 5xx
     latency_ms_sum: Mapped[float]
-    # Requests per latency bucket (rollups.LATENCY_EDGES_MS): h00 under 1 ms, ..., h31 from 32.8 s on.
+    # Requests per latency bucket (ledger/rollups.py: LATENCY_EDGES_MS): h00 under 1 ms, ..., h31 from 32.8 s on.
     locals().update({f"h{index:02d}": mapped_column(Integer, nullable=False) for index in range(LATENCY_BUCKETS)})
 
     # Pruned by when each ends, through an index on that expression: one on start_ms would tempt PostgreSQL's
@@ -128,7 +128,7 @@ class RateLimitHit(Base):
     __table_args__ = (Index("ix_rate_limit_hits_key_time", "key_id", "at_ms"),)
 
 
-# How many `rate_limit_hits` rows each key has, kept with them by every admission (ratelimit.py), so an
+# How many `rate_limit_hits` rows each key has, kept with them by every admission (ledger/ratelimit.py), so an
 # admission reads one number instead of counting its window's rows (10,000 of them took 0.6 ms).
 class RateLimitCount(Base):
     __tablename__ = "rate_limit_counts"
@@ -138,7 +138,7 @@ class RateLimitCount(Base):
 
 
 # An Idempotency-Key sent with this API key: claimed while its first request runs (no status_code yet), then
-# that request's 200 answer, replayed to repeats until it expires (idempotency.py).
+# that request's 200 answer, replayed to repeats until it expires (ledger/idempotency.py).
 class IdempotencyKey(Base):
     __tablename__ = "idempotency_keys"
 

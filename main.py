@@ -4,7 +4,7 @@
     $ (printf '{"image": "'; base64 -w0 "$IMG"; printf '"}') | curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -d @-
 
 Start-up loads the model (and warms it) and migrates the database to the schema's head; until that is done
-the port is not open. A setting it cannot run with stops it with one line saying which (configuration_errors.py).
+the port is not open. A setting it cannot run with stops it with one line saying which (operations/configuration_errors.py).
 """
 
 import asyncio
@@ -32,11 +32,11 @@ from operations import metrics  # first: it decides where every metric below kee
 from db import ForeignSchemaError, RequestLog, make_engine, migrate, ping, waiting_until
 from edge import api_docs
 from edge.image_requests import run_images
-from edge.serving import adopt_running_server
 from edge.request_body import BodyMemory, return_freed_bodies_to_the_system
 from edge.schemas import (Classification, ClassifyRequest, Embedding, Embeddings, EmbeddingsRequest, Health,
                           ImageResult, ModelInfo, ModelList, MultiClassification, Preprocessing)
 from edge.security_headers import SecurityHeadersMiddleware
+from edge.serving import adopt_running_server
 from edge.uploads import EMBEDDINGS_MULTIPART_SCHEMA, MULTIPART_SCHEMA
 from engine.backends import load_backend
 from engine.batching import Batcher
@@ -168,7 +168,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # What start-up made lives as long as the process: frozen, it is no longer walked by every full collection of
     # the garbage collector (measured: /v1/usage's 2,160-bucket answer p99 111 -> 44 ms, p50 unchanged).
     gc.freeze()
-    # Old rows (retention.py) and expired idempotency keys deleted, and a log older than the rollups counted into
+    # Old rows (ledger/retention.py) and expired idempotency keys deleted, and a log older than the rollups counted into
     # them (ledger/backfill.py), in small batches as the database thread's jobs.
     background_jobs = [asyncio.create_task(prune_forever(writer, settings)),
                        asyncio.create_task(prune_expired(writer, settings.idempotency_ttl_s)),

@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     model_version: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")
     # Where the forward pass runs; onnxruntime (the default when installed) runs a graph exported from the weights.
     inference_backend: BackendName = Field(default_factory=default_backend)
-    # int8 (ONNX Runtime only): statically quantized, faster, and not quite the same answers (see the README).
+    # int8 (ONNX Runtime only): statically quantized, faster, and not quite the same answers (see docs/engine.md).
     inference_precision: Precision = "fp32"
     # A folder of your own images (searched recursively) that int8's quantization is calibrated on: photos like
     # those the model will be sent. Default: the photos that ship with scikit-image.
@@ -109,11 +109,11 @@ class Settings(BaseSettings):
     # Forward passes run at once: 1 (the default), each on every thread, so a lone request is answered soonest
     # and the slowest answers under load come sooner; or inference_threads, each on one thread, which keeps the
     # cores busier under load (one pass's threads wait on each other): 5-18% more requests answered, at the
-    # price of those two (see the README's inference engine). Nothing between: passes side by side share one
+    # price of those two (see docs/engine.md). Nothing between: passes side by side share one
     # session, and with it its pool of threads.
     parallel_batches: int = Field(1, ge=1)
     # Exported ONNX graphs, named by a hash of what they compute (weights, architecture, preprocessing), so a restart
-    # serves them, without torch (graph_cache.py).
+    # serves them, without torch (engine/graph_cache.py).
     model_cache_dir: Path = Path.home() / ".cache" / "classify"
     # A forward pass takes up to max_batch waiting images, and waits up to batch_wait_ms for more once it has one,
     # while more are being decoded
@@ -166,12 +166,12 @@ class Settings(BaseSettings):
     idempotency_max_stored_bytes: int = Field(1024 * 1024, ge=0)
     # How long a looked-up API key is trusted before it is read again: a revocation takes up to this long.
     key_cache_ttl_s: float = Field(5.0, ge=0)
-    # Request-log rows older than this many days are deleted, a small batch at a time (retention.py).
+    # Request-log rows older than this many days are deleted, a small batch at a time (ledger/retention.py).
     request_log_retention_days: int = Field(30, ge=1)
     # Usage rollups are kept this long, so /v1/usage answers for a year after the raw rows are gone.
     usage_retention_days: int = Field(400, ge=1)
 
-    # text: one readable line per record; json: one JSON object per line (logs.py), for log collectors.
+    # text: one readable line per record; json: one JSON object per line (operations/logs.py), for log collectors.
     log_format: Literal["text", "json"] = "text"
     # GET /metrics in Prometheus' text format; false makes it a 404.
     metrics_enabled: bool = True

@@ -33,8 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
 
 from db import make_engine, make_sessionmaker, migrate  # noqa: E402
 from ledger.keys import create_key  # noqa: E402
-from ledger.ratelimit import (RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage,  # noqa: E402
-                              make_redis)
+from ledger.ratelimit import RedisWindowStorage, SlidingWindowLimiter, SqlWindowStorage, WindowStorage, make_redis  # noqa: E402
 from ledger.writer import DatabaseWriter  # noqa: E402
 from servers import PostgresServer, RedisServer  # noqa: E402  (the tests' throwaway servers)
 

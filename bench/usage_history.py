@@ -7,7 +7,7 @@ For each size, one key's history is seeded over the last 90 days, one UTC day at
 (timestamps uniform over the day, today's up to now, 90 % answered 200, 4 % 429, the rest 4xx and 5xx; log-normal latencies around
 60 ms; one image each), bulk-inserted (SQLite: executemany in one transaction; PostgreSQL: COPY), and the minute,
 hour and day rollups the database thread would have written for them, summed with numpy by the same rules
-(rollups.py: its bounds, its status classes) and inserted alike. Then the server starts on that database
+(ledger/rollups.py: its bounds, its status classes) and inserted alike. Then the server starts on that database
 (server_load.start, as `make run` does) and one client asks each query --requests times in a row, after a few
 warm-up calls (REQUEST_LOG_RETENTION_DAYS above the history's 90 days, so nothing is pruned meanwhile):
 p50 and p99 of the time to the whole answer, as httpx measures it. Also the bytes on disk per

@@ -25,7 +25,7 @@ request the server did get is answered with its stored answer, neither run nor c
 
 Exceptions:
 
-    ClientError                  anything this module raises, e.g. no API key given
+    ClientError                  anything this package raises, e.g. no API key given
     ├── ServerUnreachable        no answer: refused or reset, after the retries
     │   └── TimedOut             no answer within the timeout, after the retries
     └── ResponseError            an error answer: .status_code, and .code and .message from its body

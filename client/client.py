@@ -15,27 +15,9 @@ from typing import Any
 
 import httpx
 
-from client.answers import (  # noqa: F401
-    AuthenticationError,
-    ByStatus,
-    Classification,
-    ClientError,
-    ImageResult,
-    InvalidRequest,
-    Latency,
-    ModelInfo,
-    MultiClassification,
-    Prediction,
-    RateLimit,
-    RateLimited,
-    ResponseError,
-    ServerError,
-    ServerUnreachable,
-    TimedOut,
-    Usage,
-    UsageBucket,
-    unexpected_answer,
-)
+from client.answers import (AuthenticationError, Classification, ClientError, InvalidRequest, ModelInfo,
+                            MultiClassification, RateLimited, ServerError, ServerUnreachable, TimedOut, Usage,
+                            unexpected_answer)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)  # seconds; a big image on a busy server takes a while

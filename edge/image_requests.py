@@ -39,7 +39,7 @@ def rate_limit_headers(decision: Decision, window_s: int) -> dict[str, str]:
 async def charge(request: Request, key: ApiKey, limiter: SlidingWindowLimiter, cost: int,
                  on_admit: OnAdmit | None = None, claim: Claim | None = None) -> None:
     """`cost` slots of the key's window (all or none), or a 429. Counts whatever happens to the request next.
-    With an idempotency `claim`, a repeat is answered (idempotency.Replayed, 409, 422) before anything is counted."""
+    With an idempotency `claim`, a repeat is answered (ledger/idempotency.Replayed, 409, 422) before anything is counted."""
     started = time.perf_counter()
     decision = await limiter.hit(key.id, key.rate_limit, key.window_s, cost, on_admit, claim)
     add_timing(request, "limit", started)

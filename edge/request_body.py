@@ -27,12 +27,13 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from edge.protocol import BODY_ERROR
-from edge.schemas import MAX_IMAGES, ClassifyRequest, EncodingFormat, ImagesRequest
+from edge.schemas import ClassifyRequest, EncodingFormat, ImagesRequest
 from edge.uploads import DEFAULT_TOP_K, is_multipart, parse_multipart
 from engine.images import decode_base64, decode_for_model
 from inference import ModelSpec, preprocess
 from operations.errors import ApiError, MalformedBody, NotAdmitted
 from operations.shutdown import Shutdown, ShuttingDown
+from settings import MAX_IMAGES
 
 # pydantic builds a body's whole JSON tree before it meets a field it forbids or a list over its cap, at about
 # 50 bytes a value (a GB for 20 MB of `{},`), so a body is first checked to hold no more values than a valid one

@@ -40,7 +40,6 @@ QUEUE_DEPTH = Gauge("inference_queue_depth", "Images accepted and not yet answer
                     multiprocess_mode="livesum")
 
 
-
 class Overloaded(Exception):
     """The queue is full: the caller should answer 503 with Retry-After."""
 

@@ -7,7 +7,7 @@
     wrap_for_serving      the same graph behind the server's own input and outputs: (B, H, W, 3) uint8 pixels
                           in; probabilities (B, N) and, if named, the embedding (B, D) out
 
-The server's graphs take raw pixels and normalise inside (inference.ImageToOutputs), so the request path does no
+The server's graphs take raw pixels and normalise inside (networks.ImageToOutputs), so the request path does no
 float work and the batcher, int8 quantization and the graph cache serve a user's file exactly as they serve an
 exported torchvision model. Wrapping adds five nodes to the front and a softmax to the end (for logits);
 the user's nodes are not touched. A fixed batch axis of 1 is allowed (the caller serves one image at a time).

@@ -2,7 +2,7 @@
 
 As in alisaifee/limits, the rule is apart from where the window lives. The storage does the one thing that
 must be atomic ("if fewer than N since now - S, record now") and reports what it saw; the limiter turns that
-into a `Decision`. Nothing here knows about HTTP: image_requests.py makes 429s and headers of it.
+into a `Decision`. Nothing here knows about HTTP: edge/image_requests.py makes 429s and headers of it.
 
 A true sliding window, not fixed buckets: every admitted request is a timestamp that counts until exactly
 S seconds later, so no burst at a bucket boundary ever gets 2N through.

@@ -4,7 +4,7 @@ So the log never holds fewer requests than were answered, and `/v1/usage` (usage
 The row is handed to the database thread (ledger/writer.py), which commits it with the other writes of
 its moment: the rows and admissions of requests answered together share one transaction.
 Every HTTP request, /v1 or not, is also counted in the metrics below and gets one line in the server's log
-(logs.py): its id, route, status, latency, key prefix, model and batch size.
+(operations/logs.py): its id, route, status, latency, key prefix, model and batch size.
 Its response header `Server-Timing` says where the request's time went (auth, limit, parse, decode, queue,
 model, log: milliseconds), so a benchmark can find the next bottleneck.
 """

@@ -11,7 +11,7 @@ PostgreSQL the group shares its BEGIN, COMMIT and INSERTs; its admissions lock t
 (`order`), so two hosts' groups never wait for each other in a circle.
 
 A group waits for locks no longer than its most hurried request may (db.wait_budget); with none left, it still
-tries once. A database that cannot be used just now (errors.is_database_unavailable) fails the whole group with
+tries once. A database that cannot be used just now (operations/errors.is_database_unavailable) fails the whole group with
 its error, a 503 each; any other database error makes the group be written item by item, so that one bad item
 fails only its own request. An exception a job raises itself, not the database, is that job's answer alone:
 the job has written nothing it needs kept, and the rest of the group goes on.
@@ -115,7 +115,7 @@ class Transaction:
             raise self.translated(exc, sql, bound) from exc
 
     def translated(self, exc: Exception, sql: str, params: Any = ()) -> DBAPIError:
-        """The driver's error as SQLAlchemy's, which errors.py and the exception handlers know."""
+        """The driver's error as SQLAlchemy's, which operations/errors.py and the exception handlers know."""
         is_disconnect = self.dialect.is_disconnect(exc, self.connection.dbapi_connection, self.cursor)
         return DBAPIError.instance(sql, params, exc, self.dialect.loaded_dbapi.Error, dialect=self.dialect,
                                    connection_invalidated=is_disconnect)  # type: ignore[return-value]

@@ -65,8 +65,8 @@ def describe(error: dict) -> str:
     setting = f"{name}={hide_passwords(str(error.get('input')))}"
     if error["type"] == "value_error":  # our validators say what the setting must be
         return f"{setting} is not valid: {message}"
-    return (f"{setting} is not valid ({message[:1].lower()}{message[1:]}): set {name} to what the README's "
-            "Settings table says it takes, or unset it for the default")
+    return (f"{setting} is not valid ({message[:1].lower()}{message[1:]}): set {name} to what "
+            "docs/settings.md says it takes, or unset it for the default")
 
 
 def unusable_database(database_url: str, exc: Exception) -> UnusableDatabase:

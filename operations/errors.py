@@ -5,7 +5,7 @@
 
 Errors are raised where they are decided, as `ApiError(status, code, message)`; the handlers below also
 shape FastAPI's validation errors, Starlette's 404/405 and database outages the same way. Anything unexpected
-becomes a 500 of the same shape in request_log.RequestLogMiddleware, which records it.
+becomes a 500 of the same shape in ledger/request_log.RequestLogMiddleware, which records it.
 """
 
 import logging

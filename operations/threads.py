@@ -2,9 +2,9 @@
 /proc/PID/task/*/comm show (and `make bench` adds CPU time up by), and the model's lower priority.
 
     (the process's name)  the event loop: the main thread, whose thread id is the process id
-    decode_N              the decoding pool: body parsing, base64, decode, crop (image_requests.py)
+    decode_N              the decoding pool: body parsing, base64, decode, crop (edge/image_requests.py)
     model                 the model's threads, one per batch run at once (PARALLEL_BATCHES), each running its
-                          forward passes (batching.py)
+                          forward passes (engine/batching.py)
     model_pool            ONNX Runtime's (or torch's) own threads, started from a model thread, when a pass has
                           more than one thread (PARALLEL_BATCHES=1)
 """

@@ -16,7 +16,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from conftest import ONE_PIXEL, assert_error, b64, make_key, photo_path, scrape, value
 
 
-
 def test_metrics_count_requests_by_route_and_status_and_time_them(server):
     key = make_key(server.database_url)
     before = scrape(server.url)

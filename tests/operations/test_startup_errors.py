@@ -171,5 +171,5 @@ def test_a_setting_others_default_from_is_the_only_one_named(tmp_path):
     done = run_cli(f"sqlite:///{tmp_path / 'classify.db'}", "migrate", WEB_CONCURRENCY="two")
     assert done.returncode == EXIT_BAD_SETTING and not done.stdout, done.stderr
     assert done.stderr.strip() == ("WEB_CONCURRENCY=two is not valid (input should be a valid integer, unable to parse "
-                                   "string as an integer): set WEB_CONCURRENCY to what the README's Settings table "
-                                   "says it takes, or unset it for the default")
+                                   "string as an integer): set WEB_CONCURRENCY to what docs/settings.md says it "
+                                   "takes, or unset it for the default")
