@@ -1,6 +1,6 @@
 """The image-classification API: the app, its start-up, and its routes.
 
-    $ .venv/bin/uvicorn main:app --host 127.0.0.1 --port 8000
+    $ .venv/bin/python main.py --host 127.0.0.1 --port 8000     # uvicorn main:app, as many workers as serve most
     $ (printf '{"image": "'; base64 -w0 "$IMG"; printf '"}') | curl -s localhost:8000/v1/classify -H "Authorization: Bearer $KEY" -d @-
 
 Start-up loads the model (and warms it) and migrates the database to the schema's head; until that is done
@@ -11,6 +11,7 @@ import asyncio
 import base64
 import gc
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -36,7 +37,7 @@ from edge.request_body import BodyMemory, return_freed_bodies_to_the_system
 from edge.schemas import (Classification, ClassifyRequest, Embedding, Embeddings, EmbeddingsRequest, Health,
                           ImageResult, ModelInfo, ModelList, MultiClassification, Preprocessing)
 from edge.security_headers import SecurityHeadersMiddleware
-from edge.serving import adopt_running_server
+from edge.serving import adopt_running_server, serve_on_the_fast_layout
 from edge.uploads import EMBEDDINGS_MULTIPART_SCHEMA, MULTIPART_SCHEMA
 from engine.backends import load_backend
 from engine.batching import Batcher
@@ -402,3 +403,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 app = create_app()
+
+if __name__ == "__main__":
+    serve_on_the_fast_layout(sys.argv[1:])

@@ -5,6 +5,7 @@ Tests build their own `Settings(...)` or start a server with other env vars; not
 """
 
 import importlib.util
+import math
 import os
 import resource
 from pathlib import Path
@@ -20,12 +21,79 @@ BackendName = Literal["onnxruntime", "torch"]
 Precision = Literal["fp32", "int8"]
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), not the machine's count."""
+WORKER_MEMORY_BYTES = 512 * 1024 * 1024  # a worker at rest (about 250 MB) and its MAX_BODY_MEMORY_BYTES of uploads
+
+
+def cgroup_folders(controller: str, root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
+    """This process's cgroup folder for `controller` (cgroup v1 or v2) and each above it: a limit set on any applies."""
     try:
-        return len(os.sched_getaffinity(0))
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:  # not on Linux
+        return []
+    folders = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers and controller not in controllers.split(","):
+            continue
+        mount = root / controllers if controllers else root  # v1: a tree per controller (cpu,cpuacct); v2: one
+        folder = mount / path.lstrip("/")
+        if not folder.is_dir():  # a container's own cgroup, mounted as the root, under the host's path
+            folder = mount
+        while folder.is_dir():
+            folders.append(folder)
+            if folder == mount:
+                break
+            folder = folder.parent
+    return folders
+
+
+def read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cpu_quota_cores() -> float | None:
+    """The cores' worth of time per period this process's cgroup allows (a container's --cpus); None: unbounded."""
+    quotas = []
+    for folder in cgroup_folders("cpu"):
+        if (limit := read_text(folder / "cpu.max")) is not None:  # v2: "max 100000" or "150000 100000"
+            quota, period = limit.split()
+        elif (quota := read_text(folder / "cpu.cfs_quota_us")) is not None:  # v1: -1 when unbounded
+            period = read_text(folder / "cpu.cfs_period_us") or "100000"
+        else:
+            continue
+        if quota not in ("max", "-1"):
+            quotas.append(int(quota) / int(period))
+    return min(quotas, default=None)
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use: the machine's, or its cgroup's limit (a container's --memory) if lower."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for folder in cgroup_folders("memory"):
+        for name in ("memory.max", "memory.limit_in_bytes"):  # v2 ("max" when unbounded), v1
+            if (limit := read_text(folder / name)) not in (None, "max"):
+                limits.append(int(limit))
+    return min(limits)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), fewer if its CPU quota allows less time, rounded up
+    (as Go and the JVM do); not the machine's count."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota_cores()
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def fast_layout_workers() -> int:
+    """The server processes that serve most on the cores and memory this process may use: one per core (each then
+    runs its passes on one thread), as many as fit in the memory at WORKER_MEMORY_BYTES each (docs/production.md)."""
+    return max(1, min(usable_cores(), memory_limit_bytes() // WORKER_MEMORY_BYTES))
 
 
 def default_max_connections() -> int:
@@ -106,12 +174,11 @@ class Settings(BaseSettings):
     # The model's threads: this process's share of the cores (all of them with one worker; N workers each with all
     # would make the cores' schedulers take turns between N pools).
     inference_threads: int = Field(default_factory=lambda data: cores_per_worker(data.get("web_concurrency", 1)), ge=1)
-    # Forward passes run at once: 1 (the default), each on every thread, so a lone request is answered soonest
-    # and the slowest answers under load come sooner; or inference_threads, each on one thread, which keeps the
-    # cores busier under load (one pass's threads wait on each other): 5-18% more requests answered, at the
-    # price of those two (see docs/engine.md). Nothing between: passes side by side share one
-    # session, and with it its pool of threads.
-    parallel_batches: int = Field(1, ge=1)
+    # Forward passes run at once: inference_threads (the default), each on one thread, which keeps the cores
+    # busiest under load (one pass's threads wait on each other); or 1, each pass on every thread, so a lone
+    # request is answered soonest (see docs/engine.md). Nothing between: passes side by side share one session,
+    # and with it its pool of threads. The torch backend runs one pass at a time.
+    parallel_batches: int = Field(default_factory=lambda data: data.get("inference_threads", 1), ge=1)
     # Exported ONNX graphs, named by a hash of what they compute (weights, architecture, preprocessing), so a restart
     # serves them, without torch (engine/graph_cache.py).
     model_cache_dir: Path = Path.home() / ".cache" / "classify"

@@ -3,8 +3,8 @@
     $ make bench                      # or: .venv/bin/python bench/bench.py --seconds 20
 
 1. For ResNet-18 (random weights, saved to a file: the speed of trained ones) and EfficientNet-Lite0 (its real
-   weights), fp32 and int8, as set by default and with PARALLEL_BATCHES=2: the server started on its cached
-   graph (start-up time, memory at start and after load), `wrk` with 8 connections posting skimage's
+   weights), fp32 and int8, as set by default (a pass per thread at once) and with PARALLEL_BATCHES=1: one
+   server process (`uvicorn main:app`) started on its cached graph (start-up time, memory at start and after load), `wrk` with 8 connections posting skimage's
    chelsea.png as a 451x300 JPEG in base64 for --seconds while a probe reads /v1/usage every 50 ms; CPU per
    request by thread group from /proc (server_load.py); then the server's own cached graph alone (ONNX Runtime,
    uint8 input, the server idle): images/s one pass at a time on all the server's threads at batch 1, just
@@ -14,8 +14,8 @@
 2. Cost as the work grows, on EfficientNet-Lite0 fp32, each as CPU per image: 1,000 keys instead of 1, 16
    images per request, a 12 MP JPEG; and 8 Python (httpx) clients in the probe's process instead of wrk.
 3. Worker layouts on 1 and 2 cores (`taskset`): one worker; two with all the cores each (INFERENCE_THREADS set
-   to them: what `--workers 2` gave before WEB_CONCURRENCY); two with their share (WEB_CONCURRENCY=2); one
-   running two batches at once, a thread each (PARALLEL_BATCHES=2).
+   to them: what `--workers 2` gave before WEB_CONCURRENCY); two with their share (WEB_CONCURRENCY=2, what
+   `python main.py` starts on 2 cores); one running a batch at a time on both threads (PARALLEL_BATCHES=1).
 4. Raw torch eager and ONNX Runtime for ResNet-18 and MobileNetV3-Small (random weights), int8's agreement with
    fp32 on real photos (EfficientNet-Lite0), and one image's request-path steps timed alone.
 
@@ -151,7 +151,7 @@ def raw_server_graph(env: dict[str, str], precision: Precision, threads: int, me
 
 
 @contextmanager
-def serving(tmp: Path, env: dict[str, str], workers: int = 1, cpus: str | None = None) -> Iterator[tuple]:
+def serving(tmp: Path, env: dict[str, str], workers: int | None = 1, cpus: str | None = None) -> Iterator[tuple]:
     """A server on its own database with one key (in a file, as wrk reads it), stopped after the block."""
     tmp.mkdir(parents=True, exist_ok=True)
     running = server_load.start(tmp, env, workers, cpus)
@@ -212,10 +212,10 @@ def layout_rows(tmp: Path, body: Path, seconds: float) -> list[dict]:
     env = {"MODEL_NAME": "efficientnet_lite0", "MODEL_CACHE_DIR": str(CACHE)}
     layouts = [("0", "one worker", 1, {}), ("0", "two workers", 2, {})]
     if usable_cores() >= 2:
-        layouts += [("0,1", "one worker", 1, {}), ("0,1", "two workers, all the cores each", 2,
-                                                   {"INFERENCE_THREADS": "2"}),
+        layouts += [("0,1", "one worker, two batches at once", 1, {}), ("0,1", "two workers, all the cores each", 2,
+                                                                        {"INFERENCE_THREADS": "2"}),
                     ("0,1", "two workers, their share each (WEB_CONCURRENCY=2)", 2, {}),
-                    ("0,1", "one worker, two batches at once (PARALLEL_BATCHES=2)", 1, {"PARALLEL_BATCHES": "2"})]
+                    ("0,1", "one worker, a batch at a time (PARALLEL_BATCHES=1)", 1, {"PARALLEL_BATCHES": "1"})]
     rows = []
     for index, (cpus, label, workers, extra) in enumerate(layouts):
         with serving(tmp / f"layout-{index}", {**env, **extra}, workers, cpus) as (running, key, keys):
@@ -327,7 +327,7 @@ def main() -> None:
     models: list[tuple[str, dict[str, str], Precision]] = [
         ("ResNet-18", resnet18_env, "fp32"), ("ResNet-18", resnet18_env, "int8"),
         ("EfficientNet-Lite0", lite0_env, "fp32"), ("EfficientNet-Lite0", lite0_env, "int8")]
-    models += [(f"{label}, 2 at once", {**env, "PARALLEL_BATCHES": "2"}, precision)  # the throughput setting
+    models += [(f"{label}, 1 at a time", {**env, "PARALLEL_BATCHES": "1"}, precision)  # a lone request's setting
                for label, env, precision in list(models)]
     request_bodies = bodies(tmp)
     rows = model_rows(tmp, models, request_bodies, threads, args)

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from db import make_engine, make_sessionmaker, migrate  # noqa: E402
 from ledger.keys import create_key  # noqa: E402
 from servers import free_port  # noqa: E402
+from settings import fast_layout_workers  # noqa: E402
 
 GROUPS = ("event loop", "decode", "database", "model", "other")
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -48,13 +49,17 @@ class Running:
     pids: list[int]  # the serving processes: the one, or uvicorn's workers
 
 
-def start(tmp: Path, env: dict[str, str], workers: int = 1, cpus: str | None = None) -> Running:
-    """`uvicorn main:app` as make run starts it (WEB_CONCURRENCY for workers), on `cpus` if given."""
+def start(tmp: Path, env: dict[str, str], workers: int | None = 1, cpus: str | None = None) -> Running:
+    """`uvicorn main:app` with `workers` (WEB_CONCURRENCY), on `cpus` if given; workers=None: as `make run` starts
+    it, `python main.py`, which picks them (the fast layout)."""
     port = free_port()
     database_url = f"sqlite:///{tmp / 'bench.db'}"
-    command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)]
-    full_env = {**os.environ, "DATABASE_URL": database_url, "LOG_LEVEL": "WARNING", "WEB_CONCURRENCY": str(workers),
-                **env}
+    command = ([sys.executable, "main.py", "--port", str(port)] if workers is None else
+               [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)])
+    full_env = {name: value for name, value in os.environ.items() if name != "WEB_CONCURRENCY"}
+    full_env.update({"DATABASE_URL": database_url, "LOG_LEVEL": "WARNING", **env})
+    if workers is not None:
+        full_env["WEB_CONCURRENCY"] = str(workers)
     started = time.monotonic()
     process = subprocess.Popen((["taskset", "-c", cpus] if cpus else []) + command, cwd=ROOT, env=full_env,
                                stdout=open(tmp / f"server-{port}.log", "ab"), stderr=subprocess.STDOUT,
@@ -70,7 +75,23 @@ def start(tmp: Path, env: dict[str, str], workers: int = 1, cpus: str | None = N
             pass
         time.sleep(0.02)
     ready_s = time.monotonic() - started
-    return Running(process, url, database_url, ready_s, serving_pids(process.pid, workers))
+    expected = workers or fast_layout_workers()
+    pids = serving_pids(process.pid, expected)
+    # /readyz is answered by the first worker ready; a load run must not start before the others
+    while len(pids) < expected or not all(has_loaded_its_model(pid) for pid in pids):
+        if time.monotonic() - started > START_TIMEOUT_S:
+            raise RuntimeError(f"a worker did not start: {(tmp / f'server-{port}.log').read_text()[-3000:]}")
+        time.sleep(0.1)
+        pids = serving_pids(process.pid, expected)
+    return Running(process, url, database_url, ready_s, pids)
+
+
+def has_loaded_its_model(pid: int) -> bool:
+    """A worker's model threads are named once the model is loaded, just before it starts accepting."""
+    try:
+        return any((task / "comm").read_text().strip() == "model" for task in Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return False
 
 
 def serving_pids(pid: int, workers: int) -> list[int]:

@@ -3,16 +3,22 @@ was started (`uvicorn main:app`, `make run`, uvicorn.run, --workers N): every co
 and its limits, uvicorn's wait for running requests at exit is bounded (SHUTDOWN_TIMEOUT_S + SHUTDOWN_GRACE_S,
 unless --timeout-graceful-shutdown says otherwise), and its Server header is dropped. Uvicorn reads its protocol
 class for each connection it accepts, and accepts none before start-up ends.
+
+And `python main.py`: uvicorn on the fast layout, as many workers as serve most on the cores and memory the
+process may use (settings.fast_layout_workers).
 """
 
 import math
+import os
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 from uvicorn.config import Config
 from uvicorn.lifespan.on import LifespanOn
 
 from edge.protocol import HttpProtocol
-from settings import Settings
+from settings import Settings, fast_layout_workers, memory_limit_bytes, usable_cores
 
 # Past SHUTDOWN_TIMEOUT_S, uvicorn gives running requests this long more, then cancels them: a row that finds the
 # database locked at the deadline still gets written.
@@ -45,3 +51,23 @@ def adopt_running_server(settings: Settings) -> bool:
     # The Server header names the software to whoever scans for its known holes, and tells a client nothing.
     config.encoded_headers = [header for header in config.encoded_headers if header[0] != b"server"]
     return True
+
+
+def serve_on_the_fast_layout(argv: list[str]) -> NoReturn:
+    """`python main.py [uvicorn's options]`: becomes `uvicorn main:app` with those options, its worker count
+    (WEB_CONCURRENCY, which each worker reads to take its share of the cores) the fast layout's unless given
+    as WEB_CONCURRENCY or --workers. Exec, not uvicorn.run: the process is then just what `uvicorn main:app`
+    makes, its workers spawned from uvicorn's light module rather than from this app's."""
+    options, workers = [], os.environ.get("WEB_CONCURRENCY") or str(fast_layout_workers())
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--workers":
+            workers = next(arguments, workers)
+        elif argument.startswith("--workers="):
+            workers = argument.removeprefix("--workers=")
+        else:
+            options.append(argument)
+    print(f"python main.py: {workers} worker{'s' if workers != '1' else ''} on {usable_cores()} usable cores and "
+          f"{memory_limit_bytes() / 2**30:.1f} GiB (WEB_CONCURRENCY={workers}; set it to choose)", file=sys.stderr)
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", str(Path(__file__).resolve().parent.parent)]
+    os.execve(sys.executable, command + options, {**os.environ, "WEB_CONCURRENCY": workers})

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from db import make_engine, make_sessionmaker, migrate  # noqa: E402
 from ledger.keys import create_key, hash_key  # noqa: E402
+from settings import fast_layout_workers  # noqa: E402
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}  # ImageNet's cats
@@ -110,9 +111,11 @@ def content_length(response: bytes) -> int:
 
 
 class Server:
-    """One `uvicorn main:app` subprocess, as `make run` starts it; its stdout+stderr go to `log_path`."""
+    """One `uvicorn main:app` subprocess (what `make run`'s `python main.py` becomes on 2 cores, or with `launcher`
+    main.py itself, behind `prefix`); its stdout+stderr go to `log_path`."""
 
-    def __init__(self, tmp: Path, env: dict[str, str], workers: int = 1, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str], workers: int = 1, args: tuple[str, ...] = (),
+                 launcher: tuple[str, ...] = ("-m", "uvicorn", "main:app"), prefix: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -122,10 +125,11 @@ class Server:
         self.env = {**os.environ, "LOG_LEVEL": "INFO", **env}
         self.workers = workers
         self.args = args  # more of uvicorn's options
+        self.command = [*prefix, sys.executable, *launcher]
         self.process: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Server":
-        command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [*self.command, "--host", "127.0.0.1", "--port", str(self.port)]
         if self.workers > 1:  # as `make run WORKERS=N` asks for them: uvicorn and each worker read it
             self.env["WEB_CONCURRENCY"] = str(self.workers)
         command += self.args
@@ -259,6 +263,9 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 BACKENDS = ["sqlite", "sqlite+redis", "postgresql", "postgresql+redis"]
+# The shared servers' tests (the limit's exactness, /v1/usage against what clients got) also run against `make run`'s
+# `python main.py`: the fast layout, a worker per core on these machines (tests/edge/test_fast_layout.py).
+FAST_LAYOUT = "sqlite, python main.py"
 
 
 def backend_env(request: pytest.FixtureRequest, backend: str, tmp: Path) -> dict[str, str]:
@@ -272,11 +279,21 @@ def backend_env(request: pytest.FixtureRequest, backend: str, tmp: Path) -> dict
     return env
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
+@pytest.fixture(scope="session", params=[*BACKENDS, FAST_LAYOUT])
 def backend_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A shared server on each backend in turn (SQLite alone is the `server` fixture)."""
+    """A shared server on each backend in turn (SQLite alone is the `server` fixture), and as `make run` starts it."""
     if request.param == "sqlite":
         yield request.getfixturevalue("server")
+        return
+    if request.param == FAST_LAYOUT:
+        tmp = tmp_path_factory.mktemp("fast-layout")
+        running = Server(tmp, server_env(tmp), launcher=("main.py",)).start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while running.log().count("Application startup complete") < fast_layout_workers():  # every worker accepting
+            assert time.monotonic() < deadline, running.log()
+            time.sleep(0.2)
+        yield running
+        running.stop()
         return
     tmp = tmp_path_factory.mktemp(request.param.replace("+", "-"))
     running = Server(tmp, backend_env(request, request.param, tmp)).start()
@@ -316,9 +333,9 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     started: list[Server] = []
 
     def start(env: dict[str, str] | None = None, workers: int = 1, wait: bool = True, tmp: Path | None = None,
-              args: tuple[str, ...] = ()) -> Server:
+              args: tuple[str, ...] = (), **command: tuple[str, ...]) -> Server:
         tmp = tmp or tmp_path_factory.mktemp("extra")
-        running = Server(tmp, {**server_env(tmp), **(env or {})}, workers=workers, args=args)
+        running = Server(tmp, {**server_env(tmp), **(env or {})}, workers=workers, args=args, **command)
         started.append(running)
         return running.start(wait=wait)
 

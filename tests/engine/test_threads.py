@@ -42,8 +42,7 @@ def test_the_decoders_the_model_and_its_pool_are_named(server, api):
     assert api.post("/v1/classify", json={"images": [cat] * usable_cores()}).status_code == 200  # a decoder each
     names = thread_names(server.process.pid)
     assert sorted(name for name in names if name.startswith("decode_")) == [f"decode_{i}" for i in range(usable_cores())]
-    assert names.count("model") == 1
-    assert names.count("model_pool") >= usable_cores() - 1  # ONNX Runtime's: a thread per core after the model's
+    assert names.count("model") == usable_cores()  # by default a pass per core, each on its one thread
 
 
 def test_each_worker_takes_its_share_of_the_cores(server, start_server):
@@ -62,11 +61,18 @@ def test_each_worker_takes_its_share_of_the_cores(server, start_server):
     # model_pool too (seen with 1 inference thread, where ONNX Runtime has no pool); the log line says the size.
 
 
-def test_make_run_passes_the_worker_count_to_uvicorn_and_the_app():
+def make_run(*args: str) -> str:
     # --no-print-directory: under `make test` this make is a sub-make, which would print "Leaving directory" last
-    command = subprocess.run(["make", "--no-print-directory", "-n", "run", "WORKERS=3"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.splitlines()[-1]
-    assert command.startswith("WEB_CONCURRENCY=3 ") and "uvicorn main:app" in command and "--workers" not in command
+    return subprocess.run(["make", "--no-print-directory", "-n", "run", *args], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+
+
+def test_make_run_serves_the_fast_layout_unless_told_the_worker_count():
+    """`make run` is `python main.py`, which picks the workers (tests/edge/test_fast_layout.py); WORKERS=3 is passed
+    as WEB_CONCURRENCY, which uvicorn and each worker read."""
+    assert make_run().endswith("/python main.py --host 127.0.0.1 --port 8000") and "WEB_CONCURRENCY" not in make_run()
+    command = make_run("WORKERS=3")
+    assert command.startswith("WEB_CONCURRENCY=3 ") and "python main.py" in command and "--workers" not in command
 
 
 def threads_cpu_s(pid: int, names: tuple[str, ...]) -> dict[int, float]:
@@ -113,7 +119,7 @@ def test_between_requests_the_models_threads_rest(server, api):
     settings = Settings(**{name.lower(): value for name, value in server_env(server.tmp).items()})
     model, files = find_cached(locate_weights(settings), settings)  # the server's own graph
     [x] = photo_inputs(model.spec, [photo_path("chelsea.png")])
-    alone = OnnxBackend(files.fp32, "fp32", usable_cores())
+    alone = OnnxBackend(files.fp32, "fp32", settings.threads_per_batch)  # a pass on the threads it has in the server
     for _ in range(3):
         alone.run(x[None])
         api.post("/v1/classify", json={"image": cat})
