@@ -405,4 +405,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 app = create_app()
 
 if __name__ == "__main__":
-    serve_on_the_fast_layout(sys.argv[1:])
+    serve_on_the_fast_layout(app.state.settings, sys.argv[1:])

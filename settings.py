@@ -21,7 +21,8 @@ BackendName = Literal["onnxruntime", "torch"]
 Precision = Literal["fp32", "int8"]
 
 
-WORKER_MEMORY_BYTES = 512 * 1024 * 1024  # a worker at rest (about 250 MB) and its MAX_BODY_MEMORY_BYTES of uploads
+# A worker at rest with ResNet-18 or EfficientNet-Lite0 on a cached graph: 175 to 270 MB (docs/benchmark.md)
+WORKER_AT_REST_BYTES = 256 * 1024 * 1024
 
 
 def cgroup_folders(controller: str, root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
@@ -90,10 +91,11 @@ def usable_cores() -> int:
     return cores if quota is None else max(1, min(cores, math.ceil(quota)))
 
 
-def fast_layout_workers() -> int:
+def fast_layout_workers(body_memory_bytes: int = 256 * 1024 * 1024) -> int:
     """The server processes that serve most on the cores and memory this process may use: one per core (each then
-    runs its passes on one thread), as many as fit in the memory at WORKER_MEMORY_BYTES each (docs/production.md)."""
-    return max(1, min(usable_cores(), memory_limit_bytes() // WORKER_MEMORY_BYTES))
+    runs its passes on one thread), as many as fit in the memory at WORKER_AT_REST_BYTES and the uploads it may
+    hold (MAX_BODY_MEMORY_BYTES) each (docs/production.md). A bigger model needs WEB_CONCURRENCY set."""
+    return max(1, min(usable_cores(), memory_limit_bytes() // (WORKER_AT_REST_BYTES + body_memory_bytes)))
 
 
 def default_max_connections() -> int:

@@ -53,21 +53,25 @@ def adopt_running_server(settings: Settings) -> bool:
     return True
 
 
-def serve_on_the_fast_layout(argv: list[str]) -> NoReturn:
+def serve_on_the_fast_layout(settings: Settings, argv: list[str]) -> NoReturn:
     """`python main.py [uvicorn's options]`: becomes `uvicorn main:app` with those options, its worker count
-    (WEB_CONCURRENCY, which each worker reads to take its share of the cores) the fast layout's unless given
-    as WEB_CONCURRENCY or --workers. Exec, not uvicorn.run: the process is then just what `uvicorn main:app`
-    makes, its workers spawned from uvicorn's light module rather than from this app's."""
-    options, workers = [], os.environ.get("WEB_CONCURRENCY") or str(fast_layout_workers())
-    arguments = iter(argv)
+    (WEB_CONCURRENCY, which each worker reads to take its share of the cores) the fast layout's unless given as
+    WEB_CONCURRENCY (in the environment or .env) or --workers. Exec, not uvicorn.run: the process is then just what
+    `uvicorn main:app` makes, its workers spawned from uvicorn's light module rather than from this app's."""
+    chosen = "web_concurrency" in settings.model_fields_set
+    workers = settings.web_concurrency if chosen else fast_layout_workers(settings.max_body_memory_bytes)
+    options, arguments = [], iter(argv)
     for argument in arguments:
-        if argument == "--workers":
-            workers = next(arguments, workers)
-        elif argument.startswith("--workers="):
-            workers = argument.removeprefix("--workers=")
+        if argument == "--workers" or argument.startswith("--workers="):
+            value = argument.partition("=")[2] if "=" in argument else next(arguments, "")
+            if not value.isdigit() or int(value) < 1:
+                sys.exit(f"cannot start: --workers {value!r} is not a whole number of at least 1")
+            workers, chosen = int(value), True
         else:
             options.append(argument)
-    print(f"python main.py: {workers} worker{'s' if workers != '1' else ''} on {usable_cores()} usable cores and "
+    if "--reload" in options and not chosen:
+        workers = 1  # uvicorn runs one process under --reload, whatever the count
+    print(f"python main.py: {workers} worker{'s' if workers > 1 else ''} on {usable_cores()} usable cores and "
           f"{memory_limit_bytes() / 2**30:.1f} GiB (WEB_CONCURRENCY={workers}; set it to choose)", file=sys.stderr)
     command = [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", str(Path(__file__).resolve().parent.parent)]
-    os.execve(sys.executable, command + options, {**os.environ, "WEB_CONCURRENCY": workers})
+    os.execve(sys.executable, command + options, {**os.environ, "WEB_CONCURRENCY": str(workers)})

@@ -1,5 +1,5 @@
-"""BentoML as its docs advise: an API service (two workers) calling a batchable model service (one worker, both
-model threads; batches of up to 8).
+"""BentoML as its docs advise: an API service (a worker per core) calling a batchable model service (one worker,
+a model thread per core; batches of up to 8).
 
     $ PEER_GRAPH=... PEER_THREADS=2 bentoml serve bentoml_service:Classify --port 8001
 """
@@ -7,7 +7,7 @@ model threads; batches of up to 8).
 import bentoml
 import numpy as np
 
-from common import BATCH, answer, image_input, session
+from common import BATCH, PROCESSES, answer, image_input, session
 
 
 @bentoml.service(workers=1)
@@ -20,7 +20,7 @@ class Model:
         return self.model.run(x).probabilities  # (B, 224, 224, 3) -> (B, N)
 
 
-@bentoml.service(workers=2)
+@bentoml.service(workers=PROCESSES)
 class Classify:
     model = bentoml.depends(Model)
 

@@ -4,6 +4,7 @@ same answer (the five most likely labels).
 
     PEER_GRAPH=.cache/bench-models/<graph>-fp32.onnx  the graph our server runs; its sidecar JSON beside it
     PEER_THREADS=1                                    ONNX Runtime's threads in each process that runs the graph
+    PEER_PROCESSES=2                                  the cores: how many processes of each kind a peer starts
 
 The peers import this from bench/peers/ with the project's root on PYTHONPATH (bench/serving_frameworks.py
 starts them so), in a virtualenv of their own (bench/peers/requirements.txt).
@@ -21,6 +22,7 @@ from inference import ModelSpec, preprocess, top_predictions
 
 GRAPH = Path(os.environ["PEER_GRAPH"])
 THREADS = int(os.environ.get("PEER_THREADS", "1"))
+PROCESSES = int(os.environ.get("PEER_PROCESSES", "2"))  # the cores: a peer's processes of each kind
 MAX_PIXELS = 25_000_000  # the server's MAX_IMAGE_PIXELS
 TOP_K = 5
 BATCH = 8  # what the peers that batch are given, as ours: MAX_BATCH

@@ -1,5 +1,5 @@
-"""LitServe as its docs advise for a CPU: batching (8 images, 5 ms), two inference workers (one model thread each)
-and two API server processes.
+"""LitServe as its docs advise for a CPU: batching (8 images, 5 ms), an inference worker per core (one model thread
+each) and an API server process per core.
 
     $ PEER_GRAPH=... PEER_THREADS=1 python litserve_server.py 8001
 """
@@ -9,7 +9,7 @@ import sys
 import litserve as ls
 import numpy as np
 
-from common import BATCH, BATCH_WAIT_S, answer, image_input, session
+from common import BATCH, BATCH_WAIT_S, PROCESSES, answer, image_input, session
 
 
 class Classify(ls.LitAPI):
@@ -34,5 +34,5 @@ class Classify(ls.LitAPI):
 
 if __name__ == "__main__":
     api = Classify(max_batch_size=BATCH, batch_timeout=BATCH_WAIT_S, api_path="/v1/classify")
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=2)
-    server.run(host="127.0.0.1", port=int(sys.argv[1]), num_api_servers=2, generate_client_file=False)
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=PROCESSES)
+    server.run(host="127.0.0.1", port=int(sys.argv[1]), num_api_servers=PROCESSES, generate_client_file=False)

@@ -1,5 +1,5 @@
-"""Mosec as its docs advise: its Rust front, two preprocessing processes (decoding), one inference process that
-batches (8 images, 5 ms) on both model threads.
+"""Mosec as its docs advise: its Rust front, a preprocessing (decoding) process per core, one inference process
+that batches (8 images, 5 ms) on a model thread per core.
 
     $ PEER_GRAPH=... PEER_THREADS=2 python mosec_server.py --port 8001
 """
@@ -7,7 +7,7 @@ batches (8 images, 5 ms) on both model threads.
 import numpy as np
 from mosec import Server, Worker
 
-from common import BATCH, BATCH_WAIT_S, answer, image_input, session
+from common import BATCH, BATCH_WAIT_S, PROCESSES, answer, image_input, session
 
 
 class Decode(Worker):
@@ -27,7 +27,7 @@ class Infer(Worker):
 
 if __name__ == "__main__":
     server = Server()
-    server.append_worker(Decode, num=2, route="/v1/classify")
+    server.append_worker(Decode, num=PROCESSES, route="/v1/classify")
     server.append_worker(Infer, num=1, max_batch_size=BATCH, max_wait_time=int(BATCH_WAIT_S * 1000),
                          route="/v1/classify")
     server.run()

@@ -5,9 +5,10 @@ memory the process may use, counting its CPU affinity and its cgroup's CPU quota
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -19,18 +20,30 @@ MAIN_PY = ("main.py",)
 CGROUPS = Path("/sys/fs/cgroup")
 
 
+def own_cgroup(controllers: str) -> Path | None:
+    """This process's cgroup folder in the tree that holds `controllers` ("" for v2's one tree)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if names == controllers:
+            folder = (CGROUPS / names if names else CGROUPS) / path.lstrip("/")
+            return folder if folder.is_dir() else None
+    return None
+
+
 @contextmanager
 def cgroup(cpu_quota_cores: float | None = None, memory_bytes: int | None = None) -> Iterator[tuple[str, ...]]:
-    """A real cgroup with these limits (v1's cpu and memory trees, or v2's one), as the command prefix that starts
-    a process inside it; removed after the block. Skips the test where cgroups cannot be made (not root)."""
+    """Real cgroups with these limits, made inside this process's own (so nothing leaves the harness's limits),
+    and a cgroup without limits inside each, which the command prefix this yields starts a process in: the limits
+    are found on the parent, as a container's are above its processes. Removed after the block. Skips the test
+    where cgroups cannot be made (not root, or no cgroup v1 cpu and memory trees)."""
     name = f"classify-test-{uuid.uuid4().hex[:8]}"
-    if (CGROUPS / "cpu").is_dir():  # v1
-        limits = {CGROUPS / "cpu" / name: {"cpu.cfs_period_us": 100_000, "cpu.cfs_quota_us": cpu_quota_cores and int(cpu_quota_cores * 100_000)},
-                  CGROUPS / "memory" / name: {"memory.limit_in_bytes": memory_bytes}}
-    else:
-        limits = {CGROUPS / name: {"cpu.max": cpu_quota_cores and f"{int(cpu_quota_cores * 100_000)} 100000",
-                                   "memory.max": memory_bytes}}
-    made = []
+    cpu, memory = own_cgroup("cpu") or own_cgroup("cpu,cpuacct"), own_cgroup("memory")
+    if cpu is None or memory is None:
+        pytest.skip("no cgroup v1 cpu and memory trees of this process's to make cgroups in")
+    limits = {cpu / name: {"cpu.cfs_period_us": 100_000,
+                           "cpu.cfs_quota_us": cpu_quota_cores and int(cpu_quota_cores * 100_000)},
+              memory / name: {"memory.limit_in_bytes": memory_bytes}}
+    made: list[Path] = []
     try:
         for folder, files in limits.items():
             folder.mkdir()
@@ -38,18 +51,29 @@ def cgroup(cpu_quota_cores: float | None = None, memory_bytes: int | None = None
             for file, limit in files.items():
                 if limit is not None:
                     (folder / file).write_text(str(limit))
+            (folder / "inner").mkdir()
+            made.append(folder / "inner")
     except OSError as exc:
-        for folder in made:
-            folder.rmdir()
+        remove(made)
         pytest.skip(f"cannot make a cgroup here: {exc}")
-    joins = "; ".join(f"echo $$ > {folder}/cgroup.procs" for folder in made)
+    joins = "; ".join(f"echo $$ > {folder}/inner/cgroup.procs" for folder in limits)
     try:
         yield ("sh", "-c", f'{joins}; exec "$@"', "sh")
     finally:
-        for folder in made:
-            for pid in (folder / "cgroup.procs").read_text().split():
-                os.kill(int(pid), 9)
-            folder.rmdir()
+        remove(made)
+
+
+def remove(folders: list[Path]) -> None:
+    """Empties and removes cgroups, innermost first; a process killed takes a moment to leave its cgroup."""
+    for folder in reversed(folders):
+        deadline = time.monotonic() + 10
+        while pids := (folder / "cgroup.procs").read_text().split():
+            for pid in pids:
+                with suppress(ProcessLookupError):
+                    os.kill(int(pid), 9)
+            assert time.monotonic() < deadline, f"{folder} still holds {pids}"
+            time.sleep(0.05)
+        folder.rmdir()
 
 
 def test_python_main_py_serves_the_fast_layout(start_server):
@@ -67,12 +91,24 @@ def test_python_main_py_serves_the_fast_layout(start_server):
 
 
 def test_a_worker_count_given_is_the_one_served(start_server):
-    """--workers=2 is given to uvicorn as WEB_CONCURRENCY, so each worker also knows its share: one core each."""
-    server = start_server(launcher=MAIN_PY, args=("--workers=2",))
-    assert "python main.py: 2 workers on " in server.log()
-    share = max(1, usable_cores() // 2)
-    ready_lines = [line for line in server.log().splitlines() if " ready: " in line]
-    assert all(f", {share} threads, {share} at once," in line for line in ready_lines), ready_lines
+    """--workers 1 (not the fast layout's count here) is given to uvicorn as WEB_CONCURRENCY, so the one worker
+    takes every core: one process, a pass per core."""
+    server = start_server(launcher=MAIN_PY, args=("--workers", "1"))
+    cores = usable_cores()
+    assert f"python main.py: 1 worker on {cores} usable cores" in server.log()
+    assert f", {cores} threads, {cores} at once, batches of up to 8," in server.log()
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    assert not [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.mark.parametrize("args", [("--workers=two",), ("--workers", "0"), ("--workers",)])
+def test_a_worker_count_not_a_whole_number_of_at_least_one_stops_the_start_in_one_line(args):
+    done = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "MODEL_NAME": "efficientnet_lite0"})
+    assert done.returncode == 1
+    value = args[0].partition("=")[2] if "=" in args[0] else (args[1] if len(args) > 1 else "")
+    message = f"cannot start: --workers {value!r} is not a whole number of at least 1"
+    assert done.stderr.strip().splitlines() == [message]
 
 
 def test_the_cgroup_limits_are_the_ones_counted():
