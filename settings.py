@@ -25,10 +25,14 @@ Precision = Literal["fp32", "int8"]
 WORKER_AT_REST_BYTES = 256 * 1024 * 1024
 
 
-def cgroup_folders(controller: str, root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")  # "hierarchy:controllers:path" lines; v2's controllers are ""
+
+
+def cgroup_folders(controller: str, root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP) -> list[Path]:
     """This process's cgroup folder for `controller` (cgroup v1 or v2) and each above it: a limit set on any applies."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = membership.read_text().splitlines()
     except OSError:  # not on Linux
         return []
     folders = []
@@ -55,10 +59,10 @@ def read_text(path: Path) -> str | None:
         return None
 
 
-def cpu_quota_cores() -> float | None:
+def cpu_quota_cores(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP) -> float | None:
     """The cores' worth of time per period this process's cgroup allows (a container's --cpus); None: unbounded."""
     quotas = []
-    for folder in cgroup_folders("cpu"):
+    for folder in cgroup_folders("cpu", root, membership):
         if (limit := read_text(folder / "cpu.max")) is not None:  # v2: "max 100000" or "150000 100000"
             quota, period = limit.split()
         elif (quota := read_text(folder / "cpu.cfs_quota_us")) is not None:  # v1: -1 when unbounded
@@ -70,10 +74,10 @@ def cpu_quota_cores() -> float | None:
     return min(quotas, default=None)
 
 
-def memory_limit_bytes() -> int:
+def memory_limit_bytes(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP) -> int:
     """The memory this process may use: the machine's, or its cgroup's limit (a container's --memory) if lower."""
     limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
-    for folder in cgroup_folders("memory"):
+    for folder in cgroup_folders("memory", root, membership):
         for name in ("memory.max", "memory.limit_in_bytes"):  # v2 ("max" when unbounded), v1
             if (limit := read_text(folder / name)) not in (None, "max"):
                 limits.append(int(limit))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, b64, make_key, photo_path
-from settings import fast_layout_workers, usable_cores
+from settings import cpu_quota_cores, fast_layout_workers, memory_limit_bytes, usable_cores
 
 MAIN_PY = ("main.py",)
 CGROUPS = Path("/sys/fs/cgroup")
@@ -137,3 +137,42 @@ def test_a_one_core_quota_is_served_by_one_worker_on_one_thread(start_server):
             answer = client.post("/v1/classify", json={"image": b64(photo_path("chelsea.png").read_bytes())})
         assert answer.status_code == 200
         server.stop()
+
+
+def cgroup_tree(root: Path, membership: str, files: dict[str, str]) -> Path:
+    """A cgroup file system's files as the kernel shows them, under `root`, and the membership file that places a
+    process in it: the layouts this machine does not have (v2, a container's view of v1)."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    (root / "membership").write_text(membership)
+    return root / "membership"
+
+
+def test_cgroup_v2_limits_are_read_from_the_process_cgroup_and_every_one_above_it(tmp_path):
+    """cgroup v2 (one tree, "0::/path"): a 1.5-core cpu.max and a 600 MiB memory.max set on the parent apply to a
+    child that sets none ("max")."""
+    membership = cgroup_tree(tmp_path, "0::/user.slice/app\n", {
+        "user.slice/cpu.max": "150000 100000", "user.slice/memory.max": str(600 * 2**20),
+        "user.slice/app/cpu.max": "max 100000", "user.slice/app/memory.max": "max"})
+    assert cpu_quota_cores(tmp_path, membership) == 1.5
+    assert memory_limit_bytes(tmp_path, membership) == 600 * 2**20
+
+
+def test_a_container_sees_its_own_cgroup_v1_as_the_root_under_the_host_path(tmp_path):
+    """Docker on cgroup v1 without a cgroup namespace: /proc/self/cgroup names the host's path (/docker/<id>), while
+    the container's own cgroup is mounted at each tree's root; a combined cpu,cpuacct tree counts as cpu."""
+    membership = cgroup_tree(tmp_path, "5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n", {
+        "cpu,cpuacct/cpu.cfs_quota_us": "250000", "cpu,cpuacct/cpu.cfs_period_us": "100000",
+        "memory/memory.limit_in_bytes": str(2**30)})
+    assert cpu_quota_cores(tmp_path, membership) == 2.5
+    assert memory_limit_bytes(tmp_path, membership) == 2**30
+
+
+def test_no_limits_are_none_and_the_machine(tmp_path):
+    """Unbounded (v1's -1 quota and its near-2^63 memory limit, v2's "max"): no quota, the machine's memory."""
+    membership = cgroup_tree(tmp_path, "2:cpu:/\n1:memory:/\n0::/\n", {
+        "cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000",
+        "memory/memory.limit_in_bytes": "9223372036854771712", "cpu.max": "max 100000"})
+    assert cpu_quota_cores(tmp_path, membership) is None
+    assert memory_limit_bytes(tmp_path, membership) == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
