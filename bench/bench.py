@@ -4,8 +4,9 @@
 
 1. For ResNet-18 (random weights, saved to a file: the speed of trained ones) and EfficientNet-Lite0 (its real
    weights), fp32 and int8, as set by default (a pass per thread at once) and with PARALLEL_BATCHES=1: one
-   server process (`uvicorn main:app`) started on its cached graph (start-up time, memory at start and after load), `wrk` with 8 connections posting skimage's
-   chelsea.png as a 451x300 JPEG in base64 for --seconds while a probe reads /v1/usage every 50 ms; CPU per
+   server process (`uvicorn main:app`) started on its cached graph (start-up time, memory at start and after
+   load), `wrk` with 8 connections posting skimage's chelsea.png as a 451x300 JPEG in base64 for --seconds
+   while a probe reads /v1/usage every 50 ms; CPU per
    request by thread group from /proc (server_load.py); then the server's own cached graph alone (ONNX Runtime,
    uint8 input, the server idle): images/s one pass at a time on all the server's threads at batch 1, just
    before the load and again just after (the reference: their mean), and at batch 8; at batch 1 as the server

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from db import make_engine, make_sessionmaker, migrate  # noqa: E402
 from ledger.keys import create_key  # noqa: E402
+from conftest import thread_names, workers_of  # noqa: E402
 from servers import free_port  # noqa: E402
 from settings import fast_layout_workers  # noqa: E402
 
@@ -89,16 +90,15 @@ def start(tmp: Path, env: dict[str, str], workers: int | None = 1, cpus: str | N
 def has_loaded_its_model(pid: int) -> bool:
     """A worker's model threads are named once the model is loaded, just before it starts accepting."""
     try:
-        return any((task / "comm").read_text().strip() == "model" for task in Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
+        return "model" in thread_names(pid)
+    except OSError:  # not started yet
         return False
 
 
 def serving_pids(pid: int, workers: int) -> list[int]:
     if workers == 1:
         return [pid]
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(child) for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+    return workers_of(pid)
 
 
 def stop(running: Running) -> None:

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import server_load  # noqa: E402
-from bench import CACHE, bodies, machine, server_graph, serving  # noqa: E402
+from bench import CACHE, bodies, images_per_second, machine, server_graph, serving  # noqa: E402
 from engine.images import decode_base64, decode_for_model  # noqa: E402
 from engine.runtimes import OnnxBackend  # noqa: E402
 from inference import ModelSpec, preprocess  # noqa: E402
@@ -54,6 +53,8 @@ CONNECTIONS = 8
 WARM_UP_S = 2
 START_TIMEOUT_S = 180
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+DECODES = 100  # the ceiling's: decodings timed, and seconds of forward passes at each batch size
+FORWARD_S = 2
 
 
 @dataclass(frozen=True)
@@ -211,17 +212,13 @@ def ceiling(graph: Path, body_path: Path, cores: int) -> dict:
         image = decode_base64(json.loads(body)["image"])
         return preprocess(decode_for_model(image, max_pixels, spec.resize, spec.crop, spec.interpolation))
 
-    def cpu_ms(work: Callable[[], object], repeat: int) -> float:
-        work()
-        started = time.thread_time()
-        for _ in range(repeat):
-            work()
-        return (time.thread_time() - started) * 1000 / repeat
-
+    model_input()
+    started = time.thread_time()
+    for _ in range(DECODES):
+        model_input()
+    decode_ms = (time.thread_time() - started) * 1000 / DECODES
     backend = OnnxBackend(graph, "fp32", 1)
-    x = model_input()
-    decode_ms = cpu_ms(model_input, 100)
-    forward_ms = {batch: cpu_ms(lambda: backend.run(np.stack([x] * batch)), 80 // batch) / batch for batch in (1, 8)}
+    forward_ms = {batch: images_per_second(backend, batch, FORWARD_S)[1] for batch in (1, 8)}  # CPU ms an image
     per_request = decode_ms + min(forward_ms.values())
     return {"decode_ms": decode_ms, "forward_ms_batch_1": forward_ms[1], "forward_ms_batch_8": forward_ms[8],
             "requests_per_s": cores * 1000 / per_request}

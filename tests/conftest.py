@@ -43,6 +43,23 @@ MODEL_CACHE = ROOT / ".cache" / "test-models"  # exported ONNX graphs, kept betw
 ONE_MEGABYTE = 1024 * 1024
 
 
+def thread_names(pid: int) -> list[str]:
+    """The names of the process's threads, as the OS shows them."""
+    names = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that has just ended
+            pass
+    return names
+
+
+def workers_of(pid: int) -> list[int]:
+    """uvicorn's workers: the supervisor's children that multiprocessing spawned (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
 def photo_path(name: str) -> Path:
     return PHOTOS / name
 

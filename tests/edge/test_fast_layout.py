@@ -13,35 +13,25 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, b64, make_key, photo_path
-from settings import cpu_quota_cores, fast_layout_workers, memory_limit_bytes, usable_cores
+from conftest import ROOT, b64, make_key, photo_path, workers_of
+from settings import cgroup_folders, cpu_quota_cores, fast_layout_workers, memory_limit_bytes, usable_cores
 
 MAIN_PY = ("main.py",)
 CGROUPS = Path("/sys/fs/cgroup")
 
 
-def own_cgroup(controllers: str) -> Path | None:
-    """This process's cgroup folder in the tree that holds `controllers` ("" for v2's one tree)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, names, path = line.split(":", 2)
-        if names == controllers:
-            folder = (CGROUPS / names if names else CGROUPS) / path.lstrip("/")
-            return folder if folder.is_dir() else None
-    return None
-
-
 @contextmanager
-def cgroup(cpu_quota_cores: float | None = None, memory_bytes: int | None = None) -> Iterator[tuple[str, ...]]:
+def cgroup(quota_cores: float | None = None, memory_bytes: int | None = None) -> Iterator[tuple[str, ...]]:
     """Real cgroups with these limits, made inside this process's own (so nothing leaves the harness's limits),
     and a cgroup without limits inside each, which the command prefix this yields starts a process in: the limits
     are found on the parent, as a container's are above its processes. Removed after the block. Skips the test
     where cgroups cannot be made (not root, or no cgroup v1 cpu and memory trees)."""
     name = f"classify-test-{uuid.uuid4().hex[:8]}"
-    cpu, memory = own_cgroup("cpu") or own_cgroup("cpu,cpuacct"), own_cgroup("memory")
-    if cpu is None or memory is None:
-        pytest.skip("no cgroup v1 cpu and memory trees of this process's to make cgroups in")
+    if not (CGROUPS / "cpu").is_dir() or not (CGROUPS / "memory").is_dir():
+        pytest.skip("no cgroup v1 cpu and memory trees to make cgroups in")
+    cpu, memory = cgroup_folders("cpu")[0], cgroup_folders("memory")[0]  # this process's own, first
     limits = {cpu / name: {"cpu.cfs_period_us": 100_000,
-                           "cpu.cfs_quota_us": cpu_quota_cores and int(cpu_quota_cores * 100_000)},
+                           "cpu.cfs_quota_us": quota_cores and int(quota_cores * 100_000)},
               memory / name: {"memory.limit_in_bytes": memory_bytes}}
     made: list[Path] = []
     try:
@@ -97,8 +87,7 @@ def test_a_worker_count_given_is_the_one_served(start_server):
     cores = usable_cores()
     assert f"python main.py: 1 worker on {cores} usable cores" in server.log()
     assert f", {cores} threads, {cores} at once, batches of up to 8," in server.log()
-    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
-    assert not [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert not workers_of(server.process.pid)
 
 
 @pytest.mark.parametrize("args", [("--workers=two",), ("--workers", "0"), ("--workers",)])
@@ -117,7 +106,7 @@ def test_the_cgroup_limits_are_the_ones_counted():
     where the cores alone would have made two."""
     probe = ("import settings; print(settings.cpu_quota_cores(), settings.usable_cores(), "
              "settings.memory_limit_bytes(), settings.fast_layout_workers())")
-    with cgroup(cpu_quota_cores=1.5, memory_bytes=600 * 2**20) as inside:
+    with cgroup(quota_cores=1.5, memory_bytes=600 * 2**20) as inside:
         done = subprocess.run([*inside, sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     quota, cores, memory, workers = done.stdout.split()
@@ -128,7 +117,7 @@ def test_the_cgroup_limits_are_the_ones_counted():
 def test_a_one_core_quota_is_served_by_one_worker_on_one_thread(start_server):
     """Inside a cgroup allowed one core's time (docker run --cpus 1), the host's cores are not counted: one
     worker, one pass at a time on one thread; before, it ran as many threads as the host has cores."""
-    with cgroup(cpu_quota_cores=1) as inside:
+    with cgroup(quota_cores=1) as inside:
         server = start_server(launcher=MAIN_PY, prefix=inside)
         assert "python main.py: 1 worker on 1 usable cores" in server.log()
         assert ", 1 threads, 1 at once, batches of up to 8," in server.log()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from test_batching import post_all
 
-from conftest import ROOT, Server, b64, make_key, photo_path, server_env
+from conftest import ROOT, b64, make_key, photo_path, server_env, thread_names, workers_of
 from engine.graph_cache import find_cached
 from engine.photos import photo_inputs
 from engine.runtimes import OnnxBackend
@@ -18,23 +18,6 @@ from engine.weights import locate_weights
 from settings import Settings, usable_cores
 
 REQUESTS = 40
-
-
-def thread_names(pid: int) -> list[str]:
-    names = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            names.append((task / "comm").read_text().strip())
-        except OSError:  # a thread that has just ended
-            pass
-    return names
-
-
-def workers_of(server: Server) -> list[int]:
-    """uvicorn's workers: the supervisor's children that multiprocessing spawned (not its resource tracker)."""
-    assert server.process is not None
-    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
-    return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
 def test_the_decoders_the_model_and_its_pool_are_named(server, api):
@@ -51,7 +34,7 @@ def test_each_worker_takes_its_share_of_the_cores(server, start_server):
     deadline = time.monotonic() + 60  # /readyz answers once one worker is ready; the other may still be loading
     while two.log().count("ready: ") < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    workers = workers_of(two)
+    workers = workers_of(two.process.pid)
     assert len(workers) == 2
     share = max(1, usable_cores() // 2)
     assert two.log().count(f", {share} threads, {share} at once, batches of up to") == 2  # a pass per thread

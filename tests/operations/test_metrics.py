@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from conftest import ONE_PIXEL, assert_error, b64, make_key, photo_path, scrape, value
+from conftest import ONE_PIXEL, assert_error, b64, make_key, photo_path, scrape, value, workers_of
 
 
 def test_metrics_count_requests_by_route_and_status_and_time_them(server):
@@ -88,12 +88,6 @@ def test_two_workers_report_the_sum_of_both_and_clean_up_after_dead_servers(star
     assert len(writers) == 2, writers  # both workers keep their numbers there
 
 
-def workers_of(pid: int) -> set[int]:
-    """uvicorn's worker processes (its other child is multiprocessing's resource tracker)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return {int(child) for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()}
-
-
 def queue_depth_of(directory: Path, pid: int) -> float:
     """The inference_queue_depth one worker wrote to its file."""
     files = [str(path) for path in directory.glob(f"gauge_livesum_{pid}.db")]
@@ -112,7 +106,7 @@ def test_a_killed_workers_queue_leaves_the_sum_once_its_replacement_starts(start
     running = start_server({"MAX_BATCH": "1"}, workers=2)
     key = make_key(running.database_url, rate_limit=100_000)
     directory = Path(tempfile.gettempdir()) / f"classify-metrics-{running.process.pid}"
-    workers = workers_of(running.process.pid)
+    workers = set(workers_of(running.process.pid))
     assert len(workers) == 2
 
     def post() -> int:
@@ -133,7 +127,7 @@ def test_a_killed_workers_queue_leaves_the_sum_once_its_replacement_starts(start
         statuses = [future.result() for future in posted]
     assert 0 in statuses, statuses  # (the kernel may have given every connection to the killed worker)
     deadline = time.monotonic() + 120
-    while len(replacements := workers_of(running.process.pid) - workers) < 1:  # uvicorn starts another worker
+    while len(replacements := set(workers_of(running.process.pid)) - workers) < 1:  # uvicorn starts another worker
         assert time.monotonic() < deadline
         time.sleep(0.2)
     running.wait_ready()
